@@ -1,0 +1,81 @@
+"""jaxscale: how does a transformer training step scale?
+
+The public API, imported lazily so that ``jaxscale`` can be imported (and the
+CLI can set XLA_FLAGS) before JAX initializes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # profiles and the grid
+    "Profile": "jaxscale.config",
+    "ModelSpec": "jaxscale.config",
+    "ProfileError": "jaxscale.config",
+    "load_profile": "jaxscale.config",
+    "build_profile": "jaxscale.config",
+    "Point": "jaxscale.grid",
+    "build_grid": "jaxscale.grid",
+    # arithmetic
+    "train_flops": "jaxscale.flops",
+    "param_count": "jaxscale.flops",
+    "mfu": "jaxscale.flops",
+    "PEAKS": "jaxscale.flops",
+    "lookup_peak": "jaxscale.flops",
+    # the model and its step
+    "Transformer": "jaxscale.model",
+    "compile_point": "jaxscale.step",
+    # measuring
+    "StepProfile": "jaxscale.measure",
+    "profile_step": "jaxscale.measure",
+    "Timing": "jaxscale.measure",
+    "time_pipelined": "jaxscale.measure",
+    "count_collectives": "jaxscale.comms",
+    "resolve_peak": "jaxscale.devices",
+    "calibrate": "jaxscale.devices",
+    "run_sweep": "jaxscale.sweep",
+    "run_profile": "jaxscale.sweep",
+    "read_rows": "jaxscale.records",
+    # analysis
+    "PowerLawFit": "jaxscale.analyze",
+    "fit_power_law": "jaxscale.analyze",
+    "fit_table": "jaxscale.analyze",
+    "joint_fit": "jaxscale.analyze",
+    "default_fits": "jaxscale.analyze",
+    "scaling_efficiency": "jaxscale.analyze",
+    "write_report": "jaxscale.report",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jaxscale' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:
+    from jaxscale.analyze import (PowerLawFit, default_fits, fit_power_law, fit_table, joint_fit,
+                                  scaling_efficiency)
+    from jaxscale.comms import count_collectives
+    from jaxscale.config import ModelSpec, Profile, ProfileError, build_profile, load_profile
+    from jaxscale.devices import calibrate, resolve_peak
+    from jaxscale.flops import PEAKS, lookup_peak, mfu, param_count, train_flops
+    from jaxscale.grid import Point, build_grid
+    from jaxscale.measure import StepProfile, Timing, profile_step, time_pipelined
+    from jaxscale.model import Transformer
+    from jaxscale.records import read_rows
+    from jaxscale.report import write_report
+    from jaxscale.step import compile_point
+    from jaxscale.sweep import run_profile, run_sweep

@@ -1,0 +1,285 @@
+"""`jaxscale run | analyze | devices | calibrate`: parse, call the library, print.
+
+Exit codes: 0 all points ok, 1 some points failed (listed), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+HOST_DEVICES = 8
+
+
+def _prepare_runtime(compile_cache: bool = True) -> None:
+    """Set up XLA before JAX initializes its backends.
+
+    Without XLA_FLAGS from the user, the host platform gets 8 virtual devices, so
+    a machine without an accelerator can still run multi-device meshes (the flag
+    only affects the CPU backend). The persistent compilation cache is JAX's own.
+    """
+    if "XLA_FLAGS" not in os.environ:
+        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={HOST_DEVICES}"
+    import jax
+
+    if compile_cache and os.environ.get("JAXSCALE_COMPILE_CACHE", "1") != "0":
+        from jaxscale.devices import cache_dir
+
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _fail(message: str) -> int:
+    print(f"jaxscale: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _init_distributed(args) -> None:
+    import jax
+
+    explicit = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if explicit or args.num_processes:
+        kwargs = {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
+                  "process_id": args.process_id, "initialization_timeout": args.timeout}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        jax.distributed.initialize(**kwargs)
+    elif args.distributed == "auto":
+        try:
+            jax.distributed.initialize(initialization_timeout=args.timeout)
+        except (ValueError, RuntimeError):
+            pass  # not a cluster JAX can detect: a single process
+
+
+def cmd_run(args) -> int:
+    from jaxscale.config import ProfileError, load_profile
+
+    try:
+        profile = load_profile(args.profile, args.set or [])
+    except ProfileError as e:
+        return _fail(str(e))
+    _prepare_runtime(not args.no_compile_cache)
+    _init_distributed(args)
+    import jax
+    from rich.console import Console
+
+    from jaxscale import sweep as sw
+
+    lead = jax.process_index() == 0
+    console = Console(stderr=False, quiet=not lead)
+    try:
+        points, dropped = sw.plan(profile)
+        if args.trace:
+            sw.parse_selector(args.trace)
+        if os.environ.get(sw.FAULT_ENV):
+            sw.parse_selector(os.environ[sw.FAULT_ENV])
+    except ProfileError as e:
+        return _fail(str(e))
+    if args.resume:
+        report_dir = Path(args.resume)
+    else:
+        report_dir = sw.new_report_dir(profile, args.out)
+    if dropped:
+        console.print(f"[yellow]{sum(dropped.values())} of {sum(dropped.values()) + len(points)} grid points "
+                      f"dropped:[/yellow]")
+        for reason, count in dropped.items():
+            console.print(f"  {count} x {reason}")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False, disable=not lead) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def on_point(point, i, total):
+            progress.update(task, total=total, completed=i, description=f"{point.describe():<28}")
+
+        def on_row(row):
+            progress.advance(task)
+
+        result = sw.run_profile(profile, report_dir, resume=bool(args.resume), retry_failed=args.retry_failed,
+                                trace=args.trace, on_point=on_point, on_row=on_row)
+        progress.update(task, description="done")
+    if not lead:
+        return 0 if not len(result.failed) else 1
+    print_runs(console, result.rows)
+    if result.skipped:
+        console.print(f"{result.skipped} points were already recorded in {report_dir} and were skipped")
+    console.print(f"rows: {report_dir / 'runs.csv'}")
+    if not args.no_analyze and len(result.rows):
+        _analyze_into(console, result.rows, report_dir)
+    if result.interrupted:
+        command = ["jaxscale", "run", "--resume", str(report_dir)]
+        console.print(f"[yellow]interrupted; resume with:[/yellow] {shlex.join(command)}")
+        return 130
+    failed = result.failed
+    if len(failed):
+        console.print(f"[red]{len(failed)} point(s) failed:[/red]")
+        for _, r in failed.iterrows():
+            console.print(f"  {r['size_name']} {r['strategy']} n={r['n_devices']}: {r['status']}: {str(r['error'])[:160]}")
+        return 1
+    return 0
+
+
+def print_runs(console, rows) -> None:
+    """A short table of the sweep's rows."""
+    from rich.table import Table
+
+    table = Table(title="jaxscale runs")
+    for name in ("size", "strategy", "n", "mesh", "params", "step_time_s", "cv", "tokens/s", "mfu", "mem/device",
+                 "status"):
+        table.add_column(name, justify="right" if name not in ("size", "strategy", "mesh", "status") else "left")
+    for _, r in rows.iterrows():
+        ok = r["status"] == "ok"
+        mem = r.get("peak_bytes_in_use")
+        if mem is None or mem == "" or (isinstance(mem, float) and mem != mem):
+            mem = r.get("compiled_total_bytes")
+        table.add_row(str(r["size_name"]), str(r["strategy"]), str(r["n_devices"]), str(r["mesh_shape"]),
+                      _fmt(r.get("params"), "{:.3g}"), _fmt(r.get("step_time_s"), "{:.4g}") if ok else "",
+                      _fmt(r.get("step_time_cv"), "{:.1%}") if ok else "",
+                      _fmt(r.get("tokens_per_s"), "{:.4g}") if ok else "",
+                      _fmt(r.get("mfu"), "{:.1%}") if ok else "", _fmt_bytes(mem), str(r["status"]))
+    console.print(table)
+
+
+def _fmt(value, pattern: str) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return ""
+    return "" if value != value else pattern.format(value)
+
+
+def _fmt_bytes(value) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return ""
+    if value != value:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.3g} {unit}"
+        value /= 1024
+    return ""
+
+
+def _analyze_into(console, rows, out_dir: Path, expectations=(), confidence: float = 0.95) -> None:
+    from jaxscale import analyze, report
+
+    fits = analyze.default_fits(rows, confidence=confidence)
+    efficiency = analyze.scaling_efficiency(rows)
+    joint = analyze.joint_fit(analyze.add_memory_column(rows), "step_time_s", confidence=confidence)
+    checks = None
+    if expectations:
+        import pandas as pd
+
+        frames = []
+        for text in expectations:
+            y, x, b = analyze.parse_expectation(text)
+            frames.append(analyze.check_expectation(analyze.add_memory_column(rows), y=y, x=x, exponent=b,
+                                                    confidence=confidence))
+        checks = pd.concat(frames, ignore_index=True)
+    report.write_report(out_dir, fits, runs=rows, efficiency=efficiency, joint=joint, expectations=checks)
+    console.print(report.fits_console_table(fits))
+    console.print(f"fits: {out_dir / 'fits.csv'}, summary: {out_dir / 'summary.md'}, plots: {out_dir / 'plots'}")
+
+
+def cmd_analyze(args) -> int:
+    from rich.console import Console
+
+    from jaxscale import analyze_cli
+
+    return analyze_cli.run(args, Console())
+
+
+def cmd_devices(args) -> int:
+    _prepare_runtime(compile_cache=False)
+    _init_distributed(args)
+    from jaxscale import devices as devinfo
+
+    info = devinfo.describe()
+    peak = devinfo.resolve_peak(args.dtype)
+    for key, value in info.items():
+        print(f"{key:>24}: {value}")
+    print(f"{'peak_tflops_per_device':>24}: {peak.tflops:.4g} ({peak.dtype}, {peak.source})")
+    print(f"{'peak_reference':>24}: {peak.reference}")
+    if peak.hbm_gbytes_per_s:
+        print(f"{'memory_gbytes_per_s':>24}: {peak.hbm_gbytes_per_s:.4g}")
+    print(f"{'memory_bytes':>24}: {peak.memory_bytes if peak.memory_bytes else 'unknown (no allocator limit)'}")
+    if peak.interconnect_gbytes_per_s:
+        print(f"{'interconnect_gbytes_per_s':>24}: {peak.interconnect_gbytes_per_s:.4g} ({peak.interconnect})")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    _prepare_runtime(compile_cache=False)
+    from jaxscale import devices as devinfo
+
+    result = devinfo.calibrate(args.dtype, size=args.size)
+    print(f"measured {result['tflops']:.4g} TFLOP/s per device ({args.dtype} {result['size']}^3 matmul on "
+          f"{result['n_local_devices']} devices at once), memory {result['hbm_gbytes_per_s']:.4g} GB/s per device; "
+          f"cached in {devinfo.cache_dir() / 'calibration.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxscale", description="How does a transformer training step scale?")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def distributed(p):
+        g = p.add_argument_group("several hosts (jax.distributed)")
+        g.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator")
+        g.add_argument("--num-processes", type=int)
+        g.add_argument("--process-id", type=int)
+        g.add_argument("--distributed", choices=("auto", "off"), default="auto",
+                       help="auto: initialize jax.distributed where JAX detects a cluster (Cloud TPU, SLURM, MPI)")
+        g.add_argument("--timeout", type=int, default=120,
+                       help="seconds to wait for the coordinator and peers (default 120)")
+
+    run = sub.add_parser("run", help="run a sweep profile and write runs.csv")
+    run.add_argument("profile", nargs="?", default="smoke", help="shipped profile name or path (default: smoke)")
+    run.add_argument("--out", help="parent folder of the report folder (default: reports/)")
+    run.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                     help="override a profile value, TOML syntax: --set model.d_model=[512,1024]")
+    run.add_argument("--resume", metavar="REPORT_DIR", help="continue the sweep recorded in REPORT_DIR")
+    run.add_argument("--retry-failed", action="store_true", help="with --resume, rerun points that failed")
+    run.add_argument("--trace", metavar="SELECTOR", help="jax.profiler trace of points matching e.g. strategy=fsdp,n_devices=8")
+    run.add_argument("--no-compile-cache", action="store_true", help="do not use JAX's persistent compilation cache")
+    run.add_argument("--no-analyze", action="store_true", help="skip the fits at the end")
+    distributed(run)
+    run.set_defaults(func=cmd_run)
+
+    an = sub.add_parser("analyze", help="fit power laws to runs.csv or any CSV")
+    an.add_argument("csv", nargs="+", help="runs.csv files or any CSV")
+    an.add_argument("--out", help="output folder (default: beside the first CSV, analysis/)")
+    an.add_argument("--x", help="x column (any CSV)")
+    an.add_argument("--y", action="append", help="y column(s) (any CSV)")
+    an.add_argument("--by", action="append", default=[], help="group column(s)")
+    an.add_argument("--ideal", type=float, help="ideal exponent for --x/--y fits (default: relative to 1)")
+    an.add_argument("--expect", action="append", default=[], metavar="Y:X=B",
+                    help="test a claimed exponent, e.g. step_time_s:params=1.5")
+    an.add_argument("--confidence", type=float, default=0.95)
+    an.set_defaults(func=cmd_analyze)
+
+    dev = sub.add_parser("devices", help="backend, devices and the peak jaxscale assumes")
+    dev.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    distributed(dev)
+    dev.set_defaults(func=cmd_devices)
+
+    cal = sub.add_parser("calibrate", help="measure and cache a practical matmul peak and bandwidth")
+    cal.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    cal.add_argument("--size", type=int, help="matrix size (default 1024 on CPU, 8192 elsewhere)")
+    cal.set_defaults(func=cmd_calibrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""A profile → the ordered list of grid points, dropping those that cannot be formed."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from jaxscale.config import ModelSpec, Profile, ProfileError, data_axis_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One grid point: a model size run with one strategy on one device count."""
+
+    model: ModelSpec
+    strategy: str
+    n_devices: int
+    data_axis: int
+    model_axis: int
+    global_batch: int
+    batch_mode: str
+
+    @property
+    def mesh_shape(self) -> str:
+        return f"data:{self.data_axis},model:{self.model_axis}"
+
+    @property
+    def key(self) -> tuple:
+        """Identity of the point for resuming: every grid parameter, nothing measured."""
+        m = self.model
+        return (self.strategy, self.n_devices, self.mesh_shape, m.d_model, m.n_layers, m.n_heads, m.d_ff,
+                m.seq_len, m.vocab, self.global_batch)
+
+    def describe(self) -> str:
+        return f"{self.model.size_name} {self.strategy} n={self.n_devices}"
+
+    def grid_columns(self) -> dict:
+        m = self.model
+        return {
+            "size_name": m.size_name, "strategy": self.strategy, "n_devices": self.n_devices,
+            "mesh_shape": self.mesh_shape, "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
+            "d_ff": m.d_ff, "seq_len": m.seq_len, "vocab": m.vocab, "global_batch": self.global_batch,
+            "batch_mode": self.batch_mode,
+        }
+
+
+GRID_COLUMNS = ("size_name", "strategy", "n_devices", "mesh_shape", "d_model", "n_layers", "n_heads", "d_ff",
+                "seq_len", "vocab", "global_batch", "batch_mode")
+KEY_COLUMNS = ("strategy", "n_devices", "mesh_shape", "d_model", "n_layers", "n_heads", "d_ff", "seq_len", "vocab",
+               "global_batch")
+
+
+def why_infeasible(model: ModelSpec, strategy: str, n: int, model_axis: int, n_processes: int) -> str | None:
+    """The reason a (model, strategy, device count) point cannot be formed, or None."""
+    if n % n_processes:
+        return f"{n} devices is not a multiple of the {n_processes} processes"
+    if strategy == "fsdp_tp":
+        if n % model_axis:
+            return f"fsdp_tp needs a device count that is a multiple of model_axis={model_axis}"
+    tp = {"tp": n, "fsdp_tp": model_axis}.get(strategy, 1)
+    if tp > 1:
+        for name in ("n_heads", "d_ff", "vocab"):
+            if getattr(model, name) % tp:
+                return f"{strategy} splits {name}={getattr(model, name)} over a model axis of {tp}, which does not divide it"
+    fsdp = {"fsdp": n, "fsdp_tp": n // model_axis}.get(strategy, 1)
+    if fsdp > 1 and model.d_model % fsdp:
+        return f"{strategy} shards d_model={model.d_model} over a data axis of {fsdp}, which does not divide it"
+    return None
+
+
+def build_grid(profile: Profile, n_available: int, n_processes: int = 1) -> tuple[list[Point], collections.Counter]:
+    """Expand a profile into points, in a fixed order (size, device count, strategy).
+
+    Args:
+      profile: a validated profile.
+      n_available: global device count of the runtime.
+      n_processes: JAX process count; a mesh takes as many devices from each.
+
+    Returns:
+      (points, dropped), dropped counting the reasons of the points left out.
+
+    Raises:
+      ProfileError: a device count above what exists, or an empty grid.
+    """
+    too_many = [n for n in profile.mesh.devices if n > n_available]
+    if too_many:
+        raise ProfileError(f"{profile.source}: [mesh] devices = {list(profile.mesh.devices)}: {too_many} exceed the "
+                           f"{n_available} devices that exist here; use counts up to {n_available} "
+                           f"(--set mesh.devices=[...])")
+    points, dropped = [], collections.Counter()
+    model_axis = profile.mesh.model_axis
+    for model in profile.models:
+        for n in profile.mesh.devices:
+            for strategy in profile.mesh.strategies:
+                reason = why_infeasible(model, strategy, n, model_axis, n_processes)
+                if reason:
+                    dropped[reason] += 1
+                    continue
+                data = data_axis_size(strategy, n, model_axis)
+                points.append(Point(model=model, strategy=strategy, n_devices=n, data_axis=data,
+                                    model_axis=n // data, global_batch=profile.batch.global_for(n),
+                                    batch_mode=profile.batch.mode))
+    if not points:
+        reasons = "; ".join(f"{r} ({c}x)" for r, c in dropped.items())
+        raise ProfileError(f"{profile.source}: the grid is empty after dropping points that cannot be formed: {reasons}")
+    return points, dropped

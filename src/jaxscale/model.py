@@ -1,0 +1,120 @@
+"""The Flax NNX decoder-only transformer that jaxscale measures.
+
+Token embedding, ``n_layers`` pre-norm blocks (RMSNorm → causal multi-head
+self-attention with RoPE through ``jax.nn.dot_product_attention`` → residual;
+RMSNorm → GELU MLP of width d_ff → residual), a final RMSNorm and an untied LM
+head. No biases, so the parameter count is exactly ``flops.param_count``.
+
+Every parameter carries the logical names of its axes (``logical=``); a
+strategy maps those names to mesh axes (sharding.py). Activations are
+constrained through ``constrain(x, names)``, which the step supplies.
+Parameters are stored in float32; matmuls run in the spec's compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxscale.config import ModelSpec
+
+Constrain = Callable[[jax.Array, tuple], jax.Array]
+
+
+def _no_constraint(x: jax.Array, names: tuple) -> jax.Array:
+    return x
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, logical: tuple[str, ...]) -> nnx.Param:
+    init = jax.nn.initializers.normal(stddev=fan_in ** -0.5)
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), logical=logical)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, d: int):
+        self.scale = nnx.Param(jnp.ones((d,), jnp.float32), logical=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+def rope(x: jax.Array) -> jax.Array:
+    """Rotary position embedding over (batch, seq, heads, head_dim)."""
+    seq, dim = x.shape[1], x.shape[-1]
+    half = dim // 2
+    freq = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angle = jnp.arange(seq, dtype=jnp.float32)[:, None] * freq[None, :]
+    sin, cos = jnp.sin(angle)[None, :, None, :], jnp.cos(angle)[None, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:2 * half].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * half:]], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Block(nnx.Module):
+    def __init__(self, spec: ModelSpec, dtype: jnp.dtype, attention: str, rngs: nnx.Rngs):
+        d, h, k, f = spec.d_model, spec.n_heads, spec.head_dim, spec.d_ff
+        self.dtype = dtype
+        self.attention = attention
+        self.attn_norm = RMSNorm(d)
+        self.wq = _param(rngs, (d, h, k), d, ("embed", "heads", "kv"))
+        self.wk = _param(rngs, (d, h, k), d, ("embed", "heads", "kv"))
+        self.wv = _param(rngs, (d, h, k), d, ("embed", "heads", "kv"))
+        self.wo = _param(rngs, (h, k, d), d, ("heads", "kv", "embed"))
+        self.mlp_norm = RMSNorm(d)
+        self.w_in = _param(rngs, (d, f), d, ("embed", "mlp"))
+        self.w_out = _param(rngs, (f, d), f, ("mlp", "embed"))
+
+    def __call__(self, x: jax.Array, constrain: Constrain) -> jax.Array:
+        dt = self.dtype
+        h = self.attn_norm(x)
+        q = constrain(jnp.einsum("btd,dhk->bthk", h, self.wq[...].astype(dt)), ("batch", "seq", "heads", "kv"))
+        k = constrain(jnp.einsum("btd,dhk->bthk", h, self.wk[...].astype(dt)), ("batch", "seq", "heads", "kv"))
+        v = constrain(jnp.einsum("btd,dhk->bthk", h, self.wv[...].astype(dt)), ("batch", "seq", "heads", "kv"))
+        impl = None if self.attention == "auto" else self.attention
+        a = jax.nn.dot_product_attention(rope(q), rope(k), v, is_causal=True, implementation=impl)
+        a = constrain(a, ("batch", "seq", "heads", "kv"))
+        x = x + constrain(jnp.einsum("bthk,hkd->btd", a, self.wo[...].astype(dt)), ("batch", "seq", None))
+        h = self.mlp_norm(x)
+        u = constrain(jax.nn.gelu(jnp.einsum("btd,df->btf", h, self.w_in[...].astype(dt))), ("batch", "seq", "mlp"))
+        x = x + constrain(jnp.einsum("btf,fd->btd", u, self.w_out[...].astype(dt)), ("batch", "seq", None))
+        return x
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. ``__call__(tokens) -> logits`` in float32."""
+
+    def __init__(self, spec: ModelSpec, *, dtype: str = "float32", attention: str = "auto", remat: bool = False,
+                 rngs: nnx.Rngs):
+        self.spec = spec
+        self.dtype = jnp.dtype(dtype)
+        self.remat = remat
+        self.embed = _param(rngs, (spec.vocab, spec.d_model), 1, ("vocab", "embed"))
+        self.blocks = nnx.List([Block(spec, self.dtype, attention, rngs) for _ in range(spec.n_layers)])
+        self.final_norm = RMSNorm(spec.d_model)
+        self.head = _param(rngs, (spec.d_model, spec.vocab), spec.d_model, ("embed", "vocab"))
+
+    def __call__(self, tokens: jax.Array, constrain: Constrain = _no_constraint) -> jax.Array:
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        x = constrain(x, ("batch", "seq", None))
+        for block in self.blocks:
+            if self.remat:
+                x = nnx.remat(lambda blk, y: blk(y, constrain))(block, x)
+            else:
+                x = block(x, constrain)
+        x = self.final_norm(x)
+        logits = jnp.einsum("btd,dv->btv", x, self.head[...].astype(self.dtype))
+        return constrain(logits, ("batch", "seq", "vocab")).astype(jnp.float32)
+
+
+def next_token_loss(model: Transformer, tokens: jax.Array, constrain: Constrain = _no_constraint) -> jax.Array:
+    """Mean next-token cross-entropy; ``tokens`` has seq_len + 1 positions."""
+    logits = model(tokens[:, :-1], constrain)
+    targets = tokens[:, 1:]
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.mean(logz - picked)

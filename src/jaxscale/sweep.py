@@ -1,0 +1,358 @@
+"""Run a profile's grid: compile, budget-check, time and record every point.
+
+A point that fails becomes a row with a failure status (``compile_error``,
+``oom``, ``over_budget``, ``error``) and the sweep goes on. Rows are appended
+durably as they finish (records.RowWriter), so an interrupted sweep can be
+resumed from its report folder without redoing or duplicating a point.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime as dt
+import gc
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable
+
+import jax
+import pandas as pd
+
+from jaxscale import devices as devinfo
+from jaxscale import flops
+from jaxscale.config import Profile, ProfileError, load_profile
+from jaxscale.grid import GRID_COLUMNS, Point, build_grid
+from jaxscale.measure import describe_step, time_pipelined
+from jaxscale.records import SCHEMA_VERSION, RowWriter, read_rows, row_key
+from jaxscale.step import CompiledStep, compile_point
+
+FAULT_ENV = "JAXSCALE_INJECT_FAULT"  # selector of points whose step raises at run time (tests)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepResult:
+    """What a sweep did.
+
+    Attributes:
+      rows: every row of the report's runs.csv (earlier runs included on resume).
+      report_dir: the report folder (None on processes other than 0).
+      dropped: reasons points were left out of the grid, with counts.
+      skipped: points already recorded and not rerun (resume).
+      interrupted: True when Ctrl-C stopped the sweep early.
+    """
+
+    rows: pd.DataFrame
+    report_dir: Path | None
+    dropped: collections.Counter
+    skipped: int
+    interrupted: bool
+
+    @property
+    def failed(self) -> pd.DataFrame:
+        return self.rows[self.rows["status"] != "ok"] if len(self.rows) else self.rows
+
+
+def parse_selector(text: str) -> dict[str, str]:
+    """``"strategy=fsdp,n_devices=8"`` → {"strategy": "fsdp", "n_devices": "8"}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise ProfileError(f"selector {text!r}: expected column=value pairs separated by commas, "
+                               "e.g. strategy=fsdp,n_devices=8")
+        key, value = (s.strip() for s in part.split("=", 1))
+        if key not in GRID_COLUMNS:
+            raise ProfileError(f"selector {text!r}: unknown column {key!r}; use one of {', '.join(GRID_COLUMNS)}")
+        out[key] = value
+    return out
+
+
+def matches(point: Point, selector: dict[str, str] | None) -> bool:
+    if not selector:
+        return False
+    columns = point.grid_columns()
+    return all(str(columns.get(k)) == v for k, v in selector.items())
+
+
+def runtime_columns() -> dict:
+    import flax
+    import jaxlib
+
+    d = jax.local_devices()[0]
+    return {"backend": d.platform, "device_kind": d.device_kind, "jax_version": jax.__version__,
+            "jaxlib_version": jaxlib.__version__, "flax_version": flax.__version__,
+            "n_processes": jax.process_count()}
+
+
+def memory_budget(peak: devinfo.PeakInfo, fraction: float) -> tuple[int | None, str]:
+    """Bytes a point may plan to use per device, and where the limit comes from.
+
+    The device's bytes_limit where the backend reports one; on the CPU, the
+    host's physical memory shared by its local devices.
+    """
+    if peak.memory_bytes:
+        return int(peak.memory_bytes * fraction), "bytes_limit"
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None, "unknown"
+    return int(host / jax.local_device_count() * fraction), "host memory / local devices"
+
+
+def _classify(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    if "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text:
+        return "oom"
+    return "error"
+
+
+def _short(exc: BaseException, limit: int = 500) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ").strip()
+    return text[:limit]
+
+
+def measure_point(point: Point, profile: Profile, peak: devinfo.PeakInfo, trace_dir: Path | None = None,
+                  budget: int | None = None) -> dict:
+    """Compile and time one grid point; failures come back as a row, never raised.
+
+    Returns:
+      The row as a dict of schema columns.
+    """
+    run, m = profile.run, point.model
+    row = {**point.grid_columns(), "dtype": run.dtype, "remat": run.remat, "attention": run.attention,
+           "profile": run.name, "schema_version": SCHEMA_VERSION,
+           "timestamp_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           **runtime_columns(), "status": "ok", "error": ""}
+    model_flops = flops.train_flops(m.d_model, m.n_layers, m.seq_len, m.vocab, point.global_batch, m.d_ff,
+                                    recompute=False, causal=run.causal_flops)
+    row.update(params=flops.param_count(m.d_model, m.n_layers, m.vocab, m.d_ff),
+               tokens_per_step=point.global_batch * m.seq_len, model_flops_per_step=model_flops,
+               attention_flops=flops.ATTENTION_CAUSAL if run.causal_flops else flops.ATTENTION_FULL)
+    try:
+        compiled = compile_point(point, run)
+    except Exception as exc:  # XLA and tracing errors come in many types
+        row.update(status="compile_error" if _classify(exc) != "oom" else "oom", error=_short(exc))
+        return row
+    row["compile_s"] = compiled.compile_s
+    row["params"] = compiled.params
+    row["hosts"] = ";".join(sorted({f"p{d.process_index}" for d in compiled.mesh.devices.flat}))
+    row["param_bytes"], row["opt_state_bytes"] = compiled.param_bytes, compiled.opt_state_bytes
+    planned = _planned_bytes(compiled)
+    if budget is not None and planned is not None and planned > budget:
+        row.update(status="over_budget", error=f"compiled step needs {planned} bytes per device, over the budget "
+                                               f"of {budget} (max_memory_fraction={run.max_memory_fraction})")
+        _fill_compiled_columns(row, compiled, peak)
+        return row
+    try:
+        profile_ = _run_compiled(compiled, run, point, peak, model_flops, trace_dir)
+    except Exception as exc:
+        row.update(status=_classify(exc), error=_short(exc))
+        _fill_compiled_columns(row, compiled, peak)
+        gc.collect()
+        return row
+    row.update(profile_)
+    if trace_dir is not None:
+        row["trace_dir"] = str(trace_dir)
+    return row
+
+
+def _planned_bytes(compiled: CompiledStep) -> int | None:
+    mem = compiled.memory
+    if mem is None:
+        return None
+    return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+               - mem.alias_size_in_bytes)
+
+
+def _fill_compiled_columns(row: dict, compiled: CompiledStep, peak) -> None:
+    from jaxscale.measure import compiled_memory
+
+    row.update(compiled_memory(compiled.memory))
+    flops_ = compiled.cost.get("flops")
+    if flops_ is not None:
+        row["xla_flops_per_step"] = flops_ * compiled.point.n_devices
+
+
+def _run_compiled(compiled: CompiledStep, run, point: Point, peak, model_flops: float, trace_dir) -> dict:
+    params, opt_state = compiled.init_state()
+    batches = [compiled.make_batch(i) for i in range(2)]
+    fault = os.environ.get(FAULT_ENV)
+    state = {"params": params, "opt": opt_state}
+    losses = []
+
+    def dispatch(i: int):
+        if fault and matches(point, parse_selector(fault)) and i >= 1:
+            raise RuntimeError(f"injected fault ({FAULT_ENV}={fault})")
+        state["params"], state["opt"], loss = compiled.compiled(state["params"], state["opt"], batches[i % 2])
+        losses.append(loss)
+        return loss
+
+    if trace_dir is not None:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        with jax.profiler.trace(str(trace_dir)):
+            timing = time_pipelined(dispatch, run.steps, run.warmup)
+    else:
+        timing = time_pipelined(dispatch, run.steps, run.warmup)
+    step = describe_step(timing=timing, compile_s=compiled.compile_s, cost=compiled.cost, memory=compiled.memory,
+                         hlo_text=compiled.hlo_text, devices=list(compiled.mesh.devices.flat), peak=peak,
+                         model_flops=model_flops).to_row()
+    m = point.model
+    analytic_xla = flops.train_flops(m.d_model, m.n_layers, m.seq_len, m.vocab, point.global_batch, m.d_ff,
+                                     recompute=run.remat, causal=False)
+    out = {k: v for k, v in step.items() if k not in ("n_devices",)}
+    out["tokens_per_s"] = point.global_batch * m.seq_len / timing.median_s
+    out["loss_first"], out["loss_last"] = float(losses[0]), float(losses[-1])
+    if step["xla_flops_per_step"]:
+        ratio = step["xla_flops_per_step"] / analytic_xla
+        out["xla_over_model_flops"] = ratio
+        if not 0.95 <= ratio <= 1.25:
+            out["flops_note"] = (f"XLA counts {ratio:.2f}x the analytic FLOPs with full attention"
+                                 f"{' and recompute' if run.remat else ''}: beyond the norms, softmax, loss and "
+                                 "AdamW work that explains a few percent")
+    del state, batches, params, opt_state
+    return out
+
+
+def new_report_dir(profile: Profile, out: Path | str | None) -> Path:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    base = Path(out) if out else Path("reports")
+    return base / f"{profile.run.name}-{stamp}"
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the current point, then stop. Second: abort now."""
+
+    def __init__(self):
+        self.stop = False
+        self._previous = None
+
+    def __enter__(self):
+        if _is_main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        print("\nCtrl-C: stopping after the current point (again to abort now)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def plan(profile: Profile) -> tuple[list[Point], collections.Counter]:
+    """The grid of a profile for this runtime (devices and processes)."""
+    return build_grid(profile, jax.device_count(), jax.process_count())
+
+
+def run_profile(
+    profile: Profile,
+    report_dir: Path,
+    *,
+    resume: bool = False,
+    retry_failed: bool = False,
+    trace: str | None = None,
+    on_point: Callable[[Point, int, int], None] | None = None,
+    on_row: Callable[[dict], None] | None = None,
+) -> SweepResult:
+    """Run every grid point of a profile and append its rows to report_dir/runs.csv.
+
+    Args:
+      profile: the validated profile.
+      report_dir: the report folder (created by process 0 only).
+      resume: skip points already recorded in report_dir/runs.csv.
+      retry_failed: with resume, rerun points whose recorded status is not ok.
+      trace: a selector on grid columns; matching points are traced with
+        jax.profiler into report_dir/traces/.
+      on_point: called before each point with (point, index, total) — progress.
+      on_row: called with each finished row.
+
+    Returns:
+      A SweepResult.
+    """
+    points, dropped = plan(profile)
+    selector = parse_selector(trace) if trace else None
+    if os.environ.get(FAULT_ENV):
+        parse_selector(os.environ[FAULT_ENV])
+    lead = jax.process_index() == 0
+    csv_path = report_dir / "runs.csv"
+    done: set[tuple] = set()
+    if resume and csv_path.exists():
+        previous = read_rows(csv_path)
+        for _, r in previous.iterrows():
+            if retry_failed and r["status"] != "ok":
+                continue
+            done.add(row_key(r))
+        if retry_failed and len(previous):
+            kept = previous[previous["status"] == "ok"]
+            if lead:
+                _rewrite(csv_path, kept)
+    todo = [p for p in points if p.key not in done]
+    skipped = len(points) - len(todo)
+    peak = devinfo.resolve_peak(profile.run.dtype)
+    budget, _ = memory_budget(peak, profile.run.max_memory_fraction)
+    if lead:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        (report_dir / "profile.toml").write_text(profile.to_toml())
+        (report_dir / "runtime.json").write_text(json.dumps({**devinfo.describe(), **runtime_columns(),
+                                                             "peak": dataclasses.asdict(peak),
+                                                             "memory_budget_bytes": budget}, indent=1))
+    writer = RowWriter(csv_path) if lead else None
+    interrupted = False
+    try:
+        with _StopFlag() as flag:
+            for i, point in enumerate(todo):
+                if flag.stop:
+                    interrupted = True
+                    break
+                if on_point:
+                    on_point(point, i, len(todo))
+                trace_dir = None
+                if matches(point, selector):
+                    trace_dir = report_dir / "traces" / f"{point.model.size_name}-{point.strategy}-n{point.n_devices}"
+                row = measure_point(point, profile, peak, trace_dir, budget)
+                if writer:
+                    writer.append(row)
+                if on_row:
+                    on_row(row)
+    finally:
+        if writer:
+            writer.close()
+    rows = read_rows(csv_path) if csv_path.exists() else pd.DataFrame()
+    return SweepResult(rows=rows, report_dir=report_dir if lead else None, dropped=dropped, skipped=skipped,
+                       interrupted=interrupted)
+
+
+def _rewrite(path: Path, frame: pd.DataFrame) -> None:
+    """Replace runs.csv with the given rows (used by --retry-failed), atomically."""
+    tmp = path.with_suffix(".tmp")
+    if tmp.exists():
+        tmp.unlink()
+    with RowWriter(tmp) as writer:
+        for _, r in frame.iterrows():
+            writer.append({k: ("" if pd.isna(v) else v) for k, v in r.items() if k in set(frame.columns)})
+    os.replace(tmp, path)
+
+
+def run_sweep(profile: str | Profile, out: Path | str | None = None, overrides: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Run a profile (a path, a shipped name or a Profile) and return its rows as a DataFrame.
+
+    The notebook entry point: no progress bar, no analysis, rows also written to
+    a report folder under ``out`` (default ``reports/``).
+    """
+    if not isinstance(profile, Profile):
+        profile = load_profile(profile, overrides)
+    plan(profile)  # validate against the runtime before anything is written
+    result = run_profile(profile, new_report_dir(profile, out))
+    return result.rows
