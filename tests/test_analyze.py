@@ -340,3 +340,13 @@ def test_fit_points_selects_the_group():
     points = fit_points(runs, row)
     assert sorted(points["x"]) == [1, 2, 4, 8]
     assert len(points) == row["n_points"]
+
+
+def test_joint_fit_with_one_x_matches_linregress():
+    x, y = planted(-0.7, sigma=0.15, n=11, seed=4)
+    ref = stats.linregress(np.log(x), np.log(y))
+    out = joint_fit(pd.DataFrame({"n": x, "t": y}), "t", xs=("n",), by=(), confidence=0.9).iloc[0]
+    assert out["exponent_n"] == pytest.approx(ref.slope, abs=1e-6)
+    assert out["stderr_n"] == pytest.approx(ref.stderr, rel=1e-6)
+    assert out["r2"] == pytest.approx(ref.rvalue ** 2, abs=1e-6)
+    assert out["ci_high_n"] - out["exponent_n"] == pytest.approx(stats.t.ppf(0.95, 9) * ref.stderr, rel=1e-6)

@@ -34,27 +34,27 @@ def small_runs() -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     runs = small_runs()
-    result = analyze.analyze_runs(runs)
+    fits = analyze.default_fits(runs)
     checks = analyze.check_expectation(runs, "step_time_s", "n_devices", -1.0)
     out = tmp_path_factory.mktemp("report")
-    paths = write_report(out, result.fits, runs=runs, efficiency=result.efficiency, joint=result.joint,
-                         expectations=checks)
-    return out, paths, result
+    paths = write_report(out, fits, runs=runs, efficiency=analyze.scaling_efficiency(runs),
+                         joint=analyze.default_joint_fit(runs), expectations=checks)
+    return out, paths, fits
 
 
 def test_fits_csv_reads_back(written):
-    out, paths, result = written
+    out, paths, fits = written
     assert paths["fits.csv"] == out / "fits.csv"
     back = pd.read_csv(out / "fits.csv")
-    assert len(back) == len(result.fits)
-    np.testing.assert_allclose(back["exponent"], result.fits["exponent"].astype(float), rtol=1e-12)
-    np.testing.assert_allclose(back["ci_high"], result.fits["ci_high"].astype(float), rtol=1e-12)
-    assert list(back["y"]) == list(result.fits["y"])
+    assert len(back) == len(fits)
+    np.testing.assert_allclose(back["exponent"], fits["exponent"].astype(float), rtol=1e-12)
+    np.testing.assert_allclose(back["ci_high"], fits["ci_high"].astype(float), rtol=1e-12)
+    assert list(back["y"]) == list(fits["y"])
     assert (out / "efficiency.csv").exists() and (out / "joint.csv").exists()
 
 
 def test_summary_has_every_section(written):
-    out, _, result = written
+    out, _, fits = written
     text = (out / "summary.md").read_text()
     for heading in ("## devices", "## model_size", "## Scaling efficiency", "## Joint fit", "## Expectations",
                     "## Notes"):
@@ -63,8 +63,8 @@ def test_summary_has_every_section(written):
         assert f"| {y} |" in text
     # The failed n=16 row of (s, dp) is reported as left out.
     assert "s dp: 1 row(s) left out" in text
-    fsdp_m = result.fits[(result.fits["y"] == "step_time_s") & (result.fits["strategy"] == "fsdp")
-                         & (result.fits["size_name"] == "m")].iloc[0]
+    fsdp_m = fits[(fits["y"] == "step_time_s") & (fits["strategy"] == "fsdp")
+                         & (fits["size_name"] == "m")].iloc[0]
     assert f"{fsdp_m['exponent']:+.3f}" in text
 
 

@@ -83,19 +83,11 @@ class PowerLawFit:
         t = _t_crit(self.confidence, self.dof)
         return np.exp(center - t * se), np.exp(center + t * se)
 
-    def test_exponent(self, claimed: float) -> tuple[float, float]:
-        """Two-sided t test of b = claimed: returns (t statistic, p value)."""
-        return _t_test(self.exponent, self.stderr, self.dof, claimed)
-
     @classmethod
     def from_row(cls, row) -> PowerLawFit:
         """Rebuild a fit from a row of ``fit_table`` (a dict or a pandas Series)."""
-        n = int(row["n_points"])
-        return cls(exponent=float(row["exponent"]), coefficient=float(row["coefficient"]),
-                   stderr=float(row["stderr"]), ci_low=float(row["ci_low"]), ci_high=float(row["ci_high"]),
-                   r2=float(row["r2"]), n=n, residual_std=float(row["residual_std"]), dof=n - 2,
-                   confidence=float(row["confidence"]), log_x_mean=float(row["log_x_mean"]),
-                   x_min=float(row["x_min"]), x_max=float(row["x_max"]))
+        values = {f.name: float(row["n_points" if f.name == "n" else f.name]) for f in dataclasses.fields(cls)}
+        return cls(**{**values, "n": int(values["n"]), "dof": int(values["dof"])})
 
 
 def _t_crit(confidence: float, dof: int) -> float:
@@ -292,7 +284,7 @@ def devices_ideal(key: dict, x: str, y: str) -> float | None:
         return {"strong": -1.0, "weak": 0.0}.get(key.get("batch_mode"))
     if y in (MEMORY_COLUMN, "compiled_argument_bytes"):
         strategy = key.get("strategy")
-        return 0.0 if strategy == "fsdp" else -1.0 if strategy in SHARDED_STRATEGIES else None
+        return 0.0 if strategy == "dp" else -1.0 if strategy in SHARDED_STRATEGIES else None
     return None
 
 
@@ -455,26 +447,6 @@ def scaling_efficiency(runs: pd.DataFrame, by: Sequence[str] | None = None) -> p
     return pd.DataFrame(rows, columns=columns)
 
 
-@dataclasses.dataclass(frozen=True)
-class Analysis:
-    """The default analysis of runs.csv rows: power-law fits, joint fit, efficiency."""
-
-    fits: pd.DataFrame
-    joint: pd.DataFrame
-    efficiency: pd.DataFrame
-
-
-def analyze_runs(runs: pd.DataFrame, confidence: float = 0.95) -> Analysis:
-    """``default_fits``, ``default_joint_fit`` and ``scaling_efficiency`` of the same rows.
-
-    The joint fit and the efficiency are empty frames when ``runs`` lacks their columns.
-    """
-    has = set(runs.columns).issuperset
-    joint = default_joint_fit(runs, confidence) if has(("params", "n_devices", "step_time_s")) else pd.DataFrame()
-    efficiency = scaling_efficiency(runs) if has(("n_devices", "tokens_per_s")) else pd.DataFrame()
-    return Analysis(fits=default_fits(runs, confidence), joint=joint, efficiency=efficiency)
-
-
 _EXPECTATION = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*:\s*([A-Za-z_][\w.]*)\s*=\s*(\S+)\s*$")
 
 
@@ -497,12 +469,6 @@ def parse_expectation(text: str) -> tuple[str, str, float]:
     return y, x, b
 
 
-def default_by(df: pd.DataFrame, x: str) -> tuple[str, ...]:
-    """The default family's group columns for x (n_devices or params) present in df; () otherwise."""
-    by = {"n_devices": DEVICES_BY, "params": MODEL_SIZE_BY}.get(x, ())
-    return tuple(c for c in by if c in df.columns and c != x)
-
-
 def check_expectation(data: pd.DataFrame, y: str, x: str, exponent: float, by: Sequence[str] | None = None,
                       confidence: float = 0.95) -> pd.DataFrame:
     """Per group, do the data reject the claim that y ∝ x^exponent?
@@ -515,7 +481,8 @@ def check_expectation(data: pd.DataFrame, y: str, x: str, exponent: float, by: S
         with an ``exponent`` column), whose rows with this y and x are tested.
       y, x: the columns of the claim.
       exponent: the claimed exponent.
-      by: group columns when fitting raw rows; None → ``default_by(data, x)``.
+      by: group columns when fitting raw rows; None → the default family's
+        groups for x = n_devices or params (columns present in data), else none.
         Ignored for a fits table.
       confidence: level of the test.
 
@@ -529,7 +496,9 @@ def check_expectation(data: pd.DataFrame, y: str, x: str, exponent: float, by: S
         fits = data[(data["y"] == y) & (data["x"] == x)]
     else:
         data = add_memory_column(data) if y == MEMORY_COLUMN and y not in data.columns else data
-        fits = fit_table(data, x, y, default_by(data, x) if by is None else by, confidence=confidence)
+        if by is None:
+            by = [c for c in {"n_devices": DEVICES_BY, "params": MODEL_SIZE_BY}.get(x, ()) if c in data.columns]
+        fits = fit_table(data, x, y, by, confidence=confidence)
     stat_cols = (set(FIT_COLUMNS) - {"by"}) | {"assessment"}
     keep = [c for c in fits.columns if c not in stat_cols]
     rows = []

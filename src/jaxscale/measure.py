@@ -12,6 +12,7 @@ repeat) is kept for comparison: it includes the dispatch latency in each step.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import statistics
 import time
@@ -70,16 +71,19 @@ def time_pipelined(dispatch: Callable[[int], Any], n_steps: int, warmup: int) ->
         out = dispatch(i)
         i += 1
     jax.block_until_ready(out)
-    # The first timed completion is the reference: n_steps + 1 completions, n_steps intervals.
-    pending = [dispatch(i)]
+    # n_steps + 1 completions give n_steps intervals. Each is stamped only after
+    # its successor was dispatched, the last included (an untimed tail step), so
+    # every interval has the same structure whether the backend dispatches
+    # asynchronously or runs a step inside the dispatch call.
+    pending = collections.deque([dispatch(i)])
     i += 1
     stamps = []
-    for _ in range(n_steps + 1):
-        if len(stamps) < n_steps:
-            pending.append(dispatch(i))
-            i += 1
-        jax.block_until_ready(pending.pop(0))
+    while len(stamps) < n_steps + 1:
+        pending.append(dispatch(i))
+        i += 1
+        jax.block_until_ready(pending.popleft())
         stamps.append(time.perf_counter())
+    jax.block_until_ready(pending.popleft())
     return Timing(tuple(float(b - a) for a, b in zip(stamps, stamps[1:])))
 
 

@@ -5,7 +5,6 @@ Only formatting lives here: every number comes from jaxscale.analyze.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
@@ -44,9 +43,10 @@ def axis_label(column: str) -> str:
 
 
 def _num(value, spec: str = ".3g") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A number for a table cell: '' for missing, integers without a decimal point under spec 'g'."""
+    if value is None or pd.isna(value):
         return ""
-    if isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer() and spec == "g"):
+    if spec == "g" and float(value).is_integer():
         return str(int(value))
     return format(float(value), spec)
 
@@ -55,42 +55,28 @@ def _text(value) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _by_columns(rows: pd.DataFrame) -> list[str]:
-    if "by" not in rows.columns:
-        return []
-    names = [c for text in rows["by"].dropna().unique() for c in str(text).split(",") if c]
-    return list(dict.fromkeys(names))
+def _cell(value) -> str:
+    return _num(value, "g") if isinstance(value, (int, float, np.number)) else str(value)
 
 
-def _label_columns(rows: pd.DataFrame) -> list[str]:
-    """Group columns that tell these rows apart: constant columns and size dims covered by size_name are dropped."""
-    columns = [c for c in _by_columns(rows) if c in rows.columns and rows[c].nunique(dropna=False) > 1]
-    if "size_name" in columns:
-        columns = [c for c in columns if c not in _SIZE_DIMS]
-    return columns
+def _group_columns(rows: pd.DataFrame, by: list[str] | None = None) -> tuple[list[str], str]:
+    """(group columns that tell these rows apart, 'col=value, ...' for those fixed across them).
+
+    ``by`` defaults to the names in the rows' ``by`` column. Size dimensions are
+    left to size_name when it is among the group columns.
+    """
+    if by is None:
+        by = [c for text in rows.get("by", pd.Series(dtype=str)).dropna().unique() for c in str(text).split(",")]
+    by = [c for c in dict.fromkeys(by) if c in rows.columns and not ("size_name" in by and c in _SIZE_DIMS)]
+    varying = [c for c in by if rows[c].nunique(dropna=False) > 1]
+    fixed = [f"{c}={_cell(rows[c].dropna().iloc[0])}" for c in by if c not in varying and rows[c].notna().any()]
+    return varying, ", ".join(fixed)
 
 
 def _group_label(row, columns: list[str]) -> str:
-    parts = []
-    for column in columns:
-        value = row[column]
-        if pd.isna(value):
-            continue
-        text = _num(value, "g") if isinstance(value, (int, float, np.number)) else str(value)
-        parts.append(text if column in ("size_name", "strategy", "batch_mode", "dtype") else f"{column}={text}")
+    parts = [_cell(row[c]) if c in ("size_name", "strategy", "batch_mode", "dtype") else f"{c}={_cell(row[c])}"
+             for c in columns if not pd.isna(row[c])]
     return " ".join(parts) or "all"
-
-
-def _constant_description(rows: pd.DataFrame) -> str:
-    shown = set(_label_columns(rows))
-    fixed = []
-    for column in _by_columns(rows):
-        if column in shown or column not in rows.columns or ("size_name" in shown and column in _SIZE_DIMS):
-            continue
-        values = rows[column].dropna().unique()
-        if len(values) == 1:
-            fixed.append(f"{column}={_num(values[0], 'g') if isinstance(values[0], (int, float, np.number)) else values[0]}")
-    return ", ".join(fixed)
 
 
 def _exponent_text(row) -> tuple[str, str]:
@@ -108,14 +94,16 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), line(["---"] * len(headers)), *map(line, rows)])
 
 
-def _sections(fits: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """(title, rows) per family (or per x when there is no family column), in order of appearance."""
+def _sections(fits: pd.DataFrame) -> list[tuple[str | None, str, pd.DataFrame]]:
+    """(family, title, rows) per family (per x when there is no family column), in order of appearance."""
     key = fits["family"] if "family" in fits.columns else fits["x"]
     out = []
     for name in dict.fromkeys(key):
         rows = fits[key == name]
-        xs = ", ".join(dict.fromkeys(rows["x"]))
-        out.append((f"{name}: y against {xs}" if "family" in fits.columns else f"y against {name}", rows))
+        if "family" in fits.columns:
+            out.append((name, f"{name}: y against {', '.join(dict.fromkeys(rows['x']))}", rows))
+        else:
+            out.append((None, f"y against {name}", rows))
     return out
 
 
@@ -159,11 +147,12 @@ def fits_markdown(fits: pd.DataFrame, efficiency: pd.DataFrame | None = None, jo
            "Regime compares b with the ideal exponent: *linear* when the interval contains the ideal, "
            "*sublinear* / *superlinear* when it lies below / above it. For costs (time, bytes) superlinear is worse "
            "than ideal; for throughput it is better (see *assessment*).", ""]
+    if fits.empty:
+        out += ["No fits: the rows have no usable x and y columns.", ""]
     notes = []
-    for title, rows in _sections(fits):
-        columns = _label_columns(rows)
+    for family, title, rows in _sections(fits):
+        columns, fixed = _group_columns(rows)
         out += [f"## {title}", ""]
-        fixed = _constant_description(rows)
         if fixed:
             out += [f"Fixed across this family: {fixed}.", ""]
         has_assessment = "assessment" in rows.columns
@@ -176,13 +165,11 @@ def fits_markdown(fits: pd.DataFrame, efficiency: pd.DataFrame | None = None, jo
         headers = ["y", "group", "exponent", f"{pct} CI", "ideal", "regime", *(["assessment"] if has_assessment
                                                                             else []), "r²", "n", "dropped"]
         out += [_md_table(headers, table), ""]
-        notes += _section_notes(title.split(":")[0], rows, columns)
+        notes += _section_notes(family or title, rows, columns)
 
     if efficiency is not None and len(efficiency):
-        columns = [c for c in efficiency.columns if c not in ("n_devices", "base_n_devices", "tokens_per_s",
-                                                               "tokens_per_s_per_device", "efficiency")]
-        shown = [c for c in columns if efficiency[c].nunique(dropna=False) > 1]
-        shown = [c for c in shown if c not in _SIZE_DIMS] if "size_name" in shown else shown
+        stats_columns = ("n_devices", "base_n_devices", "tokens_per_s", "tokens_per_s_per_device", "efficiency")
+        shown = _group_columns(efficiency, [c for c in efficiency.columns if c not in stats_columns])[0]
         out += ["## Scaling efficiency", "",
                 "Throughput per device relative to the group's smallest device count (1.0 = perfect scaling).", "",
                 _md_table(["group", "devices", "base devices", "tokens/s", "tokens/s per device", "efficiency"],
@@ -192,7 +179,7 @@ def fits_markdown(fits: pd.DataFrame, efficiency: pd.DataFrame | None = None, jo
 
     if joint is not None and len(joint):
         xs = [c[len("exponent_"):] for c in joint.columns if c.startswith("exponent_")]
-        columns = _label_columns(joint)
+        columns = _group_columns(joint)[0]
         table = []
         for _, r in joint.iterrows():
             cells = [r["y"], _group_label(r, columns)]
@@ -210,7 +197,7 @@ def fits_markdown(fits: pd.DataFrame, efficiency: pd.DataFrame | None = None, jo
         claims = expectations[["y", "x", "claimed_exponent"]].astype(str).agg(" ".join, axis=1)
         for claim in dict.fromkeys(claims):
             rows = expectations[claims == claim]
-            columns = _label_columns(rows)
+            columns = _group_columns(rows)[0]
             for _, r in rows.iterrows():
                 verdict = "no fit" if pd.isna(r["rejected"]) else "rejected" if bool(r["rejected"]) else "consistent"
                 ci = "" if pd.isna(r["exponent"]) else (
@@ -233,12 +220,12 @@ def fits_console_table(fits: pd.DataFrame) -> Table:
                             ("exponent", "right"), ("CI", "right"), ("ideal", "right"), ("regime", "left"),
                             ("r²", "right"), ("n", "right"), ("note", "left")):
         table.add_column(header, justify=justify)
-    for title, rows in _sections(fits):
-        columns = _label_columns(rows)
+    for family, _, rows in _sections(fits):
+        columns = _group_columns(rows)[0]
         for _, row in rows.iterrows():
             b, ci = _exponent_text(row)
             style = {"sublinear": "yellow", "superlinear": "cyan"}.get(row["regime"], "")
-            table.add_row(title.split(":")[0] if "family" in fits.columns else "", row["y"], row["x"],
+            table.add_row(family or "", row["y"], row["x"],
                           _group_label(row, columns), b, ci, _num(row["ideal_exponent"], "g"),
                           f"[{style}]{row['regime']}[/]" if style else row["regime"], _num(row["r2"], ".3f"),
                           _num(row["n_points"], "g"), _text(row["note"]))
@@ -263,8 +250,7 @@ def plot_families(runs: pd.DataFrame | None, fits: pd.DataFrame, out_dir: Path |
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for title, family_rows in _sections(fits):
-        family = title.split(":")[0] if "family" in fits.columns else None
+    for family, _, family_rows in _sections(fits):
         for y in dict.fromkeys(family_rows["y"]):
             rows = family_rows[family_rows["y"] == y]
             path = out_dir / _file_name(f"{family or rows['x'].iloc[0]}__{y}.png")
@@ -274,7 +260,7 @@ def plot_families(runs: pd.DataFrame | None, fits: pd.DataFrame, out_dir: Path |
 
 
 def _plot_one(runs: pd.DataFrame | None, rows: pd.DataFrame, y: str, family: str | None, path: Path) -> bool:
-    columns = _label_columns(rows)
+    columns, fixed = _group_columns(rows)
     x = rows["x"].iloc[0]
     confidence = rows["confidence"].dropna()
     pct = f"{100 * float(confidence.iloc[0]):g}%" if len(confidence) else ""
@@ -311,10 +297,8 @@ def _plot_one(runs: pd.DataFrame | None, rows: pd.DataFrame, y: str, family: str
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel(axis_label(x))
     ax.set_ylabel(axis_label(y))
-    heading = f"{axis_label(y)} vs {axis_label(x)}"
-    ax.set_title(f"{heading}" + (f"  [{family}]" if family else "") +
+    ax.set_title(f"{axis_label(y)} vs {axis_label(x)}" + (f"  [{family}]" if family else "") +
                  f"\npoints: measured; lines: fitted y = a·x^b; bands: {pct} confidence of the fit", fontsize=10)
-    fixed = _constant_description(rows)
     if fixed:
         ax.text(0.01, 0.01, fixed, transform=ax.transAxes, fontsize=7, color="0.35", va="bottom")
     ax.grid(True, which="both", alpha=0.3)
