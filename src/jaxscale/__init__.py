@@ -47,6 +47,10 @@ _EXPORTS = {
     "joint_fit": "jaxscale.analyze",
     "default_fits": "jaxscale.analyze",
     "scaling_efficiency": "jaxscale.analyze",
+    "add_memory_column": "jaxscale.analyze",
+    "parse_expectation": "jaxscale.analyze",
+    "check_expectation": "jaxscale.analyze",
+    "default_joint_fit": "jaxscale.analyze",
     "write_report": "jaxscale.report",
 }
 
@@ -66,7 +70,8 @@ def __dir__():
 
 
 if TYPE_CHECKING:
-    from jaxscale.analyze import (PowerLawFit, default_fits, fit_power_law, fit_table, joint_fit,
+    from jaxscale.analyze import (PowerLawFit, add_memory_column, check_expectation, default_fits,
+                                  default_joint_fit, fit_power_law, fit_table, joint_fit, parse_expectation,
                                   scaling_efficiency)
     from jaxscale.comms import count_collectives
     from jaxscale.config import ModelSpec, Profile, ProfileError, build_profile, load_profile

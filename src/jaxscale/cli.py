@@ -171,7 +171,7 @@ def _analyze_into(console, rows, out_dir: Path, expectations=(), confidence: flo
 
     fits = analyze.default_fits(rows, confidence=confidence)
     efficiency = analyze.scaling_efficiency(rows)
-    joint = analyze.joint_fit(analyze.add_memory_column(rows), "step_time_s", confidence=confidence)
+    joint = analyze.default_joint_fit(rows, confidence=confidence)
     checks = None
     if expectations:
         import pandas as pd
@@ -187,12 +187,101 @@ def _analyze_into(console, rows, out_dir: Path, expectations=(), confidence: flo
     console.print(f"fits: {out_dir / 'fits.csv'}, summary: {out_dir / 'summary.md'}, plots: {out_dir / 'plots'}")
 
 
+def load_tables(paths: list[str]):
+    """Read and concatenate CSVs for analysis; a problem is a ValueError naming the file."""
+    import warnings
+
+    import pandas as pd
+
+    from jaxscale.records import read_rows
+
+    frames = []
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise ValueError(f"{name}: no such file; give the path of a CSV (a runs.csv or any table)")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{name}: the file is empty; expected a CSV with a header line")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                frame = read_rows(path)
+            except (UnicodeDecodeError, pd.errors.ParserError) as e:
+                raise ValueError(f"{name}: not a readable CSV ({e})") from None
+        for w in caught:
+            print(f"jaxscale: warning: {w.message}", file=sys.stderr)
+        if frame.empty:
+            raise ValueError(f"{name}: has a header but no rows")
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _require_numeric(frame, column: str, source: str) -> None:
+    import pandas as pd
+
+    if column not in frame.columns:
+        raise ValueError(f"{source}: no column {column!r}; columns are: {', '.join(map(str, frame.columns))}")
+    values = frame[column]
+    if "status" in frame.columns:
+        values = values[frame["status"].astype(str) == "ok"]
+    present = values[values.astype(str).str.strip() != ""].dropna()
+    numbers = pd.to_numeric(present, errors="coerce")
+    bad = present[numbers.isna()]
+    if len(bad):
+        raise ValueError(f"{source}: column {column!r} needs numbers but has {bad.iloc[0]!r} "
+                         f"(row {bad.index[0] + 2}); fix or remove such rows")
+
+
 def cmd_analyze(args) -> int:
+    import pandas as pd
     from rich.console import Console
 
-    from jaxscale import analyze_cli
+    from jaxscale import analyze, report
 
-    return analyze_cli.run(args, Console())
+    console = Console()
+    source = ", ".join(args.csv)
+    try:
+        if not 0 < args.confidence < 1:
+            raise ValueError(f"--confidence {args.confidence}: expected a number between 0 and 1, e.g. 0.95")
+        expectations = [analyze.parse_expectation(text) for text in args.expect]
+        rows = load_tables(args.csv)
+        out = Path(args.out) if args.out else Path(args.csv[0]).resolve().parent / "analysis"
+        if args.x or args.y:
+            if not (args.x and args.y):
+                raise ValueError("--x and --y go together: --x COL --y COL [--y COL ...]")
+            for column in (args.x, *args.y):
+                _require_numeric(rows, column, source)
+            for column in args.by:
+                if column not in rows.columns:
+                    raise ValueError(f"{source}: no --by column {column!r}; columns are: "
+                                     f"{', '.join(map(str, rows.columns))}")
+        else:
+            for column in ("n_devices", "params", "strategy", "step_time_s"):
+                if column not in rows.columns:
+                    raise ValueError(f"{source}: no column {column!r}, so these are not jaxscale rows; "
+                                     "for any other CSV give --x COL --y COL [--by COL]")
+            for column in ("n_devices", "params", "step_time_s", "tokens_per_s"):
+                if column in rows.columns:
+                    _require_numeric(rows, column, source)
+        for y, x, _ in expectations:
+            for column in (x, y):
+                if column != "memory_per_device_bytes":
+                    _require_numeric(rows, column, source)
+    except ValueError as e:
+        return _fail(str(e))
+    if args.x:
+        fits = analyze.fit_table(rows, args.x, args.y, by=args.by, ideal=args.ideal, confidence=args.confidence)
+        checks = None
+        if expectations:
+            checks = pd.concat([analyze.check_expectation(rows, y=y, x=x, exponent=b, by=args.by or None,
+                                                          confidence=args.confidence)
+                                for y, x, b in expectations], ignore_index=True)
+        report.write_report(out, fits, runs=rows, expectations=checks)
+        console.print(report.fits_console_table(fits))
+        console.print(f"fits: {out / 'fits.csv'}, summary: {out / 'summary.md'}, plots: {out / 'plots'}")
+    else:
+        _analyze_into(console, rows, out, [f"{y}:{x}={b}" for y, x, b in expectations], args.confidence)
+    return 0
 
 
 def cmd_devices(args) -> int:
