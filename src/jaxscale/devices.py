@@ -67,9 +67,12 @@ def cache_dir() -> Path:
     return Path(base)
 
 
+CALIBRATION_VERSION = 2  # bump when calibrate() measures differently; old entries are then ignored
+
+
 def _calibration_key(dtype: str) -> str:
     d = jax.local_devices()[0]
-    return f"{d.platform}|{d.device_kind}|{dtype}|{jax.local_device_count()}|{socket.gethostname()}"
+    return f"v{CALIBRATION_VERSION}|{d.platform}|{d.device_kind}|{dtype}|{jax.local_device_count()}|{socket.gethostname()}"
 
 
 def _load_calibrations() -> dict:
@@ -109,7 +112,16 @@ def calibrate(dtype: str = "bfloat16", size: int | None = None, repeats: int = 5
     x = jax.jit(lambda: jnp.ones((n, elements), jnp.float32), out_shardings=sharded)()
     scale = jax.jit(lambda v: v * 1.0001, out_shardings=sharded)
     best_bw = _best_time(lambda: scale(x), repeats)
+    # Interconnect: an all-reduce of a replicated-result sum over the devices; a ring
+    # moves 2·(n−1)/n of the array through each device.
+    link_gbs = None
+    if n > 1:
+        parts = jax.jit(lambda: jnp.ones((n, elements // 4), jnp.float32), out_shardings=sharded)()
+        total = jax.jit(lambda v: jnp.sum(v, axis=0), out_shardings=NamedSharding(mesh, PartitionSpec()))
+        best_ar = _best_time(lambda: total(parts), repeats)
+        link_gbs = 2 * (n - 1) / n * (elements // 4) * 4 / best_ar / 1e9
     result = {"tflops": tflops, "hbm_gbytes_per_s": 2 * elements * 4 / best_bw / 1e9, "size": size,
+              "interconnect_gbytes_per_s": link_gbs,
               "dtype": dtype, "n_local_devices": n, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if save:
         entries = _load_calibrations()
@@ -152,8 +164,10 @@ def resolve_peak(dtype: str, measure_if_missing: bool = True) -> PeakInfo:
     return PeakInfo(tflops=cached["tflops"], dtype=dtype, source="measured",
                     reference=f"jaxscale calibrate, {cached['size']}^3 {dtype} matmul on {cached['n_local_devices']} "
                               f"{device.platform} devices, {cached['measured_at']}",
-                    hbm_gbytes_per_s=cached.get("hbm_gbytes_per_s"), interconnect_gbytes_per_s=None,
-                    interconnect="unknown", memory_bytes=limit, shared_host=device.platform == "cpu")
+                    hbm_gbytes_per_s=cached.get("hbm_gbytes_per_s"),
+                    interconnect_gbytes_per_s=cached.get("interconnect_gbytes_per_s"),
+                    interconnect="measured all-reduce (jaxscale calibrate)" if cached.get(
+                        "interconnect_gbytes_per_s") else "unknown", memory_bytes=limit, shared_host=device.platform == "cpu")
 
 
 def _bytes_limit(device) -> int | None:
