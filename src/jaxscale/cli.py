@@ -58,7 +58,16 @@ def cmd_run(args) -> int:
     from jaxscale.config import ProfileError, load_profile
 
     try:
-        profile = load_profile(args.profile, args.set or [])
+        if args.resume:
+            saved = Path(args.resume) / "profile.toml"
+            if not saved.is_file():
+                raise ProfileError(f"--resume {args.resume}: no profile.toml there; give a report folder written "
+                                   "by `jaxscale run`")
+            if args.set:
+                raise ProfileError("--resume takes the profile saved in the report folder; --set cannot change it")
+            profile = load_profile(str(saved))
+        else:
+            profile = load_profile(args.profile, args.set or [])
     except ProfileError as e:
         return _fail(str(e))
     _prepare_runtime(not args.no_compile_cache)
@@ -112,7 +121,8 @@ def cmd_run(args) -> int:
         _analyze_into(console, result.rows, report_dir)
     if result.interrupted:
         command = ["jaxscale", "run", "--resume", str(report_dir)]
-        console.print(f"[yellow]interrupted; resume with:[/yellow] {shlex.join(command)}")
+        console.print("[yellow]interrupted; resume with:[/yellow]")
+        print(shlex.join(command), flush=True)  # unwrapped, to copy and paste
         return 130
     failed = result.failed
     if len(failed):

@@ -1,0 +1,234 @@
+"""Bad input is refused before anything compiles; failures are rows; sweeps resume after a kill."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+
+from helpers import TINY_SETS, cli_env, jaxscale, sets
+from jaxscale.records import RowWriter, read_rows, row_key
+
+# ------------------------------------------------------------------ bad input
+
+GOOD = """
+[run]
+steps = 2
+[model]
+d_model = 32
+n_layers = 1
+n_heads = 4
+seq_len = 8
+vocab = 64
+[batch]
+global_batch = 8
+[mesh]
+devices = [1, 2]
+strategies = ["dp"]
+"""
+
+
+def _variant(old: str, new: str) -> str:
+    assert old in GOOD
+    return GOOD.replace(old, new)
+
+
+BAD_PROFILES = {
+    "toml_syntax": (_variant("steps = 2", "steps = = 2"), ["TOML syntax error", "line 3"]),
+    "unknown_key": (_variant("d_model = 32", "d_modle = 32"), ["[model] d_modle", "did you mean 'd_model'"]),
+    "unknown_table": (GOOD + "\n[optimiser]\nlr = 1\n", ["unknown table [optimiser]"]),
+    "wrong_type": (_variant("n_layers = 1", 'n_layers = "two"'), ["n_layers", "'two'", "integer"]),
+    "non_positive": (_variant("vocab = 64", "vocab = 0"), ["vocab = 0", "integer >= 2"]),
+    "non_integer": (_variant("d_model = 32", "d_model = 32.5"), ["d_model = 32.5", "integer"]),
+    "heads_not_dividing": (_variant("n_heads = 4", "n_heads = 5"), ["n_heads = 5", "must divide d_model = 32"]),
+    "model_axis": (_variant('strategies = ["dp"]', 'strategies = ["fsdp_tp"]\nmodel_axis = 3'),
+                   ["model_axis = 3", "must divide n_heads = 4"]),
+    "too_many_devices": (_variant("devices = [1, 2]", "devices = [1, 16]").replace("global_batch = 8", "global_batch = 16"),
+                         ["[16] exceed the 8 devices"]),
+    "batch_not_divisible": (_variant("global_batch = 8", "global_batch = 3"),
+                            ["global_batch = 3", "not divisible by the data-axis size 2"]),
+    "unknown_strategy": (_variant('strategies = ["dp"]', 'strategies = ["fdsp"]'),
+                         ["'fdsp'", "did you mean 'fsdp'"]),
+    "unknown_dtype": (_variant("steps = 2", 'steps = 2\ndtype = "float16"'), ["[run] dtype", "bfloat16"]),
+    "empty_grid": (_variant('strategies = ["dp"]', 'strategies = ["tp"]').replace("devices = [1, 2]", "devices = [8]"),
+                   ["grid is empty", "n_heads=4"]),
+    "both_batches": (_variant("global_batch = 8", "global_batch = 8\nper_device_batch = 2"), ["exactly one of"]),
+}
+
+
+def _assert_refused(proc, tmp_path, fragments):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxscale: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PROFILES))
+def test_bad_profile_is_refused_with_one_line(case, tmp_path):
+    text, fragments = BAD_PROFILES[case]
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    proc = jaxscale("run", path, "--out", tmp_path / "out", cwd=tmp_path)
+    _assert_refused(proc, tmp_path, [str(path), *fragments] if case != "toml_syntax" else fragments)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["does-not-exist.toml"], ["does-not-exist.toml", "no such profile file"]),
+    (["smok"], ["did you mean 'smoke'"]),
+    (["smoke", "--set", "model.d_model=abc"], ["d_model = 'abc'", "integer"]),
+    (["smoke", "--set", "modle.d_model=64"], ["unknown table [modle]", "did you mean 'model'"]),
+    (["smoke", "--set", "d_model"], ["expected section.key=value"]),
+    (["smoke", "--set", "mesh.strategies=[\"dp\",\"zero3\"]"], ["'zero3'", "dp, fsdp, tp, fsdp_tp"]),
+    (["smoke", "--trace", "strategy"], ["selector", "column=value"]),
+    (["--resume", "nowhere"], ["no profile.toml"]),
+])
+def test_bad_command_line_is_refused(args, fragments, tmp_path):
+    proc = jaxscale("run", *args, "--out", tmp_path / "out", cwd=tmp_path)
+    _assert_refused(proc, tmp_path, fragments)
+
+
+def test_analyze_bad_input(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "t.csv").write_text("chips,time,label\n1,2.0,a\n2,abc,b\n4,1.0,c\n")
+    cases = [
+        (["missing.csv"], ["missing.csv", "no such file"]),
+        (["empty.csv"], ["empty.csv", "empty"]),
+        (["t.csv", "--x", "chip", "--y", "time"], ["no column 'chip'", "chips, time, label"]),
+        (["t.csv", "--x", "chips", "--y", "time"], ["'time' needs numbers", "'abc'", "row 3"]),
+        (["t.csv", "--x", "chips", "--y", "label"], ["'label' needs numbers"]),
+        (["t.csv", "--x", "chips", "--y", "chips", "--by", "lab"], ["no --by column 'lab'"]),
+        (["t.csv"], ["not jaxscale rows", "--x COL --y COL"]),
+        (["t.csv", "--x", "chips", "--y", "time", "--expect", "time:chips"], ["Y:X=EXPONENT"]),
+    ]
+    for args, fragments in cases:
+        proc = jaxscale("analyze", *args, "--out", tmp_path / "out", cwd=tmp_path)
+        _assert_refused(proc, tmp_path, fragments)
+
+
+# ------------------------------------------------------- failures become rows
+
+
+def test_failures_are_rows_and_the_sweep_goes_on(tmp_path):
+    """A point whose step raises (a fault injected into the running step) and
+    points whose compiled size is over a memory budget are recorded as rows; the
+    other points still run; exit code 1 lists them."""
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    budget = 8_000_000  # bytes per device: the d_model=32 points fit, the d_model=256 ones do not
+    fraction = budget * 8 / host
+    env = cli_env(JAXSCALE_INJECT_FAULT="strategy=fsdp,n_devices=2")
+    proc = jaxscale("run", "smoke", "--out", tmp_path, "--no-analyze",
+                    *sets(*TINY_SETS, "model.d_model=[32,256]", "model.vocab=2048", "mesh.devices=[1,2]",
+                          "mesh.strategies=[\"dp\",\"fsdp\"]", f"run.max_memory_fraction={fraction}"),
+                    cwd=tmp_path, env=env)
+    assert proc.returncode == 1, proc.stderr + proc.stdout
+    (report,) = tmp_path.iterdir()
+    rows = read_rows(report / "runs.csv").set_index(["d_model", "strategy", "n_devices"])
+    assert len(rows) == 8
+    assert rows.loc[(32, "fsdp", 2), "status"] == "error"
+    assert "injected fault" in rows.loc[(32, "fsdp", 2), "error"]
+    small_ok = [k for k in rows.index if k[0] == 32 and k != (32, "fsdp", 2)]
+    assert all(rows.loc[k, "status"] == "ok" for k in small_ok)
+    big = rows.loc[256]
+    assert (big["status"] == "over_budget").all()
+    assert (big["compiled_total_bytes"] > budget).all()  # from the compiled step, which was never run
+    assert big["step_time_s"].isna().all()
+    assert "point(s) failed" in proc.stdout and "over_budget" in proc.stdout
+
+
+def test_compile_error_is_a_row(tmp_path):
+    """cuDNN attention cannot be built for the CPU: a real compile failure."""
+    proc = jaxscale("run", "smoke", "--out", tmp_path, "--no-analyze",
+                    *sets(*TINY_SETS, "mesh.devices=[1]", "mesh.strategies=dp", "run.attention=cudnn"), cwd=tmp_path)
+    assert proc.returncode == 1
+    (report,) = tmp_path.iterdir()
+    rows = read_rows(report / "runs.csv")
+    assert list(rows["status"]) == ["compile_error"] and rows["error"][0]
+
+
+# ---------------------------------------------------------- nothing is lost
+
+
+def test_torn_last_line_is_dropped_and_appending_repairs_it(tmp_path):
+    path = tmp_path / "runs.csv"
+    with RowWriter(path) as w:
+        w.append({"status": "ok", "strategy": "dp", "n_devices": 1})
+        w.append({"status": "ok", "strategy": "dp", "n_devices": 2})
+    with open(path, "a") as f:
+        f.write("1,2026-11-23T00:00:00Z,smoke,ok,,d32,fs")  # a kill in the middle of a write
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = read_rows(path)
+    assert list(rows["n_devices"]) == [1, 2] and "torn" in str(caught[0].message)
+    with RowWriter(path) as w:
+        w.append({"status": "ok", "strategy": "dp", "n_devices": 4})
+    assert list(read_rows(path)["n_devices"]) == [1, 2, 4]
+
+
+KILL_SETS = [*TINY_SETS, "model.d_model=[32,64]", "mesh.devices=[1,2,4]", "mesh.strategies=[\"dp\",\"fsdp\"]"]
+
+
+def _expected_keys():
+    from jaxscale.config import load_profile
+    from jaxscale.grid import build_grid
+
+    points, _ = build_grid(load_profile("smoke", KILL_SETS), 8)
+    return sorted(p.key for p in points)
+
+
+def _start(tmp_path):
+    cmd = [sys.executable, "-m", "jaxscale.cli", "run", "smoke", "--out", str(tmp_path), "--no-analyze",
+           *sets(*KILL_SETS)]
+    return subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for_rows(tmp_path, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = list(tmp_path.glob("*/runs.csv"))
+        if found and len(found[0].read_text().splitlines()) - 1 >= n:
+            return found[0].parent
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    raise AssertionError("sweep produced too few rows")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_sweep_resumes_to_the_full_grid(sig, tmp_path):
+    proc = _start(tmp_path)
+    report = _wait_for_rows(tmp_path, 3, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    before = read_rows(report / "runs.csv")
+    assert 3 <= len(before) < len(_expected_keys())
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130
+        assert f"jaxscale run --resume {report}" in out
+    resumed = jaxscale("run", "--resume", report, "--no-analyze", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    after = read_rows(report / "runs.csv")
+    keys = sorted(row_key(r) for _, r in after.iterrows())
+    assert keys == _expected_keys()  # every point once: none lost, none duplicated
+    assert f"{len(before)} points were already recorded" in resumed.stdout
+    # rows that were finished before the kill are kept as they were
+    assert after["timestamp_utc"].iloc[:len(before)].tolist() == before["timestamp_utc"].tolist()
+
+
+def test_resume_retry_failed_reruns_only_failures(tmp_path):
+    env = cli_env(JAXSCALE_INJECT_FAULT="strategy=dp,n_devices=2")
+    first = jaxscale("run", "smoke", "--out", tmp_path, "--no-analyze",
+                     *sets(*TINY_SETS, "mesh.devices=[1,2]", "mesh.strategies=dp"), cwd=tmp_path, env=env)
+    assert first.returncode == 1
+    (report,) = tmp_path.iterdir()
+    plain = jaxscale("run", "--resume", report, "--no-analyze", cwd=tmp_path)
+    assert plain.returncode == 1 and len(read_rows(report / "runs.csv")) == 2  # failures are recorded points
+    retry = jaxscale("run", "--resume", report, "--retry-failed", "--no-analyze", cwd=tmp_path)
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    rows = read_rows(report / "runs.csv")
+    assert sorted(rows["n_devices"]) == [1, 2] and (rows["status"] == "ok").all()
