@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import numpy as np
 import pandas as pd
 
 from jaxscale import devices as devinfo
@@ -141,7 +142,12 @@ def measure_point(point: Point, profile: Profile, peak: devinfo.PeakInfo, trace_
     row["hosts"] = ";".join(sorted({f"p{d.process_index}" for d in compiled.mesh.devices.flat}))
     row["param_bytes"], row["opt_state_bytes"] = compiled.param_bytes, compiled.opt_state_bytes
     planned = _planned_bytes(compiled)
-    if budget is not None and planned is not None and planned > budget:
+    over = budget is not None and planned is not None and planned > budget
+    if jax.process_count() > 1:  # every process must take the same branch, or collectives would hang
+        from jax.experimental import multihost_utils
+
+        over = bool(multihost_utils.broadcast_one_to_all(np.int32(over)))
+    if over:
         row.update(status="over_budget", error=f"compiled step needs {planned} bytes per device, over the budget "
                                                f"of {budget} (max_memory_fraction={run.max_memory_fraction})")
         _fill_compiled_columns(row, compiled, peak)
@@ -288,17 +294,20 @@ def run_profile(
     lead = jax.process_index() == 0
     csv_path = report_dir / "runs.csv"
     done: set[tuple] = set()
-    if resume and csv_path.exists():
+    if resume and lead and csv_path.exists():
         previous = read_rows(csv_path)
         for _, r in previous.iterrows():
             if retry_failed and r["status"] != "ok":
                 continue
             done.add(row_key(r))
         if retry_failed and len(previous):
-            kept = previous[previous["status"] == "ok"]
-            if lead:
-                _rewrite(csv_path, kept)
-    todo = [p for p in points if p.key not in done]
+            _rewrite(csv_path, previous[previous["status"] == "ok"])
+    skip = np.array([p.key in done for p in points], dtype=np.int32)
+    if jax.process_count() > 1:  # only process 0 holds the rows: every process skips what it skips
+        from jax.experimental import multihost_utils
+
+        skip = np.asarray(multihost_utils.broadcast_one_to_all(skip))
+    todo = [p for p, s in zip(points, skip) if not s]
     skipped = len(points) - len(todo)
     peak = devinfo.resolve_peak(profile.run.dtype)
     budget, _ = memory_budget(peak, profile.run.max_memory_fraction)
@@ -322,6 +331,10 @@ def run_profile(
                 if matches(point, selector):
                     trace_dir = report_dir / "traces" / f"{point.model.size_name}-{point.strategy}-n{point.n_devices}"
                 row = measure_point(point, profile, peak, trace_dir, budget)
+                if jax.process_count() > 1:  # keep every process on the same point
+                    from jax.experimental import multihost_utils
+
+                    multihost_utils.sync_global_devices(f"jaxscale point {i}")
                 if writer:
                     writer.append(row)
                 if on_row:

@@ -1,0 +1,89 @@
+"""Two processes on 127.0.0.1, 4 CPU devices each, over jax.distributed (gloo collectives)."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from helpers import cli_env, jaxscale, sets
+from jaxscale.records import read_rows
+
+GRID = sets("model.d_model=32", "model.n_layers=1", "model.n_heads=8", "model.seq_len=8", "model.vocab=64",
+            "run.steps=3", "run.warmup=1", "mesh.devices=[2,4,8]", 'mesh.strategies=["dp","fsdp","tp"]')
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp_path, port, extra=(), timeout=20):
+    env = cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    procs = []
+    for pid in (0, 1):
+        cmd = [sys.executable, "-m", "jaxscale.cli", "run", "smoke", "--out", str(tmp_path / f"out{pid}"),
+               "--no-analyze", *GRID, *extra, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+               "--process-id", str(pid), "--timeout", str(timeout)]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs
+
+
+def test_two_processes_run_one_sweep(tmp_path):
+    procs = _launch(tmp_path, _port())
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert not (tmp_path / "out1").exists()  # only process 0 writes
+    (csv,) = (tmp_path / "out0").glob("*/runs.csv")
+    rows = read_rows(csv)
+    assert "jaxscale runs" in outs[0][0] and "jaxscale runs" not in outs[1][0]
+    assert (rows["n_processes"] == 2).all() and (rows["status"] == "ok").all()
+    assert sorted(set(rows["n_devices"])) == [2, 4, 8]
+    assert (rows["hosts"] == "p0;p1").all()  # every mesh takes devices from both processes
+    single = jaxscale("run", "smoke", "--out", tmp_path / "single", "--no-analyze", *GRID, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    (single_csv,) = (tmp_path / "single").glob("*/runs.csv")
+    one = read_rows(single_csv)
+    key = ["strategy", "n_devices"]
+    both = rows.set_index(key).join(one.set_index(key), rsuffix="_single")
+    assert len(both) == len(rows) == len(one)
+    np.testing.assert_allclose(both["loss_first"], both["loss_first_single"], rtol=1e-5)
+    np.testing.assert_allclose(both["loss_last"], both["loss_last_single"], rtol=1e-5)
+
+
+def test_a_dead_peer_ends_the_run_with_a_clear_error(tmp_path):
+    timeout = 10
+    port = _port()
+    procs = _launch(tmp_path, port, extra=sets("model.d_model=[32,64,96]"), timeout=timeout)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        found = list((tmp_path / "out0").glob("*/runs.csv"))
+        if found and len(found[0].read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    procs[1].kill()
+    killed_at = time.time()
+    out, err = procs[0].communicate(timeout=120)
+    took = time.time() - killed_at
+    assert procs[0].returncode == 1
+    assert took < timeout + 30
+    last = err.strip().splitlines()[-1]
+    assert f"127.0.0.1:{port}" in last and "process 0" in last and "--resume" in last
+    rows = read_rows(found[0])
+    assert len(rows) >= 2 and (rows["status"] == "ok").all()
+
+
+def test_an_unreachable_coordinator_is_an_error_in_bounded_time(tmp_path):
+    port = _port()
+    start = time.time()
+    proc = jaxscale("run", "smoke", *GRID, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                    "--process-id", "1", "--timeout", "5", cwd=tmp_path,
+                    env=cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert proc.returncode == 1
+    assert time.time() - start < 60
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "process 1" in last and f"127.0.0.1:{port}" in last
