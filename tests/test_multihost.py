@@ -49,7 +49,7 @@ def test_two_processes_run_one_sweep(tmp_path):
     (single_csv,) = (tmp_path / "single").glob("*/runs.csv")
     one = read_rows(single_csv)
     key = ["strategy", "n_devices"]
-    both = rows.set_index(key).join(one.set_index(key), rsuffix="_single")
+    both = rows.merge(one, on=key, suffixes=("", "_single"))
     assert len(both) == len(rows) == len(one)
     np.testing.assert_allclose(both["loss_first"], both["loss_first_single"], rtol=1e-5)
     np.testing.assert_allclose(both["loss_last"], both["loss_last_single"], rtol=1e-5)

@@ -122,10 +122,12 @@ def read_rows(path: Path | str) -> pd.DataFrame:
         warnings.warn(f"{path}: dropped {len(body) - len(good)} malformed line(s)")
     frame = pd.DataFrame(good, columns=header)
     for column in frame.columns:
-        converted = pd.to_numeric(frame[column].replace("", None), errors="coerce")
         non_empty = frame[column] != ""
+        converted = pd.to_numeric(frame[column].where(non_empty), errors="coerce")
         if non_empty.any() and converted[non_empty].notna().all():
             frame[column] = converted
+        else:  # an empty cell is a missing value, in text columns too
+            frame[column] = frame[column].where(non_empty, None)
     return frame
 
 
