@@ -27,6 +27,7 @@ class Timing:
     """Per-step wall times of the timed steps and their statistics (seconds)."""
 
     samples_s: tuple[float, ...]
+    warmup_s: float = 0.0  # wall time of the untimed warm-up steps (first execution included)
 
     @property
     def median_s(self) -> float:
@@ -67,10 +68,12 @@ def time_pipelined(dispatch: Callable[[int], Any], n_steps: int, warmup: int) ->
       Timing with ``n_steps`` samples.
     """
     i = 0
+    start = time.perf_counter()
     for _ in range(max(warmup, 1)):
         out = dispatch(i)
         i += 1
     jax.block_until_ready(out)
+    warmup_s = time.perf_counter() - start
     # n_steps + 1 completions give n_steps intervals. Each is stamped only after
     # its successor was dispatched, the last included (an untimed tail step), so
     # every interval has the same structure whether the backend dispatches
@@ -84,7 +87,7 @@ def time_pipelined(dispatch: Callable[[int], Any], n_steps: int, warmup: int) ->
         jax.block_until_ready(pending.popleft())
         stamps.append(time.perf_counter())
     jax.block_until_ready(pending.popleft())
-    return Timing(tuple(float(b - a) for a, b in zip(stamps, stamps[1:])))
+    return Timing(tuple(float(b - a) for a, b in zip(stamps, stamps[1:])), warmup_s=warmup_s)
 
 
 def time_blocking(dispatch: Callable[[int], Any], n_steps: int, warmup: int) -> Timing:
@@ -140,6 +143,7 @@ class StepProfile:
     device_kind: str
     backend: str
     compile_s: float
+    warmup_s: float
     step_time_s: float
     step_time_p10_s: float
     step_time_p90_s: float
@@ -246,7 +250,8 @@ def describe_step(
     d0 = devices[0]
     return StepProfile(
         n_devices=n, device_kind=d0.device_kind, backend=d0.platform, compile_s=compile_s,
-        step_time_s=step, step_time_p10_s=timing.p10_s, step_time_p90_s=timing.p90_s, step_time_cv=timing.cv,
+        warmup_s=timing.warmup_s, step_time_s=step, step_time_p10_s=timing.p10_s, step_time_p90_s=timing.p90_s,
+        step_time_cv=timing.cv,
         step_time_mean_s=timing.mean_s, n_timed_steps=len(timing.samples_s), step_time_samples_s=timing.samples_s,
         xla_flops_per_step=xla_flops, xla_bytes_accessed_per_device=bytes_accessed,
         **compiled_memory(memory), peak_bytes_in_use=peak_bytes, bytes_limit=limit,

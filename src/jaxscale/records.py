@@ -29,7 +29,7 @@ COLUMNS: tuple[str, ...] = (
     "params", "tokens_per_step", "model_flops_per_step", "attention_flops", "xla_flops_per_step",
     "xla_over_model_flops", "flops_note",
     # time
-    "compile_s", "step_time_s", "step_time_p10_s", "step_time_p90_s", "step_time_cv", "step_time_mean_s",
+    "compile_s", "warmup_s", "step_time_s", "step_time_p10_s", "step_time_p90_s", "step_time_cv", "step_time_mean_s",
     "n_timed_steps", "step_time_samples_s", "tokens_per_s",
     # utilization
     "achieved_tflops_per_device", "peak_tflops_per_device", "peak_dtype", "peak_source", "peak_reference", "mfu", "hfu",

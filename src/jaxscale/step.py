@@ -66,7 +66,12 @@ class CompiledStep:
 
 def abstract_model(point: Point, run: RunSpec, seed: int = 0):
     """(graphdef, abstract param dict, logical-name dict) without allocating anything."""
-    model = nnx.eval_shape(lambda: Transformer(point.model, dtype=run.dtype, attention=run.attention,
+    return _abstract_model(point.model, run, seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_model(spec, run: RunSpec, seed: int):
+    model = nnx.eval_shape(lambda: Transformer(spec, dtype=run.dtype, attention=run.attention,
                                                remat=run.remat, rngs=nnx.Rngs(seed)))
     graphdef, state = nnx.split(model)
     abstract = nnx.to_pure_dict(state)
@@ -80,9 +85,9 @@ def optimizer() -> optax.GradientTransformation:
     return optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 
 
-@functools.lru_cache(maxsize=4)
-def host_init(spec, run: RunSpec) -> dict:
-    """Initial float32 parameters of a model size as host numpy arrays.
+@functools.lru_cache(maxsize=2)
+def host_init(spec, run: RunSpec) -> tuple[dict, Any]:
+    """Initial float32 parameters and optimizer state of a model size, as host numpy arrays.
 
     Computed once per size on the CPU backend and shared by every point of that
     size, so all strategies and device counts start from identical weights and
@@ -93,7 +98,8 @@ def host_init(spec, run: RunSpec) -> dict:
         model = Transformer(spec, dtype=run.dtype, attention=run.attention, remat=run.remat,
                             rngs=nnx.Rngs(run.seed))
         params = nnx.to_pure_dict(nnx.split(model)[1])
-    return jax.tree.map(np.asarray, params)
+        opt_state = optimizer().init(params)
+    return jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, opt_state)
 
 
 def synthetic_tokens(batch: int, seq_len: int, vocab: int, seed: int, n_batches: int = 2) -> list[np.ndarray]:
@@ -139,13 +145,11 @@ def compile_point(point: Point, run: RunSpec, devices=None) -> CompiledStep:
     constrain = shd.make_constrain(mesh, strategy)
     spec, seq = point.model, point.model.seq_len
 
-    host_params = host_init(spec, run)
+    host_params, host_opt = host_init(spec, run)
 
     def init_state():
-        params = jax.tree.map(lambda x, sh: place(x, sh), host_params, param_sh)
-        return params, opt_init(params)
-
-    opt_init = jax.jit(tx.init, in_shardings=(param_sh,), out_shardings=opt_sh)
+        params = jax.tree.map(place, host_params, param_sh)
+        return params, jax.tree.map(place, host_opt, opt_sh)
     tokens = synthetic_tokens(point.global_batch, seq, spec.vocab, run.seed)
 
     def batch_fn(step_index: int) -> jax.Array:
