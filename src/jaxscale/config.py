@@ -3,12 +3,14 @@
 A profile has four tables, mirroring the dataclasses below:
 
     [run]    name, steps, warmup, dtype, seed, remat, attention, causal_flops,
-             max_memory_fraction
+             max_memory_fraction, scan_layers, isolation, xla_flags
+             (remat and xla_flags may be lists: each is a grid axis)
     [model]  d_model, n_layers, n_heads, d_ff or d_ff_ratio, seq_len, vocab
              (each a scalar or a list: the sizes are their product), or
              [[model.sizes]] tables with a name each (keys in [model] are defaults)
-    [batch]  global_batch (strong scaling) or per_device_batch (weak scaling)
-    [mesh]   devices, strategies, model_axis
+    [batch]  global_batch (strong scaling) or per_device_batch (weak scaling),
+             each a number or a list (a grid axis)
+    [mesh]   devices, strategies, model_axis, topology (for `jaxscale plan`)
 
 Everything is checked here, where it is built, and every problem is a
 ProfileError whose text names the file, the key, the value and what would be
@@ -29,6 +31,11 @@ from typing import Any
 STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# Activation checkpointing of each layer: nothing saved for the backward pass is
+# recomputed ("none"), everything is ("full"), or only the matmul outputs are kept
+# and the cheap elementwise work is recomputed ("save_dots").
+REMAT_POLICIES = ("none", "full", "save_dots")
+ISOLATION_MODES = ("auto", "process", "none")
 
 MODEL_KEYS = ("d_model", "n_layers", "n_heads", "d_ff", "d_ff_ratio", "seq_len", "vocab")
 
@@ -40,10 +47,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "warmup": 2,
         "dtype": "float32",
         "seed": 0,
-        "remat": False,
+        "remat": "none",
         "attention": "auto",
         "causal_flops": True,
         "max_memory_fraction": 0.95,
+        "scan_layers": True,
+        "isolation": "auto",
+        "xla_flags": [""],
     },
     "model": {
         "d_model": 256,
@@ -58,6 +68,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "devices": [1],
         "strategies": ["dp"],
         "model_axis": 2,
+        "topology": "",
     },
 }
 _ALLOWED = {
@@ -75,15 +86,29 @@ class ProfileError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
+    """The [run] table. ``remat`` and ``xla_flags`` are grid axes (one value per point).
+
+    Attributes:
+      isolation: ``process`` runs every point in a worker process of its own,
+        ``none`` in the sweep's process, ``auto`` chooses per backend.
+      xla_flags: flag sets, each a string of space-separated ``--xla_...`` flags
+        ("" for XLA's defaults).
+      scan_layers: compile the layers as one scanned layer (stacked parameters)
+        rather than unrolled.
+    """
+
     name: str
     steps: int
     warmup: int
     dtype: str
     seed: int
-    remat: bool
+    remat: tuple[str, ...]
     attention: str
     causal_flops: bool
     max_memory_fraction: float
+    scan_layers: bool = True
+    isolation: str = "auto"
+    xla_flags: tuple[str, ...] = ("",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,27 +134,37 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class BatchSpec:
-    """Exactly one of global_batch (strong scaling) or per_device_batch (weak)."""
+    """Exactly one of global_batch (strong scaling) or per_device_batch (weak).
 
-    global_batch: int | None = None
-    per_device_batch: int | None = None
+    Each is a tuple of values: several values make the batch a grid axis.
+    """
+
+    global_batch: tuple[int, ...] | None = None
+    per_device_batch: tuple[int, ...] | None = None
 
     @property
     def mode(self) -> str:
         return "strong" if self.global_batch is not None else "weak"
 
-    def global_for(self, n_devices: int) -> int:
-        """Global batch at a device count: fixed, or per-device batch × devices."""
+    def globals_for(self, n_devices: int) -> tuple[int, ...]:
+        """Global batches at a device count: fixed, or per-device batch × devices."""
         if self.global_batch is not None:
             return self.global_batch
-        return self.per_device_batch * n_devices
+        return tuple(b * n_devices for b in self.per_device_batch)
+
+    def global_for(self, n_devices: int) -> int:
+        """The first (or only) global batch at a device count."""
+        return self.globals_for(n_devices)[0]
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshSpec:
+    """The [mesh] table; ``topology`` names the target `jaxscale plan` compiles for ("" for none)."""
+
     devices: tuple[int, ...]
     strategies: tuple[str, ...]
     model_axis: int
+    topology: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,11 +322,45 @@ class _Validator:
             warmup=self.int_("[run] warmup", r["warmup"], 0),
             dtype=self.choice("[run] dtype", r["dtype"], DTYPES),
             seed=self.int_("[run] seed", r["seed"], 0),
-            remat=self.bool_("[run] remat", r["remat"]),
+            remat=self.remat(r["remat"]),
             attention=self.choice("[run] attention", r["attention"], ATTENTION_IMPLS),
             causal_flops=self.bool_("[run] causal_flops", r["causal_flops"]),
             max_memory_fraction=float(fraction),
+            scan_layers=self.bool_("[run] scan_layers", r["scan_layers"]),
+            isolation=self.choice("[run] isolation", r["isolation"], ISOLATION_MODES),
+            xla_flags=self.xla_flags(r["xla_flags"]),
         )
+
+    def remat(self, value: Any) -> tuple[str, ...]:
+        """A policy name or a list of them; true/false mean "full"/"none"."""
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            self.fail("[run] remat", value, f"expected a non-empty list drawn from {', '.join(REMAT_POLICIES)}")
+        out = []
+        for v in values:
+            if isinstance(v, bool):
+                v = "full" if v else "none"
+            out.append(self.choice("[run] remat", v, REMAT_POLICIES))
+        return tuple(dict.fromkeys(out))
+
+    def xla_flags(self, value: Any) -> tuple[str, ...]:
+        """A flag set or a list of them; each flag must start with --xla_."""
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+            self.fail("[run] xla_flags", value, 'expected a list of flag sets, e.g. ["", "--xla_gpu_enable_latency_'
+                                                'hiding_scheduler=true"]')
+        out = []
+        for flag_set in values:
+            flags = flag_set.split()
+            for flag in flags:
+                if not flag.startswith("--xla_"):
+                    self.fail("[run] xla_flags", flag_set, f"{flag!r} is not an XLA flag; each flag starts with "
+                                                           "--xla_ and flags are separated by spaces")
+                if "xla_force_host_platform_device_count" in flag:
+                    self.fail("[run] xla_flags", flag_set, "the host device count is jaxscale's to set, not a "
+                                                           "sweep axis")
+            out.append(" ".join(flags))
+        return tuple(dict.fromkeys(out))
 
     def models(self, m: dict) -> tuple[ModelSpec, ...]:
         defaults = {k: v for k, v in m.items() if k != "sizes"}
@@ -350,9 +419,12 @@ class _Validator:
         if ("global_batch" in b) == ("per_device_batch" in b):
             raise ProfileError(f"{self.source}: [batch] needs exactly one of global_batch (strong scaling) "
                                "or per_device_batch (weak scaling)")
-        if "global_batch" in b:
-            return BatchSpec(global_batch=self.int_("[batch] global_batch", b["global_batch"]))
-        return BatchSpec(per_device_batch=self.int_("[batch] per_device_batch", b["per_device_batch"]))
+        key = "global_batch" if "global_batch" in b else "per_device_batch"
+        values = b[key] if isinstance(b[key], list) else [b[key]]
+        if not values:
+            self.fail(f"[batch] {key}", b[key], "expected a number or a non-empty list of numbers")
+        values = tuple(dict.fromkeys(self.int_(f"[batch] {key}", v) for v in values))
+        return BatchSpec(**{key: values})
 
     def mesh(self, m: dict, models: tuple[ModelSpec, ...]) -> MeshSpec:
         devices = m["devices"]
@@ -368,6 +440,9 @@ class _Validator:
             self.fail("[mesh] strategies", strategies, f"expected a list drawn from {', '.join(STRATEGIES)}")
         strategies = tuple(dict.fromkeys(self.choice("[mesh] strategies", s, STRATEGIES) for s in strategies))
         model_axis = self.int_("[mesh] model_axis", m["model_axis"])
+        topology = m["topology"]
+        if not isinstance(topology, str):
+            self.fail("[mesh] topology", topology, 'expected a target such as "v5e:16x16" or "h100:4x8"')
         if "fsdp_tp" in strategies:
             for spec in models:
                 for key in ("n_heads", "d_ff"):
@@ -377,15 +452,15 @@ class _Validator:
             if not any(n % model_axis == 0 for n in devices):
                 self.fail("[mesh] model_axis", model_axis,
                           f"divides none of the device counts {list(devices)}; fsdp_tp needs a multiple of it")
-        return MeshSpec(devices=devices, strategies=strategies, model_axis=model_axis)
+        return MeshSpec(devices=devices, strategies=strategies, model_axis=model_axis, topology=topology.strip())
 
     def cross(self, models, batch: BatchSpec, mesh: MeshSpec) -> None:
-        if batch.global_batch is not None:
+        for global_batch in batch.global_batch or ():
             for n in mesh.devices:
                 data_sizes = {data_axis_size(s, n, mesh.model_axis) for s in mesh.strategies}
                 for data in sorted(data_sizes - {None}):
-                    if batch.global_batch % data:
-                        self.fail("[batch] global_batch", batch.global_batch,
+                    if global_batch % data:
+                        self.fail("[batch] global_batch", global_batch,
                                   f"not divisible by the data-axis size {data} at {n} devices; "
                                   f"use a multiple of {max(mesh.devices)}")
 

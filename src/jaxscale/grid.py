@@ -10,7 +10,11 @@ from jaxscale.config import ModelSpec, Profile, ProfileError, data_axis_size
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-    """One grid point: a model size run with one strategy on one device count."""
+    """One grid point: a model size run with one strategy on one device count.
+
+    ``remat`` (a config.REMAT_POLICIES name) and ``xla_flags`` (a flag set, ""
+    for XLA's defaults) are grid axes too.
+    """
 
     model: ModelSpec
     strategy: str
@@ -19,6 +23,8 @@ class Point:
     model_axis: int
     global_batch: int
     batch_mode: str
+    remat: str = "none"
+    xla_flags: str = ""
 
     @property
     def mesh_shape(self) -> str:
@@ -29,10 +35,13 @@ class Point:
         """Identity of the point for resuming: every grid parameter, nothing measured."""
         m = self.model
         return (self.strategy, self.n_devices, self.mesh_shape, m.d_model, m.n_layers, m.n_heads, m.d_ff,
-                m.seq_len, m.vocab, self.global_batch)
+                m.seq_len, m.vocab, self.global_batch, self.remat, self.xla_flags)
 
     def describe(self) -> str:
-        return f"{self.model.size_name} {self.strategy} n={self.n_devices}"
+        extra = "" if self.remat == "none" else f" remat={self.remat}"
+        if self.xla_flags:
+            extra += f" flags={self.xla_flags}"
+        return f"{self.model.size_name} {self.strategy} n={self.n_devices} b={self.global_batch}{extra}"
 
     def grid_columns(self) -> dict:
         m = self.model
@@ -40,14 +49,16 @@ class Point:
             "size_name": m.size_name, "strategy": self.strategy, "n_devices": self.n_devices,
             "mesh_shape": self.mesh_shape, "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
             "d_ff": m.d_ff, "seq_len": m.seq_len, "vocab": m.vocab, "global_batch": self.global_batch,
-            "batch_mode": self.batch_mode,
+            "batch_mode": self.batch_mode, "remat": self.remat, "xla_flags": self.xla_flags,
         }
 
 
 GRID_COLUMNS = ("size_name", "strategy", "n_devices", "mesh_shape", "d_model", "n_layers", "n_heads", "d_ff",
-                "seq_len", "vocab", "global_batch", "batch_mode")
+                "seq_len", "vocab", "global_batch", "batch_mode", "remat", "xla_flags")
 KEY_COLUMNS = ("strategy", "n_devices", "mesh_shape", "d_model", "n_layers", "n_heads", "d_ff", "seq_len", "vocab",
-               "global_batch")
+               "global_batch", "remat", "xla_flags")
+# Key columns that are text (the rest are integers).
+TEXT_KEY_COLUMNS = ("strategy", "mesh_shape", "remat", "xla_flags")
 
 
 def why_infeasible(model: ModelSpec, strategy: str, n: int, model_axis: int, n_processes: int) -> str | None:
@@ -69,7 +80,7 @@ def why_infeasible(model: ModelSpec, strategy: str, n: int, model_axis: int, n_p
 
 
 def build_grid(profile: Profile, n_available: int, n_processes: int = 1) -> tuple[list[Point], collections.Counter]:
-    """Expand a profile into points, in a fixed order (size, device count, strategy).
+    """Expand a profile into points, in a fixed order (size, device count, strategy, batch, remat, flags).
 
     Args:
       profile: a validated profile.
@@ -97,9 +108,15 @@ def build_grid(profile: Profile, n_available: int, n_processes: int = 1) -> tupl
                     dropped[reason] += 1
                     continue
                 data = data_axis_size(strategy, n, model_axis)
-                points.append(Point(model=model, strategy=strategy, n_devices=n, data_axis=data,
-                                    model_axis=n // data, global_batch=profile.batch.global_for(n),
-                                    batch_mode=profile.batch.mode))
+                for batch in profile.batch.globals_for(n):
+                    if batch % data:
+                        dropped[f"a global batch of {batch} does not split over a data axis of {data}"] += 1
+                        continue
+                    for remat in profile.run.remat:
+                        for flags in profile.run.xla_flags:
+                            points.append(Point(model=model, strategy=strategy, n_devices=n, data_axis=data,
+                                                model_axis=n // data, global_batch=batch,
+                                                batch_mode=profile.batch.mode, remat=remat, xla_flags=flags))
     if not points:
         reasons = "; ".join(f"{r} ({c}x)" for r, c in dropped.items())
         raise ProfileError(f"{profile.source}: the grid is empty after dropping points that cannot be formed: {reasons}")

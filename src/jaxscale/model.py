@@ -88,7 +88,7 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     """Decoder-only LM. ``__call__(tokens) -> logits`` in float32."""
 
-    def __init__(self, spec: ModelSpec, *, dtype: str = "float32", attention: str = "auto", remat: bool = False,
+    def __init__(self, spec: ModelSpec, *, dtype: str = "float32", attention: str = "auto", remat: str = "none",
                  rngs: nnx.Rngs):
         self.spec = spec
         self.dtype = jnp.dtype(dtype)
@@ -102,13 +102,22 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "seq", None))
         for block in self.blocks:
-            if self.remat:
-                x = nnx.remat(lambda blk, y: blk(y, constrain))(block, x)
+            if self.remat != "none":
+                x = nnx.remat(lambda blk, y: blk(y, constrain), policy=remat_policy(self.remat))(block, x)
             else:
                 x = block(x, constrain)
         x = self.final_norm(x)
         logits = jnp.einsum("btd,dv->btv", x, self.head[...].astype(self.dtype))
         return constrain(logits, ("batch", "seq", "vocab")).astype(jnp.float32)
+
+
+def remat_policy(name: str):
+    """The jax.checkpoint policy of a config.REMAT_POLICIES name ("none" is never rematerialized)."""
+    if name == "full":
+        return None  # save nothing: the whole layer is recomputed in the backward pass
+    if name == "save_dots":
+        return jax.checkpoint_policies.dots_saveable
+    raise ValueError(f"no remat policy {name!r}")
 
 
 def next_token_loss(model: Transformer, tokens: jax.Array, constrain: Constrain = _no_constraint) -> jax.Array:

@@ -16,26 +16,29 @@ from pathlib import Path
 
 import pandas as pd
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 COLUMNS: tuple[str, ...] = (
-    "schema_version", "timestamp_utc", "profile", "status", "error",
+    "schema_version", "timestamp_utc", "profile", "row_source", "status", "error",
     # grid point
     "size_name", "strategy", "n_devices", "n_processes", "hosts", "mesh_shape", "d_model", "n_layers", "n_heads", "d_ff",
-    "seq_len", "vocab", "global_batch", "batch_mode", "dtype", "remat", "attention",
+    "seq_len", "vocab", "global_batch", "batch_mode", "dtype", "remat", "attention", "scan_layers", "xla_flags",
+    "isolation",
     # runtime
-    "backend", "device_kind", "jax_version", "jaxlib_version", "flax_version",
+    "backend", "device_kind", "jax_version", "jaxlib_version", "flax_version", "libtpu_version",
     # counts and FLOPs
     "params", "tokens_per_step", "model_flops_per_step", "attention_flops", "xla_flops_per_step",
     "xla_over_model_flops", "flops_note",
     # time
     "compile_s", "warmup_s", "step_time_s", "step_time_p10_s", "step_time_p90_s", "step_time_cv", "step_time_mean_s",
     "n_timed_steps", "step_time_samples_s", "tokens_per_s",
+    # predicted (jaxscale plan): a stated model of step time, each term a column
+    "predicted_compute_s", "predicted_memory_s", "predicted_step_time_s", "predicted_mfu",
     # utilization
     "achieved_tflops_per_device", "peak_tflops_per_device", "peak_dtype", "peak_source", "peak_reference", "mfu", "hfu",
     # memory, per device
     "param_bytes", "opt_state_bytes", "compiled_argument_bytes", "compiled_output_bytes", "compiled_temp_bytes",
-    "compiled_alias_bytes", "compiled_total_bytes", "peak_bytes_in_use", "bytes_limit",
+    "compiled_alias_bytes", "compiled_total_bytes", "peak_bytes_in_use", "bytes_limit", "device_memory_bytes",
     # communication, per device
     "all_reduce_bytes", "all_reduce_count", "all_gather_bytes", "all_gather_count", "reduce_scatter_bytes",
     "reduce_scatter_count", "all_to_all_bytes", "all_to_all_count", "collective_permute_bytes",
@@ -47,7 +50,9 @@ COLUMNS: tuple[str, ...] = (
     "loss_first", "loss_last", "trace_dir",
 )
 
-FAILURE_STATUSES = ("compile_error", "oom", "over_budget", "error")
+FAILURE_STATUSES = ("compile_error", "oom", "over_budget", "error", "crashed")
+# Statuses of rows that carry no failure: measured, or compiled for a target (jaxscale plan).
+SUCCESS_STATUSES = ("ok", "planned")
 
 
 def _cell(value) -> str:
@@ -133,10 +138,13 @@ def read_rows(path: Path | str) -> pd.DataFrame:
 
 def row_key(row) -> tuple:
     """The grid key of a row as read back (see grid.Point.key)."""
-    from jaxscale.grid import KEY_COLUMNS
+    from jaxscale.grid import KEY_COLUMNS, TEXT_KEY_COLUMNS
 
     out = []
     for column in KEY_COLUMNS:
         value = row[column]
-        out.append(str(value) if column in ("strategy", "mesh_shape") else int(value))
+        if column in TEXT_KEY_COLUMNS:
+            out.append("" if value is None or (isinstance(value, float) and value != value) else str(value))
+        else:
+            out.append(int(value))
     return tuple(out)

@@ -66,13 +66,13 @@ class CompiledStep:
 
 def abstract_model(point: Point, run: RunSpec, seed: int = 0):
     """(graphdef, abstract param dict, logical-name dict) without allocating anything."""
-    return _abstract_model(point.model, run, seed)
+    return _abstract_model(point.model, run.dtype, run.attention, point.remat, seed)
 
 
 @functools.lru_cache(maxsize=8)
-def _abstract_model(spec, run: RunSpec, seed: int):
-    model = nnx.eval_shape(lambda: Transformer(spec, dtype=run.dtype, attention=run.attention,
-                                               remat=run.remat, rngs=nnx.Rngs(seed)))
+def _abstract_model(spec, dtype: str, attention: str, remat: str, seed: int):
+    model = nnx.eval_shape(lambda: Transformer(spec, dtype=dtype, attention=attention,
+                                               remat=remat, rngs=nnx.Rngs(seed)))
     graphdef, state = nnx.split(model)
     abstract = nnx.to_pure_dict(state)
     logical = jax.tree.map(lambda v: tuple(v.get_metadata()["logical"]), state,
@@ -95,8 +95,7 @@ def host_init(spec, run: RunSpec) -> tuple[dict, Any]:
     """
     cpu = jax.local_devices(backend="cpu")[0]
     with jax.default_device(cpu):
-        model = Transformer(spec, dtype=run.dtype, attention=run.attention, remat=run.remat,
-                            rngs=nnx.Rngs(run.seed))
+        model = Transformer(spec, dtype=run.dtype, attention=run.attention, rngs=nnx.Rngs(run.seed))
         params = nnx.to_pure_dict(nnx.split(model)[1])
         opt_state = optimizer().init(params)
     return jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, opt_state)

@@ -123,8 +123,8 @@ def measure_point(point: Point, profile: Profile, peak: devinfo.PeakInfo, trace_
       The row as a dict of schema columns.
     """
     run, m = profile.run, point.model
-    row = {**point.grid_columns(), "dtype": run.dtype, "remat": run.remat, "attention": run.attention,
-           "profile": run.name, "schema_version": SCHEMA_VERSION,
+    row = {**point.grid_columns(), "dtype": run.dtype, "attention": run.attention, "scan_layers": run.scan_layers,
+           "profile": run.name, "row_source": "measured", "schema_version": SCHEMA_VERSION,
            "timestamp_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            **runtime_columns(), "status": "ok", "error": ""}
     model_flops = flops.train_flops(m.d_model, m.n_layers, m.seq_len, m.vocab, point.global_batch, m.d_ff,
@@ -207,7 +207,7 @@ def _run_compiled(compiled: CompiledStep, run, point: Point, peak, model_flops: 
                          model_flops=model_flops).to_row()
     m = point.model
     analytic_xla = flops.train_flops(m.d_model, m.n_layers, m.seq_len, m.vocab, point.global_batch, m.d_ff,
-                                     recompute=run.remat, causal=False)
+                                     recompute=point.remat == "full", causal=False)
     out = {k: v for k, v in step.items() if k not in ("n_devices",)}
     out["tokens_per_s"] = point.global_batch * m.seq_len / timing.median_s
     out["loss_first"], out["loss_last"] = float(losses[0]), float(losses[-1])
@@ -216,7 +216,7 @@ def _run_compiled(compiled: CompiledStep, run, point: Point, peak, model_flops: 
         out["xla_over_model_flops"] = ratio
         if not 0.95 <= ratio <= 1.25:
             out["flops_note"] = (f"XLA counts {ratio:.2f}x the analytic FLOPs with full attention"
-                                 f"{' and recompute' if run.remat else ''}: beyond the norms, softmax, loss and "
+                                 f"{' and recompute' if point.remat == 'full' else ''}: beyond the norms, softmax, loss and "
                                  "AdamW work that explains a few percent")
     del state, batches, params, opt_state
     return out
