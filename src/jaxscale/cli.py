@@ -38,104 +38,19 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _cluster_detected() -> bool:
-    """True where JAX's own cluster detection has several processes to find."""
-    env = os.environ
-
-    def more_than_one(name: str) -> bool:
-        try:
-            return int(env.get(name, "1")) > 1
-        except ValueError:
-            return False
-
-    return (more_than_one("SLURM_NTASKS") or more_than_one("OMPI_COMM_WORLD_SIZE")
-            or "," in env.get("TPU_WORKER_HOSTNAMES", "") or bool(env.get("JAX_COORDINATOR_ADDRESS")))
-
-
-def _init_distributed(args) -> None:
-    """Join jax.distributed when asked to (flags) or when a cluster is detected.
-
-    ``--timeout`` bounds both the wait for the coordinator and the time after
-    which a silent peer is declared dead (JAX's heartbeat timeout).
-    """
-    import jax
-
-    if not _uses_distributed(args):
-        return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
-    kwargs = {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
-              "process_id": args.process_id}
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    jax.distributed.initialize(**kwargs, initialization_timeout=args.timeout,
-                               heartbeat_timeout_seconds=args.timeout)
-
-
-def _distributed_or_fail(args):
-    """_init_distributed, turning a failure to connect into one clear line (exit 2)."""
-    try:
-        _init_distributed(args)
-    except Exception as e:  # jax raises XlaRuntimeError / RuntimeError / ValueError here
-        where = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or "the detected coordinator"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"jaxscale: error: process {args.process_id if args.process_id is not None else '?'} could not join "
-                     f"jax.distributed at {where} within {args.timeout} s: {first}", file=sys.stderr)
-        return 1
-    return None
-
-
-SUPERVISED_ENV = "JAXSCALE_SUPERVISED"
-
-
-def _uses_distributed(args) -> bool:
-    explicit = args.coordinator or args.num_processes is not None or args.process_id is not None
-    return bool(explicit or (args.distributed != "off" and _cluster_detected()))
-
-
-def _die_with_parent() -> None:
-    """In the child: be killed when the supervising parent dies (Linux), as if one process."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _supervise(argv: list[str], args) -> int:
-    """Run this command in a child process and explain how it ended.
-
-    When a peer dies, JAX's distributed runtime aborts the survivors from C++
-    after the heartbeat timeout; no Python code runs then. The parent outlives
-    the abort and says which process stopped, against which coordinator.
-    """
-    import signal
-    import subprocess
-
-    env = {**os.environ, SUPERVISED_ENV: "1"}
-    child = subprocess.Popen([sys.executable, "-m", "jaxscale.cli", *argv], env=env, preexec_fn=_die_with_parent)
-    previous = signal.signal(signal.SIGINT, lambda *_: child.send_signal(signal.SIGINT))
-    try:
-        code = child.wait()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if code < 0 or code == 134:
-        where = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or "the detected coordinator"
-        who = f"process {args.process_id}" if args.process_id is not None else "this process"
-        reason = signal.Signals(-code).name if code < 0 else "SIGABRT"
-        print(f"jaxscale: error: {who} stopped ({reason}): the jax.distributed service at {where} reported a peer "
-              f"that stopped sending heartbeats for {args.timeout} s, or the coordinator itself is gone; rows "
-              "finished before are kept, and `jaxscale run --resume REPORT_DIR` on every host continues the sweep",
-              file=sys.stderr)
-        return 1
-    return code
+def _error(message) -> int:
+    """A failure that is not bad input (a peer, a coordinator, a worker): one line, exit 1."""
+    print(f"jaxscale: error: {message}", file=sys.stderr)
+    return 1
 
 
 def cmd_run(args) -> int:
+    from jaxscale import workers
     from jaxscale.config import ProfileError, load_profile
 
-    if _uses_distributed(args) and not os.environ.get(SUPERVISED_ENV):
-        return _supervise(args.argv, args)
+    dist = workers.Distributed.from_args(args)
+    if dist.wanted and not workers.supervised():
+        return workers.supervise(args.argv, dist)
 
     try:
         if args.resume:
@@ -152,21 +67,24 @@ def cmd_run(args) -> int:
                                    "--set options of the original run)")
         else:
             profile = load_profile(args.profile or "smoke", args.set or [])
+        isolation = workers.choose_isolation(profile.run)
     except ProfileError as e:
         return _fail(str(e))
     _prepare_runtime(not args.no_compile_cache)
-    failed = _distributed_or_fail(args)
-    if failed is not None:
-        return failed
-    import jax
     from rich.console import Console
 
     from jaxscale import sweep as sw
 
-    lead = jax.process_index() == 0
+    try:
+        if isolation == "none" and dist.wanted:
+            workers.init_distributed(dist)
+        runtime = sw.open_runtime(profile, dist, compile_cache=not args.no_compile_cache)
+    except workers.WorkerError as e:
+        return _error(e)
+    lead = runtime.lead
     console = Console(stderr=False, quiet=not lead)
     try:
-        points, dropped = sw.plan(profile)
+        points, dropped = sw.plan(profile, runtime)
         if args.trace:
             sw.parse_selector(args.trace)
         if os.environ.get(sw.FAULT_ENV):
@@ -194,8 +112,13 @@ def cmd_run(args) -> int:
         def on_row(row):
             progress.advance(task)
 
-        result = sw.run_profile(profile, report_dir, resume=bool(args.resume), retry_failed=args.retry_failed,
-                                trace=args.trace, on_point=on_point, on_row=on_row)
+        try:
+            result = sw.run_profile(profile, report_dir, resume=bool(args.resume), retry_failed=args.retry_failed,
+                                    trace=args.trace, on_point=on_point, on_row=on_row, runtime=runtime)
+        except workers.WorkerError as e:
+            return _error(e)
+        finally:
+            runtime.close()
         progress.update(task, description="done")
     if not lead:
         return 0 if not len(result.failed) else 1
@@ -381,10 +304,15 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_devices(args) -> int:
+    from jaxscale import workers
+
     _prepare_runtime(compile_cache=False)
-    failed = _distributed_or_fail(args)
-    if failed is not None:
-        return failed
+    dist = workers.Distributed.from_args(args)
+    try:
+        if dist.wanted:
+            workers.init_distributed(dist)
+    except workers.WorkerError as e:
+        return _error(e)
     from jaxscale import devices as devinfo
 
     info = devinfo.describe()

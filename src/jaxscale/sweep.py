@@ -32,6 +32,11 @@ from jaxscale.records import SCHEMA_VERSION, RowWriter, read_rows, row_key
 from jaxscale.step import CompiledStep, compile_point
 
 FAULT_ENV = "JAXSCALE_INJECT_FAULT"  # selector of points whose step raises at run time (tests)
+CRASH_ENV = "JAXSCALE_INJECT_CRASH"  # selector of points whose process kills itself (SIGKILL) mid-step (tests)
+# A JSON file of allocator statistics ({"bytes_limit": N}) for a backend that keeps
+# none (tests). Its peak_bytes_in_use behaves as a real allocator's: the high-water
+# mark since the process started, here of the compiled totals of the points run.
+FAKE_MEMORY_ENV = "JAXSCALE_FAKE_MEMORY_STATS"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +120,21 @@ def _short(exc: BaseException, limit: int = 500) -> str:
     return text[:limit]
 
 
+def base_row(point: Point, profile: Profile, columns: dict) -> dict:
+    """The columns of a point's row known before it runs: grid, run settings, runtime, analytic counts."""
+    run, m = profile.run, point.model
+    row = {**point.grid_columns(), "dtype": run.dtype, "attention": run.attention, "scan_layers": run.scan_layers,
+           "profile": run.name, "row_source": "measured", "schema_version": SCHEMA_VERSION,
+           "timestamp_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           **columns, "status": "ok", "error": ""}
+    row.update(params=flops.param_count(m.d_model, m.n_layers, m.vocab, m.d_ff),
+               tokens_per_step=point.global_batch * m.seq_len,
+               model_flops_per_step=flops.train_flops(m.d_model, m.n_layers, m.seq_len, m.vocab, point.global_batch,
+                                                      m.d_ff, recompute=False, causal=run.causal_flops),
+               attention_flops=flops.ATTENTION_CAUSAL if run.causal_flops else flops.ATTENTION_FULL)
+    return row
+
+
 def measure_point(point: Point, profile: Profile, peak: devinfo.PeakInfo, trace_dir: Path | None = None,
                   budget: int | None = None) -> dict:
     """Compile and time one grid point; failures come back as a row, never raised.
@@ -122,16 +142,9 @@ def measure_point(point: Point, profile: Profile, peak: devinfo.PeakInfo, trace_
     Returns:
       The row as a dict of schema columns.
     """
-    run, m = profile.run, point.model
-    row = {**point.grid_columns(), "dtype": run.dtype, "attention": run.attention, "scan_layers": run.scan_layers,
-           "profile": run.name, "row_source": "measured", "schema_version": SCHEMA_VERSION,
-           "timestamp_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           **runtime_columns(), "status": "ok", "error": ""}
-    model_flops = flops.train_flops(m.d_model, m.n_layers, m.seq_len, m.vocab, point.global_batch, m.d_ff,
-                                    recompute=False, causal=run.causal_flops)
-    row.update(params=flops.param_count(m.d_model, m.n_layers, m.vocab, m.d_ff),
-               tokens_per_step=point.global_batch * m.seq_len, model_flops_per_step=model_flops,
-               attention_flops=flops.ATTENTION_CAUSAL if run.causal_flops else flops.ATTENTION_FULL)
+    run = profile.run
+    row = base_row(point, profile, runtime_columns())
+    model_flops = row["model_flops_per_step"]
     try:
         compiled = compile_point(point, run)
     except Exception as exc:  # XLA and tracing errors come in many types
@@ -160,9 +173,21 @@ def measure_point(point: Point, profile: Profile, peak: devinfo.PeakInfo, trace_
         gc.collect()
         return row
     row.update(profile_)
+    if os.environ.get(FAKE_MEMORY_ENV):
+        row["peak_bytes_in_use"], row["bytes_limit"] = _fake_memory_stats(planned)
     if trace_dir is not None:
         row["trace_dir"] = str(trace_dir)
     return row
+
+
+_fake_peak = [0]
+
+
+def _fake_memory_stats(in_use: int | None) -> tuple[int, int]:
+    """(peak_bytes_in_use, bytes_limit) of the FAKE_MEMORY_ENV allocator after a point used ``in_use`` bytes."""
+    stats = json.loads(Path(os.environ[FAKE_MEMORY_ENV]).read_text())
+    _fake_peak[0] = max(_fake_peak[0], int(in_use or 0))
+    return _fake_peak[0], int(stats["bytes_limit"])
 
 
 def _planned_bytes(compiled: CompiledStep) -> int | None:
@@ -186,12 +211,16 @@ def _run_compiled(compiled: CompiledStep, run, point: Point, peak, model_flops: 
     params, opt_state = compiled.init_state()
     batches = [compiled.make_batch(i) for i in range(2)]
     fault = os.environ.get(FAULT_ENV)
+    crash = os.environ.get(CRASH_ENV)
     state = {"params": params, "opt": opt_state}
     losses = []
 
     def dispatch(i: int):
         if fault and matches(point, parse_selector(fault)) and i >= 1:
             raise RuntimeError(f"injected fault ({FAULT_ENV}={fault})")
+        if crash and matches(point, parse_selector(crash)) and i >= 1:
+            print(f"injected crash ({CRASH_ENV}={crash})", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
         state["params"], state["opt"], loss = compiled.compiled(state["params"], state["opt"], batches[i % 2])
         losses.append(loss)
         return loss
@@ -257,9 +286,69 @@ def _is_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def plan(profile: Profile) -> tuple[list[Point], collections.Counter]:
-    """The grid of a profile for this runtime (devices and processes)."""
-    return build_grid(profile, jax.device_count(), jax.process_count())
+class InProcess:
+    """Isolation ``none``: every point is measured in this process (which may be one of several hosts).
+
+    The interface the sweep loop uses; workers.WorkerRuntime is the other one.
+    """
+
+    isolation = "none"
+
+    def __init__(self, profile: Profile):
+        self.profile = profile
+        self.device_count, self.process_count = jax.device_count(), jax.process_count()
+        self.lead = jax.process_index() == 0
+        self.describe, self.columns = devinfo.describe(), runtime_columns()
+        self.peak = devinfo.resolve_peak(profile.run.dtype)
+        self.budget, _ = memory_budget(self.peak, profile.run.max_memory_fraction)
+
+    def broadcast(self, values: list[int]) -> list[int]:
+        """Process 0's values, on every process."""
+        if self.process_count == 1:
+            return list(values)
+        from jax.experimental import multihost_utils
+
+        return [int(v) for v in multihost_utils.broadcast_one_to_all(np.asarray(values, dtype=np.int32))]
+
+    def measure(self, point: Point, index: int, trace_dir: Path | None) -> dict:
+        row = measure_point(point, self.profile, self.peak, trace_dir, self.budget)
+        row["isolation"] = "none"
+        if self.process_count > 1:  # keep every process on the same point
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxscale point {index}")
+        return row
+
+    def should_stop(self, index: int, stop: bool) -> bool:
+        if self.process_count == 1:
+            return stop
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(stop))
+        return bool(np.asarray(flags).any())
+
+    def close(self) -> None:
+        pass
+
+
+def open_runtime(profile: Profile, dist=None, compile_cache: bool = True):
+    """Where the points of a profile run: InProcess, or a workers.WorkerRuntime (workers.choose_isolation).
+
+    For isolation ``none`` on several hosts, jax.distributed must already be
+    initialized (workers.init_distributed); worker owners join their own session.
+    """
+    from jaxscale import workers
+
+    if workers.choose_isolation(profile.run) == "process":
+        return workers.WorkerRuntime(profile, dist=dist, compile_cache=compile_cache)
+    return InProcess(profile)
+
+
+def plan(profile: Profile, runtime=None) -> tuple[list[Point], collections.Counter]:
+    """The grid of a profile for a runtime's devices and processes (default: this process's JAX runtime)."""
+    if runtime is None:
+        return build_grid(profile, jax.device_count(), jax.process_count())
+    return build_grid(profile, runtime.device_count, runtime.process_count)
 
 
 def run_profile(
@@ -271,6 +360,7 @@ def run_profile(
     trace: str | None = None,
     on_point: Callable[[Point, int, int], None] | None = None,
     on_row: Callable[[dict], None] | None = None,
+    runtime=None,
 ) -> SweepResult:
     """Run every grid point of a profile and append its rows to report_dir/runs.csv.
 
@@ -283,15 +373,29 @@ def run_profile(
         jax.profiler into report_dir/traces/.
       on_point: called before each point with (point, index, total) — progress.
       on_row: called with each finished row.
+      runtime: where points run (open_runtime); by default chosen from the
+        profile's isolation and closed at the end.
 
     Returns:
       A SweepResult.
     """
-    points, dropped = plan(profile)
+    own_runtime = runtime is None
+    if own_runtime:
+        runtime = open_runtime(profile)
+    try:
+        return _run_points(profile, report_dir, runtime, resume=resume, retry_failed=retry_failed, trace=trace,
+                           on_point=on_point, on_row=on_row)
+    finally:
+        if own_runtime:
+            runtime.close()
+
+
+def _run_points(profile, report_dir, runtime, *, resume, retry_failed, trace, on_point, on_row) -> SweepResult:
+    points, dropped = plan(profile, runtime)
     selector = parse_selector(trace) if trace else None
     if os.environ.get(FAULT_ENV):
         parse_selector(os.environ[FAULT_ENV])
-    lead = jax.process_index() == 0
+    lead = runtime.lead
     csv_path = report_dir / "runs.csv"
     done: set[tuple] = set()
     if resume and lead and csv_path.exists():
@@ -302,43 +406,35 @@ def run_profile(
             done.add(row_key(r))
         if retry_failed and len(previous):
             _rewrite(csv_path, previous[previous["status"] == "ok"])
-    skip = np.array([p.key in done for p in points], dtype=np.int32)
-    if jax.process_count() > 1:  # only process 0 holds the rows: every process skips what it skips
-        from jax.experimental import multihost_utils
-
-        skip = np.asarray(multihost_utils.broadcast_one_to_all(skip))
+    # only process 0 holds the rows: every process skips what it skips
+    skip = runtime.broadcast([int(p.key in done) for p in points])
     todo = [p for p, s in zip(points, skip) if not s]
     skipped = len(points) - len(todo)
-    peak = devinfo.resolve_peak(profile.run.dtype)
-    budget, _ = memory_budget(peak, profile.run.max_memory_fraction)
     if lead:
         report_dir.mkdir(parents=True, exist_ok=True)
         (report_dir / "profile.toml").write_text(profile.to_toml())
-        (report_dir / "runtime.json").write_text(json.dumps({**devinfo.describe(), **runtime_columns(),
-                                                             "peak": dataclasses.asdict(peak),
-                                                             "memory_budget_bytes": budget}, indent=1))
+        (report_dir / "runtime.json").write_text(json.dumps({**runtime.describe, **runtime.columns,
+                                                             "isolation": runtime.isolation,
+                                                             "peak": dataclasses.asdict(runtime.peak),
+                                                             "memory_budget_bytes": runtime.budget}, indent=1))
     writer = RowWriter(csv_path) if lead else None
     interrupted = False
     try:
         with _StopFlag() as flag:
             for i, point in enumerate(todo):
-                if flag.stop:
-                    interrupted = True
-                    break
                 if on_point:
                     on_point(point, i, len(todo))
                 trace_dir = None
                 if matches(point, selector):
                     trace_dir = report_dir / "traces" / f"{point.model.size_name}-{point.strategy}-n{point.n_devices}"
-                row = measure_point(point, profile, peak, trace_dir, budget)
-                if jax.process_count() > 1:  # keep every process on the same point
-                    from jax.experimental import multihost_utils
-
-                    multihost_utils.sync_global_devices(f"jaxscale point {i}")
+                row = runtime.measure(point, i, trace_dir)
                 if writer:
                     writer.append(row)
                 if on_row:
                     on_row(row)
+                if runtime.should_stop(i, flag.stop) and i + 1 < len(todo):
+                    interrupted = True
+                    break
     finally:
         if writer:
             writer.close()
@@ -366,6 +462,10 @@ def run_sweep(profile: str | Profile, out: Path | str | None = None, overrides: 
     """
     if not isinstance(profile, Profile):
         profile = load_profile(profile, overrides)
-    plan(profile)  # validate against the runtime before anything is written
-    result = run_profile(profile, new_report_dir(profile, out))
+    runtime = open_runtime(profile)
+    try:
+        plan(profile, runtime)  # validate against the runtime before anything is written
+        result = run_profile(profile, new_report_dir(profile, out), runtime=runtime)
+    finally:
+        runtime.close()
     return result.rows
