@@ -24,8 +24,11 @@ _EXPORTS = {
     "train_flops": "jaxscale.flops",
     "param_count": "jaxscale.flops",
     "mfu": "jaxscale.flops",
-    "PEAKS": "jaxscale.flops",
-    "lookup_peak": "jaxscale.flops",
+    "CHIPS": "jaxscale.flops",
+    "DEVICE_KINDS": "jaxscale.flops",
+    "device_peak": "jaxscale.flops",
+    "matmul_math_mode": "jaxscale.flops",
+    "attention_call_flops": "jaxscale.flops",
     # the model and its step
     "Transformer": "jaxscale.model",
     "compile_point": "jaxscale.step",
@@ -35,7 +38,10 @@ _EXPORTS = {
     "Timing": "jaxscale.measure",
     "time_pipelined": "jaxscale.measure",
     "count_collectives": "jaxscale.comms",
+    "find_collectives": "jaxscale.comms",
     "resolve_peak": "jaxscale.devices",
+    "spec_peak": "jaxscale.devices",
+    "mesh_axis_links": "jaxscale.devices",
     "calibrate": "jaxscale.devices",
     "run_sweep": "jaxscale.sweep",
     "run_profile": "jaxscale.sweep",
@@ -73,10 +79,11 @@ if TYPE_CHECKING:
     from jaxscale.analyze import (PowerLawFit, add_memory_column, check_expectation, default_fits,
                                   default_joint_fit, fit_power_law, fit_table, joint_fit, parse_expectation,
                                   scaling_efficiency)
-    from jaxscale.comms import count_collectives
+    from jaxscale.comms import count_collectives, find_collectives
     from jaxscale.config import ModelSpec, Profile, ProfileError, build_profile, load_profile
-    from jaxscale.devices import calibrate, resolve_peak
-    from jaxscale.flops import PEAKS, lookup_peak, mfu, param_count, train_flops
+    from jaxscale.devices import calibrate, mesh_axis_links, resolve_peak, spec_peak
+    from jaxscale.flops import (CHIPS, DEVICE_KINDS, attention_call_flops, device_peak, matmul_math_mode, mfu,
+                                param_count, train_flops)
     from jaxscale.grid import Point, build_grid
     from jaxscale.measure import StepProfile, Timing, profile_step, time_pipelined
     from jaxscale.model import Transformer

@@ -26,23 +26,31 @@ from jaxscale import flops
 
 @dataclasses.dataclass(frozen=True)
 class PeakInfo:
-    """The figures MFU and the roofline are computed against, per device.
+    """The figures MFU, the roofline and predicted communication are computed against, per device.
 
     Attributes:
-      tflops: peak matmul TFLOP/s.
-      dtype: the dtype that peak is for (spec peaks are dense bfloat16).
+      tflops: peak matmul TFLOP/s in the math mode the run's matmuls execute
+        in, or None where the datasheet gives none for it (``note`` says why).
+      dtype: that math mode (``bf16``, ``tf32``, ``fp32``; for a calibration,
+        the calibrated dtype).
+      precision: how the run's matmuls map to that mode (operand dtype and
+        jax_default_matmul_precision).
       source: ``spec`` (a datasheet, named in ``reference``) or ``measured``.
       reference: the datasheet or the calibration that gave the numbers.
       hbm_gbytes_per_s: memory bandwidth, GB/s (None if unknown).
-      interconnect_gbytes_per_s: device-to-device bandwidth, GB/s (None if unknown).
-      interconnect: which link that figure is for.
+      interconnect_gbytes_per_s: bandwidth of the link inside a host or slice, GB/s.
+      interconnect: which link that is.
       memory_bytes: device memory (None if unknown).
       shared_host: True for the CPU, whose virtual devices share the host's
         cores and memory bus: a mesh of n of them gets 1/n of the host's peak
         each, whatever n is, so the per-device figures are ``for_devices(n)``.
+      note: why tflops is None, else "".
+      local_link, remote_link: links inside and across hosts (GPU) or slices
+        (TPU), see flops.Chip; None where unknown.
+      platform: ``gpu``, ``tpu`` or ``cpu``.
     """
 
-    tflops: float
+    tflops: float | None
     dtype: str
     source: str
     reference: str
@@ -51,14 +59,131 @@ class PeakInfo:
     interconnect: str
     memory_bytes: int | None
     shared_host: bool = False
+    precision: str = ""
+    note: str = ""
+    local_link: flops.Link | None = None
+    remote_link: flops.Link | None = None
+    platform: str = ""
 
-    def for_devices(self, n: int) -> tuple[float, float | None]:
+    def __post_init__(self):
+        # Rebuilt from dataclasses.asdict (a worker's JSON report), links arrive as dicts.
+        for name in ("local_link", "remote_link"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, flops.Link(**value))
+
+    def for_devices(self, n: int) -> tuple[float | None, float | None]:
         """(peak TFLOP/s, memory GB/s) per device for a mesh of n devices."""
         if self.shared_host:
-            host_tflops = self.tflops * jax.local_device_count()
+            host_tflops = self.tflops * jax.local_device_count() if self.tflops else None
             host_bw = self.hbm_gbytes_per_s * jax.local_device_count() if self.hbm_gbytes_per_s else None
-            return host_tflops / n, (host_bw / n if host_bw else None)
+            return (host_tflops / n if host_tflops else None), (host_bw / n if host_bw else None)
         return self.tflops, self.hbm_gbytes_per_s
+
+
+def spec_peak(device_kind: str, platform: str, dtype: str, precision: str | None = None,
+              memory_bytes: int | None = None) -> PeakInfo | None:
+    """The datasheet PeakInfo of a device kind for a run's dtype, without touching a backend.
+
+    Args:
+      device_kind: as jax reports it (``"TPU v5 lite"``).
+      platform: ``gpu`` or ``tpu`` (how float32 matmuls execute depends on it).
+      dtype: the run's compute dtype (``bfloat16`` or ``float32``).
+      precision: jax_default_matmul_precision (None: JAX's default).
+      memory_bytes: the allocator's limit, where known, instead of the datasheet's memory.
+
+    Returns:
+      PeakInfo with source ``spec``, or None when the kind has no datasheet
+      entry. A known kind whose datasheet has no peak for the math mode the
+      matmuls run in gets tflops None and a note: never another mode's figure.
+    """
+    chip = flops.chip_for_kind(device_kind)
+    if chip is None:
+        return None
+    mode, how = flops.matmul_math_mode(platform, dtype, precision)
+    peak = flops.device_peak(device_kind, mode) if mode else None
+    note = ""
+    if peak is None:
+        note = (f"{chip.name}: {how}; " if mode is None else
+                f"{chip.name}: {how}, and the datasheet gives no {mode} peak; ") + "MFU and HFU left empty"
+    return PeakInfo(tflops=peak.tflops if peak else None, dtype=mode or "", precision=how, source="spec",
+                    reference=f"{chip.name}: {chip.tflops_source}; {chip.memory_source}",
+                    hbm_gbytes_per_s=chip.hbm_gbytes_per_s,
+                    interconnect_gbytes_per_s=chip.local_link.gbytes_per_s, interconnect=chip.local_link.name,
+                    memory_bytes=memory_bytes or (int(chip.memory_gbytes * 1e9) if chip.memory_gbytes else None),
+                    note=note, local_link=chip.local_link, remote_link=chip.remote_link, platform=chip.platform)
+
+
+# ------------------------------------------------------------ links per mesh axis
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisLink:
+    """The link a mesh axis's collectives travel over.
+
+    Attributes:
+      axis: the mesh axis name.
+      crosses: ``none`` (all devices along the axis share a host, or a TPU
+        slice), ``hosts`` (GPU/CPU devices along it sit on different hosts) or
+        ``slices`` (TPU devices along it sit in different slices).
+      link: the Link used, or None where the table has none.
+    """
+
+    axis: str
+    crosses: str
+    link: flops.Link | None
+
+    @property
+    def gbytes_per_s(self) -> float | None:
+        return self.link.gbytes_per_s if self.link else None
+
+    @property
+    def label(self) -> str:
+        """What the row's link column shows, e.g. ``NVLink4`` or ``InfiniBand NDR (crosses hosts)``."""
+        name = self.link.name if self.link else "unknown link"
+        return name if self.crosses == "none" else f"{name} (crosses {self.crosses})"
+
+
+def axis_crossings(host_of: np.ndarray) -> list[bool]:
+    """For each axis of a grid of host (or slice) ids: do devices along it differ?
+
+    Pure: ``host_of`` is an array shaped like the mesh holding each device's
+    host or slice identifier.
+    """
+    host_of = np.asarray(host_of)
+    out = []
+    for a in range(host_of.ndim):
+        moved = np.moveaxis(host_of, a, -1).reshape(-1, host_of.shape[a])
+        out.append(bool((moved != moved[:, :1]).any()))
+    return out
+
+
+def mesh_axis_links(devices: np.ndarray, axis_names, platform: str, local_link: flops.Link | None,
+                    remote_link: flops.Link | None) -> dict[str, AxisLink]:
+    """The link each mesh axis uses, from where its devices sit.
+
+    On a TPU, ICI joins every chip of a slice, hosts included, so only an
+    axis whose devices lie in different slices (``slice_index``) leaves ICI,
+    for the data-center network. On GPUs and CPUs an axis whose devices
+    belong to different processes crosses hosts (jaxscale runs one process per
+    host) and uses the host network. Pure: ``devices`` is any array of objects
+    with ``process_index`` (and, for multi-slice TPUs, ``slice_index``), shaped
+    like the mesh, so a plan can pass a topology's devices.
+
+    Returns:
+      {axis name: AxisLink}.
+    """
+    devices = np.asarray(devices, dtype=object)
+    if platform == "tpu":
+        where = np.vectorize(lambda d: getattr(d, "slice_index", 0) or 0, otypes=[int])(devices)
+        crossing = "slices"
+    else:
+        where = np.vectorize(lambda d: d.process_index, otypes=[int])(devices)
+        crossing = "hosts"
+    out = {}
+    for name, crosses in zip(axis_names, axis_crossings(where)):
+        out[name] = AxisLink(name, crossing if crosses else "none", remote_link if crosses else local_link)
+    return out
 
 
 def cache_dir() -> Path:
@@ -145,29 +270,35 @@ def _best_time(fn, repeats: int) -> float:
 
 
 def resolve_peak(dtype: str, measure_if_missing: bool = True) -> PeakInfo:
-    """The peak for this runtime's devices: the spec table, else a cached or fresh calibration."""
+    """The peak for this runtime's devices: the spec table, else a cached or fresh calibration.
+
+    The spec peak is the one of the math mode the run's matmuls execute in
+    (flops.matmul_math_mode, with the jax_default_matmul_precision in effect).
+    """
     device = jax.local_devices()[0]
     kind = device.device_kind
-    hit = flops.lookup_peak(kind) if device.platform != "cpu" else None
+    platform = "gpu" if device.platform in ("gpu", "cuda", "rocm") else device.platform
     limit = _bytes_limit(device)
-    if hit:
-        key, peak = hit
-        return PeakInfo(tflops=peak.bf16_tflops, dtype="bfloat16", source="spec",
-                        reference=f"{peak.name}: {peak.source}", hbm_gbytes_per_s=peak.hbm_gbytes_per_s,
-                        interconnect_gbytes_per_s=peak.interconnect_gbytes_per_s, interconnect=peak.interconnect,
-                        memory_bytes=limit or int(peak.memory_gib * 2 ** 30))
+    if platform != "cpu":
+        spec = spec_peak(kind, platform, dtype, jax.config.jax_default_matmul_precision, limit)
+        if spec is not None:
+            return spec
     cached = _load_calibrations().get(_calibration_key(dtype))
     if cached is None:
         if not measure_if_missing:
             raise LookupError(f"no spec peak for device kind {kind!r} and no calibration; run `jaxscale calibrate`")
         cached = calibrate(dtype)
+    measured_link = cached.get("interconnect_gbytes_per_s")
+    local = flops.Link("measured all-reduce (jaxscale calibrate)", measured_link,
+                       "jaxscale calibrate: all-reduce over the local devices") if measured_link else None
     return PeakInfo(tflops=cached["tflops"], dtype=dtype, source="measured",
                     reference=f"jaxscale calibrate, {cached['size']}^3 {dtype} matmul on {cached['n_local_devices']} "
                               f"{device.platform} devices, {cached['measured_at']}",
                     hbm_gbytes_per_s=cached.get("hbm_gbytes_per_s"),
-                    interconnect_gbytes_per_s=cached.get("interconnect_gbytes_per_s"),
-                    interconnect="measured all-reduce (jaxscale calibrate)" if cached.get(
-                        "interconnect_gbytes_per_s") else "unknown", memory_bytes=limit, shared_host=device.platform == "cpu")
+                    interconnect_gbytes_per_s=measured_link,
+                    interconnect=local.name if local else "unknown", memory_bytes=limit,
+                    shared_host=device.platform == "cpu", precision=f"{dtype} matmul, calibrated",
+                    local_link=local, remote_link=None, platform=platform)
 
 
 def _bytes_limit(device) -> int | None:
