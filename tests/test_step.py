@@ -34,11 +34,14 @@ def test_model_param_count_equals_analytic(d, layers, heads, d_ff, vocab):
 def _specs(strategy):
     profile, points = _grid(devices=[8], strategies=[strategy])
     _, _, logical = abstract_model(points[0], profile.run)
+    layer = {k: v[1:] for k, v in logical["layers"].items() if k in ("wq", "wo", "w_in", "w_out")}
+    assert all(v[0] == "layers" for v in logical["layers"].values() if isinstance(v, tuple))
+    assert all(logical_to_spec(v, strategy)[0] is None for v in logical["layers"].values() if isinstance(v, tuple))
     return {
-        "wq": logical_to_spec(logical["blocks"][0]["wq"], strategy),
-        "wo": logical_to_spec(logical["blocks"][0]["wo"], strategy),
-        "w_in": logical_to_spec(logical["blocks"][0]["w_in"], strategy),
-        "w_out": logical_to_spec(logical["blocks"][0]["w_out"], strategy),
+        "wq": logical_to_spec(layer["wq"], strategy),
+        "wo": logical_to_spec(layer["wo"], strategy),
+        "w_in": logical_to_spec(layer["w_in"], strategy),
+        "w_out": logical_to_spec(layer["w_out"], strategy),
         "embed": logical_to_spec(logical["embed"], strategy),
         "head": logical_to_spec(logical["head"], strategy),
         "norm": logical_to_spec(logical["final_norm"]["scale"], strategy),
@@ -64,12 +67,12 @@ def test_shardings_are_real_on_device():
     for point in points:
         step = compile_point(point, profile.run)
         params, _ = step.init_state()
-        wq = params["blocks"][0]["wq"]
+        wq = params["layers"]["wq"]  # stacked over layers; the layers axis is never sharded
         shard = wq.addressable_shards[0].data.shape
         if point.strategy == "fsdp":
-            assert shard == (64 // 4, 8, 8)
+            assert shard == (1, 64 // 4, 8, 8)
         else:
-            assert shard == (64, 8 // 4, 8)
+            assert shard == (1, 64, 8 // 4, 8)
 
 
 def _losses(step, n=3):

@@ -9,6 +9,11 @@ Every parameter carries the logical names of its axes (``logical=``); a
 strategy maps those names to mesh axes (sharding.py). Activations are
 constrained through ``constrain(x, names)``, which the step supplies.
 Parameters are stored in float32; matmuls run in the spec's compute dtype.
+
+With ``scan_layers`` (the default) the layers are one Block whose parameters
+have a leading ``layers`` axis, run by ``nnx.scan``: XLA compiles a loop over
+one layer instead of n_layers copies, so compile time hardly grows with depth
+(MaxText's scan_layers). No strategy shards the ``layers`` axis.
 """
 
 from __future__ import annotations
@@ -86,26 +91,53 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM. ``__call__(tokens) -> logits`` in float32."""
+    """Decoder-only LM. ``__call__(tokens) -> logits`` in float32.
+
+    Args:
+      spec: the model size.
+      dtype: compute dtype of the matmuls (parameters stay float32).
+      attention: ``jax.nn.dot_product_attention`` implementation (auto, xla, cudnn).
+      remat: a config.REMAT_POLICIES name, applied to every layer.
+      scan_layers: one scanned layer with stacked parameters (``layers``), or
+        ``n_layers`` unrolled ones (``blocks``).
+    """
 
     def __init__(self, spec: ModelSpec, *, dtype: str = "float32", attention: str = "auto", remat: str = "none",
-                 rngs: nnx.Rngs):
+                 scan_layers: bool = False, rngs: nnx.Rngs):
         self.spec = spec
         self.dtype = jnp.dtype(dtype)
         self.remat = remat
+        self.scan_layers = scan_layers
         self.embed = _param(rngs, (spec.vocab, spec.d_model), 1, ("vocab", "embed"))
-        self.blocks = nnx.List([Block(spec, self.dtype, attention, rngs) for _ in range(spec.n_layers)])
+        if scan_layers:
+            @nnx.split_rngs(splits=spec.n_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked(layer_rngs: nnx.Rngs) -> Block:
+                return Block(spec, self.dtype, attention, layer_rngs)
+
+            self.layers = stacked(rngs)
+        else:
+            self.blocks = nnx.List([Block(spec, self.dtype, attention, rngs) for _ in range(spec.n_layers)])
         self.final_norm = RMSNorm(spec.d_model)
         self.head = _param(rngs, (spec.d_model, spec.vocab), spec.d_model, ("embed", "vocab"))
 
     def __call__(self, tokens: jax.Array, constrain: Constrain = _no_constraint) -> jax.Array:
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "seq", None))
-        for block in self.blocks:
-            if self.remat != "none":
-                x = nnx.remat(lambda blk, y: blk(y, constrain), policy=remat_policy(self.remat))(block, x)
-            else:
-                x = block(x, constrain)
+
+        def layer(block: Block, y: jax.Array) -> jax.Array:
+            return block(y, constrain)
+
+        if self.remat != "none":
+            layer = nnx.remat(layer, policy=remat_policy(self.remat))
+        if self.scan_layers:
+            def body(y: jax.Array, block: Block) -> jax.Array:
+                return layer(block, y)
+
+            x = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.layers)
+        else:
+            for block in self.blocks:
+                x = layer(block, x)
         x = self.final_norm(x)
         logits = jnp.einsum("btd,dv->btv", x, self.head[...].astype(self.dtype))
         return constrain(logits, ("batch", "seq", "vocab")).astype(jnp.float32)

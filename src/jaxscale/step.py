@@ -1,10 +1,13 @@
 """The train step of a grid point: build, shard, lower and compile.
 
-``compile_point`` returns a CompiledStep holding the compiled executable with
-XLA's cost and memory analysis and its optimized HLO, plus jitted functions
-that create the sharded state and synthetic token batches directly on the
-devices (so nothing large crosses the host and nothing is timed that is not
-the step).
+``build_step`` traces a point's step from abstract shapes only (nothing is
+allocated, so it serves planning for a target as well); ``compile_point``
+compiles it for the local devices and returns a CompiledStep holding the
+executable with XLA's cost and memory analysis and its optimized HLO, plus a
+jitted initializer that creates the sharded parameters and optimizer state
+directly on the devices (each process only its own shards) and the synthetic
+token batches, so nothing large crosses the host and nothing is timed that is
+not the step.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from jaxscale import hlo
 from jaxscale import sharding as shd
 from jaxscale.config import RunSpec
 from jaxscale.grid import Point
@@ -39,7 +43,8 @@ class CompiledStep:
       mesh: the device mesh the step runs on.
       compiled: ``(params, opt_state, tokens) -> (params, opt_state, loss)``;
         params and opt_state are donated.
-      init_state: ``() -> (params, opt_state)``, sharded, from the run's seed.
+      init_state: ``() -> (params, opt_state)``, created sharded on the devices
+        from the run's seed.
       make_batch: ``(step_index) -> tokens`` of shape (global_batch, seq_len + 1).
       compile_s: wall time of lower + compile.
       cost: XLA's cost analysis of the per-device program (dict).
@@ -65,40 +70,35 @@ class CompiledStep:
 
 
 def abstract_model(point: Point, run: RunSpec, seed: int = 0):
-    """(graphdef, abstract param dict, logical-name dict) without allocating anything."""
-    return _abstract_model(point.model, run.dtype, run.attention, point.remat, seed)
+    """(graphdef, abstract param dict, logical-name dict) without allocating anything.
+
+    Stacked layer parameters (``scan_layers``) get a leading ``layers`` axis,
+    which no strategy shards.
+    """
+    return _abstract_model(point.model, run.dtype, run.attention, point.remat, run.scan_layers, seed)
 
 
-@functools.lru_cache(maxsize=8)
-def _abstract_model(spec, dtype: str, attention: str, remat: str, seed: int):
-    model = nnx.eval_shape(lambda: Transformer(spec, dtype=dtype, attention=attention,
-                                               remat=remat, rngs=nnx.Rngs(seed)))
+def _model(spec, dtype: str, attention: str, remat: str, scan_layers: bool, seed: int) -> Transformer:
+    return Transformer(spec, dtype=dtype, attention=attention, remat=remat, scan_layers=scan_layers,
+                       rngs=nnx.Rngs(seed))
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_model(spec, dtype: str, attention: str, remat: str, scan_layers: bool, seed: int):
+    model = nnx.eval_shape(lambda: _model(spec, dtype, attention, remat, scan_layers, seed))
     graphdef, state = nnx.split(model)
     abstract = nnx.to_pure_dict(state)
-    logical = jax.tree.map(lambda v: tuple(v.get_metadata()["logical"]), state,
-                           is_leaf=lambda x: isinstance(x, nnx.Variable))
-    logical = nnx.to_pure_dict(logical)
+
+    def names(v: nnx.Variable) -> tuple:
+        logical = tuple(v.get_metadata()["logical"])
+        return ("layers", *logical) if len(v.shape) == len(logical) + 1 else logical
+
+    logical = nnx.to_pure_dict(jax.tree.map(names, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
     return graphdef, abstract, logical
 
 
 def optimizer() -> optax.GradientTransformation:
     return optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-
-
-@functools.lru_cache(maxsize=2)
-def host_init(spec, run: RunSpec) -> tuple[dict, Any]:
-    """Initial float32 parameters and optimizer state of a model size, as host numpy arrays.
-
-    Computed once per size on the CPU backend and shared by every point of that
-    size, so all strategies and device counts start from identical weights and
-    no point pays for compiling a sharded initializer.
-    """
-    cpu = jax.local_devices(backend="cpu")[0]
-    with jax.default_device(cpu):
-        model = Transformer(spec, dtype=run.dtype, attention=run.attention, rngs=nnx.Rngs(run.seed))
-        params = nnx.to_pure_dict(nnx.split(model)[1])
-        opt_state = optimizer().init(params)
-    return jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, opt_state)
 
 
 def synthetic_tokens(batch: int, seq_len: int, vocab: int, seed: int, n_batches: int = 2) -> list[np.ndarray]:
@@ -113,23 +113,52 @@ def place(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def cost_dict(compiled) -> dict:
-    """cost_analysis() as one dict (older jax returned a list with one dict per program)."""
-    cost = compiled.cost_analysis()
+    """cost_analysis() as one dict (older jax returned a list with one dict per program); {} when unavailable."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some targets (deviceless GPU compiles) do not implement it
+        return {}
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     return dict(cost or {})
 
 
-def compile_point(point: Point, run: RunSpec, devices=None) -> CompiledStep:
-    """Build the model, optimizer and shardings of a point and compile its step.
+@dataclasses.dataclass(frozen=True)
+class StepProgram:
+    """A point's train step, traced and sharded but not compiled; nothing allocated.
+
+    Attributes:
+      point: the grid point.
+      mesh: the device mesh (local devices, or a target's devices for planning).
+      jitted: the jitted step ``(params, opt_state, tokens) -> (params, opt_state, loss)``.
+      abstract_args: ShapeDtypeStructs of its three arguments, for lowering.
+      initializer: jitted ``() -> (params, opt_state)`` with the state's
+        shardings as out_shardings: each process creates only its own shards,
+        on the devices, from the run's seed.
+      batch_sharding: the sharding of a token batch.
+      params, param_bytes, opt_state_bytes: parameter count and the state bytes
+        one device holds.
+    """
+
+    point: Point
+    mesh: Mesh
+    jitted: Any
+    abstract_args: tuple
+    initializer: Any
+    batch_sharding: NamedSharding
+    params: int
+    param_bytes: int
+    opt_state_bytes: int
+
+
+def build_step(point: Point, run: RunSpec, devices=None) -> StepProgram:
+    """Build the model, optimizer and shardings of a point, from abstract shapes only.
 
     Args:
-      point: the grid point (model size, strategy, mesh shape, global batch).
-      run: dtype, seed, remat and attention settings.
-      devices: devices to draw the mesh from (default: all, grouped by process).
-
-    Returns:
-      The CompiledStep. Compilation errors propagate as raised by XLA.
+      point: the grid point (model size, strategy, mesh shape, global batch, remat).
+      run: dtype, seed, attention and scan_layers settings.
+      devices: devices to draw the mesh from (default: all, grouped by process);
+        a target's devices (jax.experimental.topologies) work too.
     """
     mesh = shd.make_mesh(point.data_axis, point.model_axis, devices)
     strategy = point.strategy
@@ -142,17 +171,7 @@ def compile_point(point: Point, run: RunSpec, devices=None) -> CompiledStep:
                                    transform_non_params=lambda _: replicated)
     batch_sh = NamedSharding(mesh, shd.logical_to_spec(("batch", None), strategy))
     constrain = shd.make_constrain(mesh, strategy)
-    spec, seq = point.model, point.model.seq_len
-
-    host_params, host_opt = host_init(spec, run)
-
-    def init_state():
-        params = jax.tree.map(place, host_params, param_sh)
-        return params, jax.tree.map(place, host_opt, opt_sh)
-    tokens = synthetic_tokens(point.global_batch, seq, spec.vocab, run.seed)
-
-    def batch_fn(step_index: int) -> jax.Array:
-        return place(tokens[step_index % len(tokens)], batch_sh)
+    spec = point.model
 
     def train_step(params, opt_state, tokens):
         def loss_fn(p):
@@ -162,21 +181,81 @@ def compile_point(point: Point, run: RunSpec, devices=None) -> CompiledStep:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    def init():
+        # The same seed gives the same weights under every sharding: JAX's
+        # partitionable threefry makes random bits independent of the layout.
+        model = _model(spec, run.dtype, run.attention, point.remat, run.scan_layers, run.seed)
+        params = nnx.to_pure_dict(nnx.split(model)[1])
+        return params, tx.init(params)
+
     step = jax.jit(train_step, in_shardings=(param_sh, opt_sh, batch_sh),
                    out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 1))
-    abstract_tokens = jax.ShapeDtypeStruct((point.global_batch, seq + 1), jnp.int32)
+    abstract_tokens = jax.ShapeDtypeStruct((point.global_batch, spec.seq_len + 1), jnp.int32)
+    return StepProgram(
+        point=point, mesh=mesh, jitted=step, abstract_args=(abstract_params, abstract_opt, abstract_tokens),
+        initializer=jax.jit(init, out_shardings=(param_sh, opt_sh)), batch_sharding=batch_sh,
+        params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params)),
+        param_bytes=shd.sharded_bytes_per_device(abstract_params, param_sh),
+        opt_state_bytes=shd.sharded_bytes_per_device(abstract_opt, opt_sh),
+    )
+
+
+def compile_program(program: StepProgram):
+    """Lower and compile a StepProgram: (compiled, compile_s, cost dict, memory stats or None, HLO text).
+
+    The cost dict is XLA's cost analysis with ``flops`` and ``bytes accessed``
+    counting every trip of the scanned layers (hlo.loop_corrected_cost); XLA's
+    own figures, which count a loop body once, are kept as ``xla_flops_one_trip``
+    and ``xla_bytes_accessed_one_trip``.
+    """
     start = time.perf_counter()
-    compiled = step.lower(abstract_params, abstract_opt, abstract_tokens).compile()
+    compiled = program.jitted.lower(*program.abstract_args).compile()
     compile_s = time.perf_counter() - start
     try:
         memory = compiled.memory_analysis()
     except Exception:  # some backends do not implement it
         memory = None
-    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+    text = compiled.as_text() or ""
+    return compiled, compile_s, corrected_cost(cost_dict(compiled), text), memory, text
+
+
+def corrected_cost(cost: dict, hlo_text: str) -> dict:
+    """XLA's cost dict with loop trips counted (see hlo.py); XLA's own figures kept beside."""
+    flops, bytes_, correction = hlo.loop_corrected_cost(cost, hlo_text)
+    out = dict(cost)
+    if correction.loops or "flops" not in cost:
+        out["xla_flops_one_trip"] = cost.get("flops")
+        out["xla_bytes_accessed_one_trip"] = cost.get("bytes accessed")
+    if flops is not None:
+        out["flops"] = flops
+    if bytes_ is not None:
+        out["bytes accessed"] = bytes_
+    return out
+
+
+def compile_point(point: Point, run: RunSpec, devices=None) -> CompiledStep:
+    """Build and compile a point's step for the local devices.
+
+    Args:
+      point: the grid point (model size, strategy, mesh shape, global batch).
+      run: dtype, seed, attention and scan_layers settings.
+      devices: devices to draw the mesh from (default: all, grouped by process).
+
+    Returns:
+      The CompiledStep; its state and batches are created on the devices only
+      when ``init_state`` and ``make_batch`` are called. Compilation errors
+      propagate as raised by XLA.
+    """
+    program = build_step(point, run, devices)
+    compiled, compile_s, cost, memory, hlo = compile_program(program)
+    spec = point.model
+    tokens = synthetic_tokens(point.global_batch, spec.seq_len, spec.vocab, run.seed)
+
+    def batch_fn(step_index: int) -> jax.Array:
+        return place(tokens[step_index % len(tokens)], program.batch_sharding)
+
     return CompiledStep(
-        point=point, mesh=mesh, compiled=compiled, init_state=init_state, make_batch=batch_fn,
-        compile_s=compile_s, cost=cost_dict(compiled), memory=memory, hlo_text=compiled.as_text() or "",
-        params=params,
-        param_bytes=shd.sharded_bytes_per_device(abstract_params, param_sh),
-        opt_state_bytes=shd.sharded_bytes_per_device(abstract_opt, opt_sh),
+        point=point, mesh=program.mesh, compiled=compiled, init_state=program.initializer, make_batch=batch_fn,
+        compile_s=compile_s, cost=cost, memory=memory, hlo_text=hlo, params=program.params,
+        param_bytes=program.param_bytes, opt_state_bytes=program.opt_state_bytes,
     )
