@@ -21,6 +21,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from jaxscale import flops as flops_mod
+
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
@@ -162,8 +164,11 @@ class StepProfile:
     bytes_limit: int | None
     peak_tflops_per_device: float | None
     peak_dtype: str | None
+    peak_precision: str | None
     peak_source: str | None
     peak_reference: str | None
+    custom_call_flops_per_step: float | None
+    flops_note: str | None
     model_flops_per_step: float | None
     achieved_tflops_per_device: float | None
     mfu: float | None
@@ -174,6 +179,14 @@ class StepProfile:
     predicted_comm_s: float | None
     comm_bandwidth_gbytes_per_s: float | None
     comm_bandwidth_source: str | None
+    comm_link_data: str | None = None
+    comm_link_data_gbytes_per_s: float | None = None
+    collective_traffic_data_bytes: int | None = None
+    predicted_comm_data_s: float | None = None
+    comm_link_model: str | None = None
+    comm_link_model_gbytes_per_s: float | None = None
+    collective_traffic_model_bytes: int | None = None
+    predicted_comm_model_s: float | None = None
     all_reduce_bytes: int = 0
     all_reduce_count: int = 0
     all_gather_bytes: int = 0
@@ -214,6 +227,7 @@ def describe_step(
     devices,
     peak,
     model_flops: float | None,
+    mesh=None,
 ) -> StepProfile:
     """Combine a timing with XLA's analyses and the peak table into a StepProfile.
 
@@ -226,13 +240,17 @@ def describe_step(
       devices: the devices the step runs on.
       peak: a devices.PeakInfo, or None to leave MFU empty.
       model_flops: analytic FLOPs per step over all devices, or None.
+      mesh: the step's jax Mesh (devices in the order of the HLO's device
+        assignment); its axes get a link and a predicted time each. Default:
+        the devices as one axis named ``data``.
     """
-    from jaxscale.comms import count_collectives
-
     devices = list(devices)
     n = len(devices)
     step = timing.median_s
+    hidden = hidden_flops(hlo_text)
     per_device_flops = cost.get("flops")
+    if per_device_flops is not None:
+        per_device_flops = per_device_flops + hidden.flops_per_device
     xla_flops = per_device_flops * n if per_device_flops is not None else None
     bytes_accessed = cost.get("bytes accessed")
     peak_tflops, bandwidth_gbs = peak.for_devices(n) if peak else (None, None)
@@ -243,11 +261,11 @@ def describe_step(
     intensity = per_device_flops / bytes_accessed if per_device_flops and bytes_accessed else None
     ridge = peak_tflops * 1e12 / (bandwidth_gbs * 1e9) if peak_tflops and bandwidth_gbs else None
     bound = None if intensity is None or ridge is None else ("compute" if intensity >= ridge else "memory")
-    comms = count_collectives(hlo_text, n)
-    bandwidth = peak.interconnect_gbytes_per_s if peak else None
-    predicted = comms.traffic_bytes / (bandwidth * 1e9) if bandwidth else (0.0 if comms.traffic_bytes == 0 else None)
+    comm = predict_comm(hlo_text, mesh if mesh is not None else np.array(devices), peak)
+    notes = [x for x in (peak.note if peak else "", hidden.note, comm.note) if x]
     peak_bytes, limit = device_memory(devices)
     d0 = devices[0]
+    local = peak.local_link if peak else None
     return StepProfile(
         n_devices=n, device_kind=d0.device_kind, backend=d0.platform, compile_s=compile_s,
         warmup_s=timing.warmup_s, step_time_s=step, step_time_p10_s=timing.p10_s, step_time_p90_s=timing.p90_s,
@@ -256,12 +274,108 @@ def describe_step(
         xla_flops_per_step=xla_flops, xla_bytes_accessed_per_device=bytes_accessed,
         **compiled_memory(memory), peak_bytes_in_use=peak_bytes, bytes_limit=limit,
         peak_tflops_per_device=peak_tflops, peak_dtype=peak.dtype if peak else None,
+        peak_precision=peak.precision if peak else None,
         peak_source=peak.source if peak else None, peak_reference=peak.reference if peak else None,
+        custom_call_flops_per_step=hidden.flops_per_device * n, flops_note="; ".join(notes) or None,
         model_flops_per_step=model_flops, achieved_tflops_per_device=achieved_tflops, mfu=mfu, hfu=hfu,
-        arithmetic_intensity=intensity, ridge_point=ridge, bound=bound, predicted_comm_s=predicted,
-        comm_bandwidth_gbytes_per_s=bandwidth, comm_bandwidth_source=(peak.interconnect if bandwidth else None),
-        **comms.columns(),
+        arithmetic_intensity=intensity, ridge_point=ridge, bound=bound, predicted_comm_s=comm.seconds,
+        comm_bandwidth_gbytes_per_s=local.gbytes_per_s if local else None,
+        comm_bandwidth_source=f"{local.name}: {local.source}" if local and local.gbytes_per_s else None,
+        **comm.collectives.columns(), **comm.axis_columns(),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenFlops:
+    """FLOPs of kernels XLA's cost analysis cannot see (fused attention custom calls), per device per step."""
+
+    flops_per_device: int
+    calls: int
+    note: str
+
+
+def hidden_flops(hlo_text: str) -> HiddenFlops:
+    """Analytic FLOPs of the cuDNN fused-attention calls in a per-device HLO module (flops.attention_call_flops)."""
+    from jaxscale.comms import attention_calls
+
+    calls = attention_calls(hlo_text) if "__cudnn$fmha" in hlo_text else []
+    total = sum(flops_mod.attention_call_flops(c.batch, c.heads, c.q_len, c.kv_len, c.head_dim, backward=c.backward,
+                                               causal=c.causal, flash=c.flash) * c.times for c in calls)
+    note = ""
+    if calls:
+        note = (f"xla_flops_per_step includes {total:.4g} FLOPs per device of {sum(c.times for c in calls)} fused "
+                f"attention custom calls ({', '.join(sorted({c.target for c in calls}))}) that XLA's cost analysis "
+                "does not count, from their shapes")
+    return HiddenFlops(int(total), sum(c.times for c in calls), note)
+
+
+@dataclasses.dataclass(frozen=True)
+class CommPrediction:
+    """Collectives of a step and their predicted time per mesh axis."""
+
+    collectives: Any
+    links: dict
+    traffic_bytes: dict  # axis name -> ring traffic bytes per device
+    seconds_by_axis: dict  # axis name -> seconds, None where the link has no figure
+    seconds: float | None
+    note: str
+
+    def axis_columns(self) -> dict:
+        out = {}
+        for axis in ("data", "model"):
+            link = self.links.get(axis)
+            out[f"comm_link_{axis}"] = link.label if link else None
+            out[f"comm_link_{axis}_gbytes_per_s"] = link.gbytes_per_s if link else None
+            out[f"collective_traffic_{axis}_bytes"] = int(self.traffic_bytes.get(axis, 0)) if link else None
+            out[f"predicted_comm_{axis}_s"] = self.seconds_by_axis.get(axis) if link else None
+        return out
+
+
+def predict_comm(hlo_text: str, mesh, peak) -> CommPrediction:
+    """Collectives of a per-device HLO module and their time over the link of each mesh axis they run on.
+
+    Each collective is attributed to the mesh axes its replica groups span
+    (comms.collective_axes); one spanning several axes is charged to the
+    slowest of their links. An axis's time is its ring traffic over its link's
+    one-way bandwidth; the step's predicted_comm_s is the sum over axes
+    (collectives are assumed not to overlap each other).
+
+    Args:
+      hlo_text: optimized HLO of the per-device program.
+      mesh: a jax Mesh, or an array of devices (one axis named ``data``).
+      peak: a devices.PeakInfo (its platform and links), or None.
+    """
+    from jaxscale import devices as devinfo
+    from jaxscale.comms import count_collectives
+
+    if hasattr(mesh, "axis_names"):
+        grid, names = np.asarray(mesh.devices, dtype=object), tuple(mesh.axis_names)
+    else:
+        grid = np.asarray(mesh, dtype=object).reshape(-1)
+        names = ("data",)
+    collectives = count_collectives(hlo_text, grid.size)
+    platform = (peak.platform if peak and peak.platform else getattr(grid.flat[0], "platform", "cpu"))
+    links = devinfo.mesh_axis_links(grid, names, platform, peak.local_link if peak else None,
+                                    peak.remote_link if peak else None)
+    traffic = {name: 0.0 for name in names}
+    for axes, nbytes in collectives.traffic_by_axes(grid.shape).items():
+        if not axes:
+            continue
+        slowest = min(axes, key=lambda a: links[names[a]].gbytes_per_s or 0.0)
+        traffic[names[slowest]] += nbytes
+    seconds = {}
+    for name in names:
+        bw = links[name].gbytes_per_s
+        seconds[name] = 0.0 if traffic[name] == 0 else (traffic[name] / (bw * 1e9) if bw else None)
+    missing = [f"{n} ({links[n].label})" for n in names if seconds[n] is None]
+    note = ""
+    if missing:
+        note = f"no bandwidth figure for the link of mesh axis {', '.join(missing)}: predicted_comm_s left empty"
+    if collectives.unknown_trip_counts:
+        note = "; ".join(filter(None, [note, f"{collectives.unknown_trip_counts} loop(s) with no readable trip "
+                                              "count: their collectives were counted once"]))
+    total = None if missing else float(sum(seconds.values()))
+    return CommPrediction(collectives, links, traffic, seconds, total, note)
 
 
 def profile_step(fn, *args, n_steps: int = 10, warmup: int = 2, model_flops: float | None = None,
@@ -295,16 +409,24 @@ def profile_step(fn, *args, n_steps: int = 10, warmup: int = 2, model_flops: flo
         if isinstance(leaf, jax.Array):
             used |= set(leaf.sharding.device_set)
     used = sorted(used, key=lambda d: d.id) or [jax.devices()[0]]
+    meshes = [leaf.sharding.mesh for leaf in jax.tree.leaves(args)
+              if isinstance(leaf, jax.Array) and isinstance(leaf.sharding, jax.sharding.NamedSharding)]
+    mesh = next((m for m in meshes if m.devices.size == len(used)), None)
+    # The matmuls run in bf16 when any floating argument is bf16; float32 otherwise.
+    floats = [leaf.dtype for leaf in jax.tree.leaves(args) if hasattr(leaf, "dtype")
+              and jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)]
+    dtype = "bfloat16" if any(d == jax.numpy.bfloat16 for d in floats) else "float32"
     timing = time_pipelined(lambda i: compiled(*args), n_steps, warmup)
     if peak_tflops is not None:
-        peak = devinfo.PeakInfo(tflops=peak_tflops, dtype="", source="given", reference="profile_step(peak_tflops=)",
+        peak = devinfo.PeakInfo(tflops=peak_tflops, dtype=dtype, source="given", reference="profile_step(peak_tflops=)",
                                 hbm_gbytes_per_s=None, interconnect_gbytes_per_s=None, interconnect="unknown",
-                                memory_bytes=None)
+                                memory_bytes=None, precision="given by the caller")
     else:
-        peak = devinfo.resolve_peak("bfloat16" if used[0].platform != "cpu" else "float32")
+        peak = devinfo.resolve_peak(dtype)
     try:
         memory = compiled.memory_analysis()
     except Exception:
         memory = None
     return describe_step(timing=timing, compile_s=compile_s, cost=cost_dict(compiled), memory=memory,
-                         hlo_text=compiled.as_text() or "", devices=used, peak=peak, model_flops=model_flops)
+                         hlo_text=compiled.as_text() or "", devices=used, peak=peak, model_flops=model_flops,
+                         mesh=mesh)

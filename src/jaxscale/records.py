@@ -28,14 +28,15 @@ COLUMNS: tuple[str, ...] = (
     "backend", "device_kind", "jax_version", "jaxlib_version", "flax_version", "libtpu_version",
     # counts and FLOPs
     "params", "tokens_per_step", "model_flops_per_step", "attention_flops", "xla_flops_per_step",
-    "xla_over_model_flops", "flops_note",
+    "xla_over_model_flops", "custom_call_flops_per_step", "flops_note",
     # time
     "compile_s", "warmup_s", "step_time_s", "step_time_p10_s", "step_time_p90_s", "step_time_cv", "step_time_mean_s",
     "n_timed_steps", "step_time_samples_s", "tokens_per_s",
     # predicted (jaxscale plan): a stated model of step time, each term a column
     "predicted_compute_s", "predicted_memory_s", "predicted_step_time_s", "predicted_mfu",
     # utilization
-    "achieved_tflops_per_device", "peak_tflops_per_device", "peak_dtype", "peak_source", "peak_reference", "mfu", "hfu",
+    "achieved_tflops_per_device", "peak_tflops_per_device", "peak_dtype", "peak_precision", "peak_source",
+    "peak_reference", "mfu", "hfu",
     # memory, per device
     "param_bytes", "opt_state_bytes", "compiled_argument_bytes", "compiled_output_bytes", "compiled_temp_bytes",
     "compiled_alias_bytes", "compiled_total_bytes", "peak_bytes_in_use", "bytes_limit", "device_memory_bytes",
@@ -43,7 +44,9 @@ COLUMNS: tuple[str, ...] = (
     "all_reduce_bytes", "all_reduce_count", "all_gather_bytes", "all_gather_count", "reduce_scatter_bytes",
     "reduce_scatter_count", "all_to_all_bytes", "all_to_all_count", "collective_permute_bytes",
     "collective_permute_count", "collective_traffic_bytes", "predicted_comm_s", "comm_bandwidth_gbytes_per_s",
-    "comm_bandwidth_source",
+    "comm_bandwidth_source", "comm_link_data", "comm_link_data_gbytes_per_s", "collective_traffic_data_bytes",
+    "predicted_comm_data_s", "comm_link_model", "comm_link_model_gbytes_per_s", "collective_traffic_model_bytes",
+    "predicted_comm_model_s",
     # roofline
     "xla_bytes_accessed_per_device", "arithmetic_intensity", "ridge_point", "bound",
     # sanity

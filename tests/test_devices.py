@@ -1,0 +1,151 @@
+"""Links per mesh axis: which axes stay inside a host (or TPU slice) and which cross, and what each predicts."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from jaxscale import flops
+from jaxscale.devices import CALIBRATION_VERSION, axis_crossings, mesh_axis_links, spec_peak
+from jaxscale.measure import predict_comm
+
+
+def _grid(shape, process_of, slice_of=lambda i: 0, platform="gpu"):
+    flat = [SimpleNamespace(id=i, process_index=process_of(i), slice_index=slice_of(i), platform=platform,
+                            device_kind="x") for i in range(int(np.prod(shape)))]
+    return np.array(flat, dtype=object).reshape(shape)
+
+
+def test_axis_crossings_of_host_grids():
+    hosts = np.array([[0, 0, 0, 0], [1, 1, 1, 1]])  # 2 hosts x 4 devices, hosts along axis 0
+    assert axis_crossings(hosts) == [True, False]
+    assert axis_crossings(hosts.T) == [False, True]
+    assert axis_crossings(np.zeros((4, 2))) == [False, False]
+    assert axis_crossings(np.array([[0, 1], [0, 1]])) == [False, True]
+
+
+def test_gpu_cluster_data_axis_crosses_hosts_model_axis_stays_on_nvlink():
+    """4 hosts x 8 H100s, one process per host, mesh (data=4, model=8) as the gpu-cluster profile lays it out."""
+    chip = flops.chip_for_kind("NVIDIA H100 80GB HBM3")
+    links = mesh_axis_links(_grid((4, 8), lambda i: i // 8), ("data", "model"), "gpu", chip.local_link,
+                            chip.remote_link)
+    assert links["data"].crosses == "hosts" and links["data"].link.name == "InfiniBand NDR"
+    assert links["model"].crosses == "none" and links["model"].link.name == "NVLink4"
+    assert links["data"].gbytes_per_s == 50.0 and links["model"].gbytes_per_s == 450.0
+    assert "crosses hosts" in links["data"].label
+    # fsdp over all 32 GPUs: the one data axis spans the hosts
+    flat = mesh_axis_links(_grid((32, 1), lambda i: i // 8), ("data", "model"), "gpu", chip.local_link,
+                           chip.remote_link)
+    assert flat["data"].crosses == "hosts" and flat["model"].crosses == "none"
+
+
+def test_tpu_hosts_of_one_slice_share_ici_and_slices_meet_over_dcn():
+    chip = flops.chip_for_kind("TPU v5 lite")
+    one_slice = mesh_axis_links(_grid((4, 8), lambda i: i // 8, platform="tpu"), ("data", "model"), "tpu",
+                                chip.local_link, chip.remote_link)
+    assert one_slice["data"].crosses == "none" and one_slice["data"].link.name == "ICI"
+    two = mesh_axis_links(_grid((2, 16), lambda i: i // 8, slice_of=lambda i: i // 16, platform="tpu"),
+                          ("data", "model"), "tpu", chip.local_link, chip.remote_link)
+    assert two["data"].crosses == "slices" and two["data"].link.name == "DCN"
+    assert two["data"].gbytes_per_s == pytest.approx(6.4e12 / 8 / 256 / 1e9)  # 6.4 Tbps per 256-chip pod
+    assert two["model"].crosses == "none"
+
+
+def test_a_real_tpu_topology_spans_hosts_inside_one_slice():
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # see tests/test_comms.py
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(topology_name="v5e:4x4", platform="tpu").devices
+    assert {d.device_kind for d in devices} == {"TPU v5 lite"} and len({d.process_index for d in devices}) == 4
+    grid = np.array(sorted(devices, key=lambda d: (d.process_index, d.id))).reshape(4, 4)
+    chip = flops.chip_for_kind(devices[0].device_kind)
+    links = mesh_axis_links(grid, ("data", "model"), "tpu", chip.local_link, chip.remote_link)
+    assert links["data"].crosses == links["model"].crosses == "none"
+    v5p = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices
+    assert flops.chip_for_kind(v5p[0].device_kind).key == "tpu-v5p"  # libtpu reports "TPU v5"
+
+
+# An all-reduce over the data axis of a (data=2, model=4) mesh and an all-gather over its model axis.
+HLO = """
+ENTRY %main (a: f32[1024,256]) -> f32[1024,256] {
+  %a = f32[1024,256]{1,0} parameter(0)
+  %ar = f32[1024,256]{1,0} all-reduce(%a), channel_id=1, replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add
+  ROOT %ag = f32[1024,256]{1,0} all-gather(%ar), channel_id=2, replica_groups=[2,4]<=[8], dimensions={0}
+}
+"""
+
+
+def test_each_axis_is_predicted_over_its_own_link():
+    chip = flops.chip_for_kind("NVIDIA H100 80GB HBM3")
+    mesh = SimpleNamespace(devices=_grid((2, 4), lambda i: i // 4), axis_names=("data", "model"))
+    peak = spec_peak("NVIDIA H100 80GB HBM3", "gpu", "bfloat16")
+    p = predict_comm(HLO, mesh, peak)
+    full = 1024 * 256 * 4
+    assert p.traffic_bytes["data"] == pytest.approx(full * 2 * 1 / 2)  # all-reduce over 2 devices
+    assert p.traffic_bytes["model"] == pytest.approx(full * 3 / 4)  # all-gather over 4
+    assert p.seconds_by_axis["data"] == pytest.approx(full / (chip.remote_link.gbytes_per_s * 1e9))
+    assert p.seconds_by_axis["model"] == pytest.approx(full * 3 / 4 / (450e9))
+    assert p.seconds == pytest.approx(p.seconds_by_axis["data"] + p.seconds_by_axis["model"])
+    cols = p.axis_columns()
+    assert cols["comm_link_data"] == "InfiniBand NDR (crosses hosts)" and cols["comm_link_model"] == "NVLink4"
+    # One host: both axes on NVLink, so the same bytes take ~9x less time.
+    local = predict_comm(HLO, SimpleNamespace(devices=_grid((2, 4), lambda i: 0), axis_names=("data", "model")),
+                         peak)
+    assert local.seconds < p.seconds / 5
+
+
+def test_an_unknown_cross_host_link_leaves_the_prediction_empty_with_a_note():
+    mesh = SimpleNamespace(devices=_grid((2, 4), lambda i: i // 4), axis_names=("data", "model"))
+    p = predict_comm(HLO, mesh, spec_peak("NVIDIA L4", "gpu", "bfloat16"))  # PCIe cards: no reference network
+    assert p.seconds is None and p.seconds_by_axis["data"] is None and "data" in p.note
+    assert p.seconds_by_axis["model"] is not None
+
+
+TWO_PROCESSES = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]),
+                               initialization_timeout=60)
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jaxscale import sharding
+    from jaxscale.devices import resolve_peak
+    from jaxscale.measure import predict_comm
+    mesh = sharding.make_mesh(2, 2)  # data=2, model=2, as jaxscale lays out a grid point
+    x_sh, w_sh = NamedSharding(mesh, P("data", None)), NamedSharding(mesh, P())
+    grad = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w))), in_shardings=(w_sh, x_sh), out_shardings=w_sh)
+    hlo = grad.lower(jax.ShapeDtypeStruct((64, 64), jnp.float32, sharding=w_sh),
+                     jax.ShapeDtypeStruct((8, 64), jnp.float32, sharding=x_sh)).compile().as_text()
+    p = predict_comm(hlo, mesh, resolve_peak("float32", measure_if_missing=False))
+    if jax.process_index() == 0:
+        print(json.dumps({"crosses": {a: l.crosses for a, l in p.links.items()}, "traffic": p.traffic_bytes,
+                          "hosts": [[d.process_index for d in row] for row in mesh.devices]}))
+""")
+
+
+def test_two_processes_on_loopback_see_the_data_axis_cross_hosts(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "JAXSCALE_CACHE_DIR": str(tmp_path)}
+    # resolve_peak reads a calibration; plant one so no process measures anything.
+    key = f"v{CALIBRATION_VERSION}|cpu|cpu|float32|2|{socket.gethostname()}"
+    (tmp_path / "calibration.json").write_text(json.dumps({key: {
+        "tflops": 1.0, "hbm_gbytes_per_s": 10.0, "interconnect_gbytes_per_s": 5.0, "size": 1, "dtype": "float32",
+        "n_local_devices": 2, "measured_at": "planted"}}))
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, f"127.0.0.1:{port}", str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    got = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert got["hosts"] == [[0, 0], [1, 1]]
+    assert got["crosses"] == {"data": "hosts", "model": "none"}
+    assert got["traffic"]["data"] > 0 and got["traffic"]["model"] == 0  # the gradient all-reduce runs over data
