@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from helpers import cli_env, jaxscale, sets
+from helpers import TINY_SETS, cli_env, jaxscale, sets
 from jaxscale.records import read_rows
 
 GRID = sets("model.d_model=32", "model.n_layers=1", "model.n_heads=8", "model.seq_len=8", "model.vocab=64",
@@ -20,10 +20,10 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, port, extra=(), timeout=20):
-    env = cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+def _launch(tmp_path, port, extra=(), timeout=20, env_of=None):
     procs = []
     for pid in (0, 1):
+        env = cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", **(env_of or {}).get(pid, {}))
         cmd = [sys.executable, "-m", "jaxscale.cli", "run", "smoke", "--out", str(tmp_path / f"out{pid}"),
                "--no-analyze", *GRID, *extra, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                "--process-id", str(pid), "--timeout", str(timeout)]
@@ -87,3 +87,26 @@ def test_an_unreachable_coordinator_is_an_error_in_bounded_time(tmp_path):
     assert time.time() - start < 60
     last = proc.stderr.strip().splitlines()[-1]
     assert "process 1" in last and f"127.0.0.1:{port}" in last
+
+
+def test_a_worker_that_dies_on_one_host_fails_its_point_on_every_host(tmp_path):
+    """Worker processes per point: both hosts start the point's worker, the workers join one
+    jax.distributed session; host 1's worker is killed mid-step (SIGKILL). Host 0's worker,
+    waiting in a collective for its dead peer, is stopped by its owner; the point is one
+    `crashed` row and both hosts go on to the next point."""
+    timeout = 300  # longer than the whole run takes: a failure detected by heartbeats alone would exceed it
+    grid = sets(*TINY_SETS, "mesh.devices=[2,4]", "mesh.strategies=dp", "run.isolation=process")
+    start = time.time()
+    procs = _launch(tmp_path, _port(), extra=grid, timeout=timeout,
+                    env_of={1: {"JAXSCALE_INJECT_CRASH": "n_devices=2"}})
+    outs = [p.communicate(timeout=400) for p in procs]
+    took = time.time() - start
+    assert procs[0].returncode == 1, outs[0][1][-3000:]
+    assert procs[1].returncode in (0, 1), outs[1][1][-3000:]
+    assert took < timeout  # the survivor's worker was stopped, not left to a heartbeat timeout
+    (csv,) = (tmp_path / "out0").glob("*/runs.csv")
+    rows = read_rows(csv).set_index("n_devices")
+    assert list(rows["status"]) == ["crashed", "ok"]
+    error = rows.loc[2, "error"]
+    assert "another host" in error and "process 1" in error and "SIGKILL" in error and "injected crash" in error
+    assert rows.loc[4, "hosts"] == "p0;p1" and rows.loc[4, "n_processes"] == 2

@@ -1,0 +1,93 @@
+"""Worker processes: a point's own memory peak, XLA flags per point, a crash costs one row."""
+
+import json
+import signal
+import uuid
+
+import pytest
+
+from helpers import TINY_SETS, cli_env, jaxscale, sets
+from jaxscale import sweep, workers
+from jaxscale.config import ProfileError, load_profile
+from jaxscale.grid import build_grid
+from jaxscale.records import read_rows, row_key
+
+ONE_DEVICE = [*TINY_SETS, "mesh.devices=[1]", "mesh.strategies=dp"]
+
+
+def test_isolation_choice():
+    run = load_profile("smoke", ["run.isolation=process"]).run
+    assert workers.choose_isolation(run) == "process"
+    run = load_profile("smoke", ["run.isolation=none"]).run
+    assert workers.choose_isolation(run) == "none"
+    # the tests run on the CPU (JAX_PLATFORMS=cpu): auto keeps points in-process
+    assert workers.choose_isolation(load_profile("smoke").run) == "none"
+    flagged = load_profile("smoke", ['run.xla_flags=["", "--xla_cpu_enable_fast_math=false"]']).run
+    assert workers.choose_isolation(flagged) == "process"  # XLA reads its flags once per process
+    with pytest.raises(ProfileError, match="isolation = 'none' with \\[run\\] xla_flags"):
+        workers.choose_isolation(load_profile("smoke", ['run.xla_flags=["--xla_cpu_enable_fast_math=false"]',
+                                                        "run.isolation=none"]).run)
+
+
+def test_flags_with_in_process_isolation_are_refused_with_one_line(tmp_path):
+    proc = jaxscale("run", "smoke", "--out", tmp_path / "out",
+                    *sets(*ONE_DEVICE, 'run.xla_flags=["--xla_cpu_enable_fast_math=false"]', "run.isolation=none"),
+                    cwd=tmp_path)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("jaxscale: error:") and "isolation" in line and "--set run.isolation=process" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_each_point_has_its_own_peak_and_flag_sets_are_families(tmp_path, monkeypatch):
+    """Sizes large → small under a fake allocator whose peak, like a real one's, never goes down
+    within a process: with a worker per point every row reports its own peak. Two flag sets
+    reach their workers (one dumps HLO) and give two families of rows and of fits."""
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"bytes_limit": 1 << 40}))
+    monkeypatch.setenv(sweep.FAKE_MEMORY_ENV, str(stats))
+    monkeypatch.setattr(sweep, "_fake_peak", [0])
+    dump = tmp_path / "dump"
+    sizes = "model.d_model=[64,32,48]"
+
+    in_process = sweep.run_profile(load_profile("smoke", [*ONE_DEVICE, sizes, "run.isolation=none"]),
+                                   tmp_path / "none").rows
+    assert list(in_process["isolation"]) == ["none"] * 3
+    largest = in_process["compiled_total_bytes"].iloc[0]
+    assert (in_process["compiled_total_bytes"].iloc[1:] < largest).all()
+    assert (in_process["peak_bytes_in_use"] == largest).all()  # the bug isolation removes
+
+    # --xla_dump_to is not part of a compilation-cache key; disabling a pass that does not exist
+    # changes nothing but the key, so the flagged points compile (and dump) even with a warm cache
+    flags = f"--xla_dump_to={dump} --xla_disable_hlo_passes=jaxscale-test-{uuid.uuid4().hex[:8]}"
+    profile = load_profile("smoke", [*ONE_DEVICE, sizes, f'run.xla_flags=["", "{flags}"]'])
+    rows = sweep.run_profile(profile, tmp_path / "process").rows
+    assert len(rows) == 6 and (rows["status"] == "ok").all() and (rows["isolation"] == "process").all()
+    assert (rows["peak_bytes_in_use"] == rows["compiled_total_bytes"]).all()
+    assert sorted(rows["xla_flags"].fillna("").value_counts().to_dict().items()) == [("", 3), (flags, 3)]
+    assert any(dump.iterdir())  # only the flagged points' workers were given --xla_dump_to
+
+    from jaxscale import analyze
+
+    fits = analyze.default_fits(rows)
+    step = fits[(fits["y"] == "step_time_s") & (fits["x"] == "params")]
+    assert sorted(step["xla_flags"].fillna("")) == ["", flags]
+
+
+def test_a_killed_worker_is_a_crashed_row_and_resume_completes_the_grid(tmp_path):
+    grid = [*TINY_SETS, "mesh.devices=[1,2]", "mesh.strategies=dp", "run.isolation=process"]
+    env = cli_env(JAXSCALE_INJECT_CRASH="n_devices=1")  # the worker SIGKILLs itself mid-step
+    first = jaxscale("run", "smoke", "--out", tmp_path, "--no-analyze", *sets(*grid), cwd=tmp_path, env=env)
+    assert first.returncode == 1, first.stderr
+    (report,) = tmp_path.iterdir()
+    rows = read_rows(report / "runs.csv").set_index("n_devices")
+    assert list(rows["status"]) == ["crashed", "ok"]  # the sweep went on after the crash
+    error = rows.loc[1, "error"]
+    assert f"killed by SIGKILL (signal {signal.SIGKILL.value})" in error and "injected crash" in error
+    assert rows.loc[1, "params"] > 0 and rows.loc[1, "isolation"] == "process"
+    resumed = jaxscale("run", "--resume", report, "--retry-failed", "--no-analyze", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    after = read_rows(report / "runs.csv")
+    points, _ = build_grid(load_profile("smoke", grid), 8)
+    assert sorted(row_key(r) for _, r in after.iterrows()) == sorted(p.key for p in points)
+    assert (after["status"] == "ok").all()
