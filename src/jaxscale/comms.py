@@ -241,7 +241,30 @@ class HloModule:
         start = _constant(self._through_copies(self.instructions.get(init_tuple.operands[k])))
         if start is None:
             return None
-        return max(limit - start + (direction == "LE"), 0)
+        step = self._loop_step(loop, k)
+        if step is None:
+            return None
+        span = limit - start + (direction == "LE")
+        return max(-(-span // step), 0)
+
+    def _loop_step(self, loop: Instruction, k: int) -> int | None:
+        """What a loop body adds to tuple element k each trip (the TPU's windowed
+        matmul loops step by 2), read off the body's root tuple; 1 when not an add."""
+        body = re.search(r"body=%?([\w.\-]+)", loop.attrs)
+        insts = self.computations.get(body.group(1), []) if body else []
+        root = next((i for i in insts if i.is_root), None)
+        if root is None or root.opcode != "tuple" or k >= len(root.operands):
+            return 1
+        update = self._through_copies(self.instructions.get(root.operands[k]))
+        if update is None or update.opcode != "add":
+            return 1
+        for a, b in (update.operands, update.operands[::-1]):
+            counter = self._through_copies(self.instructions.get(a))
+            step = _constant(self._through_copies(self.instructions.get(b)))
+            if counter is not None and counter.opcode == "get-tuple-element" and step is not None:
+                if re.search(rf"index={k}\b", counter.attrs):
+                    return step if step > 0 else None
+        return 1
 
     def _through_copies(self, inst: Instruction | None) -> Instruction | None:
         while inst is not None and inst.opcode in ("copy", "bitcast", "convert") and inst.operands:

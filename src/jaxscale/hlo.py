@@ -1,25 +1,26 @@
-"""Reading optimized HLO text: computations, how often each runs, and matmul FLOPs.
+"""What XLA's cost analysis misses: the matmul FLOPs and bytes of loop trips after the first.
 
 XLA's ``cost_analysis()`` counts the body of a while loop once, whatever its
-trip count, so a model whose layers are one scanned layer (a loop of n_layers
-trips) is undercounted by nearly n_layers. Deviceless GPU compiles return no
-cost analysis at all. This module reads the program itself:
+trip count. A model whose layers are one scanned layer (a loop of n_layers
+trips) is then undercounted by nearly n_layers, and so are the TPU's
+collective-matmul loops (``windowed_dot_general``). Deviceless GPU compiles
+return no cost analysis at all. This module reads the optimized program
+instead, on the call graph that comms.HloModule builds (how many times one
+step runs each computation, loop trip counts included):
 
-- every computation of the module and the instructions that call it
-  (``calls=``, ``to_apply=``, ``body=``/``condition=`` of a while,
-  ``branch_computations=``), so each computation gets the number of times one
-  execution of the entry runs it: a while body runs ``known_trip_count`` times
-  per execution of its caller (the trip count XLA prints in the while's
-  backend_config);
-- the FLOPs of every ``dot``: 2 × (elements of the result) × (product of the
-  contracted dimensions of the left operand), counted once per run of the
-  computation that holds it.
+- matmul FLOPs: for a ``dot``, 2 × result elements × the contracted size of
+  the left operand; for a ``convolution`` (how the TPU compiler prints
+  matmuls), 2 × batch × output features × input features per group × the
+  number of (output, window) position pairs that fall inside the unpadded
+  input along every spatial dimension, so the padding of a batch dimension
+  expressed as a window is not counted;
+- bytes: what a loop trip's top-level instructions read and write (operands
+  plus result), a stacked array of the loop counting the one slice a trip
+  touches and an in-place dynamic-update-slice its update only. An estimate:
+  XLA's own byte count also looks inside fusions.
 
-``loop_corrected_cost`` adds the trips that cost_analysis leaves out: for every
-while loop, (trip count − 1) × the loop body's dot FLOPs, and (trip count − 1) ×
-the bytes its body's top-level instructions read and write (operands plus
-result, a stacked array of the loop counting the one slice a trip touches; an
-estimate, since XLA's own byte count also looks inside fusions).
+``loop_corrected_cost`` adds, for every while loop, (runs per step − 1) × its
+body's own FLOPs and bytes to XLA's figures.
 """
 
 from __future__ import annotations
@@ -27,94 +28,13 @@ from __future__ import annotations
 import dataclasses
 import re
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 1, "u4": 1,
-                "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1, "f8e5m2fnuz": 1, "f8e4m3fnuz": 1, "f8e4m3b11fnuz": 1}
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*\))?\s*->.*\{\s*$")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
-_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\dm\d\w*)?)\[([\d,]*)\]")
-_CALLEE = re.compile(r"\b(calls|to_apply|body|condition)=%?([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
-# Instructions that move no data of their own (views, tuples, parameters).
+from jaxscale.comms import _ARRAY, _DTYPE_BYTES, HloModule, Instruction
+
 _FREE_OPS = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all", "partition-id",
-             "replica-id", "iota"}
+             "replica-id", "iota", "while"}
 
 
-@dataclasses.dataclass(frozen=True)
-class Instruction:
-    name: str
-    shape: str  # the result shape text
-    op: str
-    rest: str  # operands and attributes, as printed
-
-
-@dataclasses.dataclass(frozen=True)
-class Module:
-    """An HLO module's computations, by name, and the name of its entry."""
-
-    computations: dict[str, list[Instruction]]
-    entry: str
-
-    def shapes(self, computation: str) -> dict[str, str]:
-        return {i.name: i.shape for i in self.computations.get(computation, [])}
-
-
-def _split_shape_op(text: str) -> tuple[str, str, str] | None:
-    """``f32[2,3]{1,0} dot(%a, %b), ...`` → (shape, op, rest); tuple shapes may nest."""
-    text = text.strip()
-    if text.startswith("("):
-        depth = 0
-        for i, ch in enumerate(text):
-            depth += ch == "("
-            depth -= ch == ")"
-            if depth == 0:
-                shape, tail = text[:i + 1], text[i + 1:]
-                break
-        else:
-            return None
-    else:
-        m = re.match(r"([\w]+\[[^\]]*\](?:\{[^ ]*\})?|[\w]+\[\]|token\[\]|\w+)\s", text + " ")
-        if not m:
-            return None
-        shape, tail = m.group(1), text[m.end(1):]
-    m = re.match(r"\s*([\w\-]+)\((.*)$", tail)
-    if not m:
-        return None
-    return shape, m.group(1), m.group(2)
-
-
-def parse_module(text: str) -> Module:
-    """Split optimized HLO text into computations of instructions."""
-    computations: dict[str, list[Instruction]] = {}
-    entry, current = "", None
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("//") or stripped.startswith("HloModule"):
-            continue
-        header = _HEADER.match(stripped)
-        if header and "=" not in stripped.split("(")[0]:
-            current = header.group(2)
-            computations[current] = []
-            if header.group(1):
-                entry = current
-            continue
-        if stripped == "}":
-            current = None
-            continue
-        if current is None:
-            continue
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        parts = _split_shape_op(m.group(2))
-        if parts:
-            computations[current].append(Instruction(m.group(1), *parts))
-    return Module(computations, entry)
-
-
-def shape_elements(shape: str) -> list[tuple[str, tuple[int, ...]]]:
-    """Every array in a shape text as (dtype, dims); tuples give several."""
+def _dims(shape: str) -> list[tuple[str, tuple[int, ...]]]:
     out = []
     for dtype, dims in _ARRAY.findall(shape):
         if dtype in _DTYPE_BYTES:
@@ -122,189 +42,191 @@ def shape_elements(shape: str) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def shape_bytes(shape: str) -> int:
+def _prod(values) -> int:
+    n = 1
+    for v in values:
+        n *= v
+    return n
+
+
+def dot_flops(inst: Instruction, module: HloModule) -> int:
+    """2 × result elements × contracted size of a dot; 0 when the shapes cannot be read."""
+    result = _dims(inst.shape)
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inst.attrs)
+    lhs = module.instructions.get(inst.operands[0]) if inst.operands else None
+    lhs_dims = _dims(lhs.shape) if lhs else []
+    if not result or not contracting or not lhs_dims:
+        return 0
+    k = _prod(lhs_dims[0][1][int(a)] for a in contracting.group(1).split(",") if a)
+    return 2 * _prod(result[0][1]) * k
+
+
+def _valid_pairs(out_size: int, in_size: int, window: int, stride: int, pad_low: int, w_dilation: int) -> int:
+    """(output, window) position pairs whose input index lies inside the unpadded input."""
     total = 0
-    for dtype, dims in shape_elements(shape):
-        n = 1
-        for d in dims:
-            n *= d
-        total += n * _DTYPE_BYTES[dtype]
+    for o in range(out_size):
+        for w in range(window):
+            i = o * stride + w * w_dilation - pad_low
+            total += 0 <= i < in_size
     return total
 
 
-def callees(instruction: Instruction) -> list[tuple[str, int]]:
-    """(computation, runs per execution of the instruction) of everything it calls."""
+def convolution_flops(inst: Instruction, module: HloModule) -> int:
+    """Multiply-adds × 2 of a convolution over the unpadded input; 0 when it cannot be read."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", inst.attrs)
+    if not labels or len(inst.operands) < 2:
+        return 0
+    lhs_i, rhs_i = (module.instructions.get(o) for o in inst.operands[:2])
+    out, lhs, rhs = _dims(inst.shape), _dims(lhs_i.shape) if lhs_i else [], _dims(rhs_i.shape) if rhs_i else []
+    if not out or not lhs or not rhs:
+        return 0
+    out, lhs, rhs = out[0][1], lhs[0][1], rhs[0][1]
+    l_lab, r_lab, o_lab = labels.groups()
+    if not (len(l_lab) == len(lhs) and len(r_lab) == len(rhs) and len(o_lab) == len(out)):
+        return 0
+    spatial = sorted(c for c in o_lab if c.isdigit())
+    window = re.search(r"window=\{([^}]*)\}", inst.attrs)
+    fields = dict(re.findall(r"(\w+)=([\w\-_]+)", window.group(1))) if window else {}
+
+    def per_dim(key: str, default: int) -> list[int]:
+        if key not in fields:
+            return [default] * len(spatial)
+        return [int(v) for v in fields[key].split("x")]
+
+    strides, w_dil = per_dim("stride", 1), per_dim("rhs_dilate", 1)
+    pads = [tuple(int(v) for v in p.split("_")) for p in fields["pad"].split("x")] if "pad" in fields else \
+        [(0, 0)] * len(spatial)
+    pairs = 1
+    for k, d in enumerate(spatial):
+        pairs *= _valid_pairs(out[o_lab.index(d)], lhs[l_lab.index(d)], rhs[r_lab.index(d)], strides[k],
+                              pads[k][0], w_dil[k])
+    groups = re.search(r"feature_group_count=(\d+)", inst.attrs)
+    in_features = rhs[r_lab.index("i")]
+    # rhs "i" is already the input features of one group, so feature groups need no division
+    del groups
+    return 2 * out[o_lab.index("b")] * out[o_lab.index("f")] * in_features * pairs
+
+
+def instruction_flops(inst: Instruction, module: HloModule) -> int:
+    if inst.opcode == "dot":
+        return dot_flops(inst, module)
+    if inst.opcode == "convolution":
+        return convolution_flops(inst, module)
+    return 0
+
+
+def _callees(inst: Instruction) -> list[str]:
     out = []
-    trip = trip_count(instruction)
-    for kind, name in _CALLEE.findall(instruction.rest):
-        if kind == "to_apply" and instruction.op in ("reduce", "reduce-window", "scatter", "select-and-scatter",
-                                                     "sort", "all-reduce", "reduce-scatter", "all-reduce-start"):
-            continue  # scalar reducers: no dots, and XLA counts their work in the caller
-        if instruction.op == "while":
-            out.append((name, trip if kind == "body" else trip + 1))
-        else:
-            out.append((name, 1))
-    branches = _BRANCHES.search(instruction.rest)
-    if branches:  # a conditional runs one branch; count each once (an upper bound)
-        out += [(b.strip().lstrip("%"), 1) for b in branches.group(1).split(",") if b.strip()]
+    for attr, value in re.findall(r"\b(calls|body|condition|true_computation|false_computation|"
+                                  r"branch_computations|called_computations)=(\{[^}]*\}|%?[\w.\-]+)", inst.attrs):
+        out += re.findall(r"[\w.\-]+", value.replace("%", " "))
     return out
 
 
-def trip_count(instruction: Instruction) -> int:
-    """The known trip count of a while instruction (1 when XLA does not print one)."""
-    m = _TRIP.search(instruction.rest)
-    return int(m.group(1)) if m else 1
+def computation_flops(module: HloModule, name: str, into_loops: bool = True, _memo: dict | None = None) -> int:
+    """Matmul FLOPs of one run of a computation and what it calls.
 
-
-def multiplicities(module: Module) -> dict[str, int]:
-    """How many times one execution of the entry runs each computation."""
-    runs = {module.entry: 1}
-    order = [module.entry]
-    seen = {module.entry}
-    # Breadth-first over the call graph; HLO call graphs are acyclic.
-    i = 0
-    callers: dict[str, list[tuple[str, int]]] = {}
-    while i < len(order):
-        name = order[i]
-        i += 1
-        for instruction in module.computations.get(name, []):
-            for callee, times in callees(instruction):
-                callers.setdefault(callee, []).append((name, times))
-                if callee not in seen and callee in module.computations:
-                    seen.add(callee)
-                    order.append(callee)
-    # Resolve in topological order (a callee's runs are the sum over its callers).
-    resolved: dict[str, int] = {}
-
-    def resolve(name: str, stack: tuple = ()) -> int:
-        if name in resolved:
-            return resolved[name]
-        if name == module.entry:
-            resolved[name] = 1
-            return 1
-        total = 0
-        for caller, times in callers.get(name, []):
-            if caller in stack:
+    ``into_loops``: include while loops, each body times its trip count; else
+    stop at while instructions (the computation's own work only).
+    """
+    memo = {} if _memo is None else _memo
+    key = (name, into_loops)
+    if key in memo:
+        return memo[key]
+    memo[key] = 0  # guards against cycles
+    total = 0
+    for inst in module.computations.get(name, []):
+        total += instruction_flops(inst, module)
+        if inst.opcode == "while":
+            if not into_loops:
                 continue
-            total += resolve(caller, stack + (name,)) * times
-        resolved[name] = total
-        return total
-
-    for name in order:
-        runs[name] = resolve(name)
-    return runs
-
-
-def dot_flops(instruction: Instruction, shapes: dict[str, str]) -> int:
-    """2 × result elements × contracted size of a dot instruction; 0 for anything else."""
-    if instruction.op != "dot":
-        return 0
-    result = shape_elements(instruction.shape)
-    operands = re.findall(r"%([\w.\-]+)", instruction.rest.split(")")[0])
-    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instruction.rest)
-    if not result or not operands or not contracting:
-        return 0
-    lhs = shape_elements(shapes.get(operands[0], ""))
-    if not lhs:
-        return 0
-    out = 1
-    for d in result[0][1]:
-        out *= d
-    k = 1
-    for axis in filter(None, contracting.group(1).split(",")):
-        k *= lhs[0][1][int(axis)]
-    return 2 * out * k
-
-
-def computation_dot_flops(module: Module, name: str) -> int:
-    """Dot FLOPs of one run of a computation, the computations it calls included."""
-    total, shapes = 0, module.shapes(name)
-    for instruction in module.computations.get(name, []):
-        total += dot_flops(instruction, shapes)
-        for callee, times in callees(instruction):
+            body = re.search(r"\bbody=%?([\w.\-]+)", inst.attrs)
+            if body and body.group(1) in module.computations:
+                total += (module.trip_count(inst) or 1) * computation_flops(module, body.group(1), True, memo)
+            continue
+        for callee in _callees(inst):
             if callee in module.computations:
-                total += times * computation_dot_flops(module, callee)
+                total += computation_flops(module, callee, into_loops, memo)
+    memo[key] = total
     return total
 
 
-def total_dot_flops(hlo_text: str) -> int:
-    """Dot FLOPs of one execution of the module, loops counted per trip."""
-    module = parse_module(hlo_text)
-    if not module.entry:
-        return 0
-    return computation_dot_flops(module, module.entry)
+def total_matmul_flops(hlo_text: str | HloModule) -> int:
+    """Matmul FLOPs of one execution of a module, every loop trip counted."""
+    module = hlo_text if isinstance(hlo_text, HloModule) else HloModule.parse(hlo_text)
+    return computation_flops(module, module.entry) if module.entry else 0
 
 
 def _trip_bytes(shape: str, trip: int) -> float:
-    """Bytes one trip touches of an array: a stacked array (leading dimension = the
-    trip count, read or written one slice per trip) counts one slice."""
     total = 0.0
-    for dtype, dims in shape_elements(shape):
-        n = 1
-        for d in dims:
-            n *= d
-        n *= _DTYPE_BYTES[dtype]
+    for dtype, dims in _dims(shape):
+        n = _prod(dims) * _DTYPE_BYTES[dtype]
         total += n / trip if dims and dims[0] == trip and trip > 1 else n
     return total
 
 
-def _top_level_bytes(module: Module, name: str, trip: int) -> float:
-    shapes = module.shapes(name)
+def _body_bytes(module: HloModule, name: str, trip: int) -> float:
     total = 0.0
-    for instruction in module.computations.get(name, []):
-        if instruction.op in _FREE_OPS or instruction.op == "while":
+    for inst in module.computations.get(name, []):
+        if inst.opcode in _FREE_OPS:
             continue
-        operands = re.findall(r"%([\w.\-]+)", instruction.rest.split("), ")[0])
-        if instruction.op == "dynamic-update-slice" or "dynamic-update-slice" in instruction.name:
+        operands = list(inst.operands)
+        if inst.opcode == "dynamic-update-slice" or "dynamic-update-slice" in inst.name:
             operands = operands[1:]  # updated in place: only the update is read and written
-        total += _trip_bytes(instruction.shape, trip) + sum(_trip_bytes(shapes.get(o, ""), trip) for o in operands)
+        total += _trip_bytes(inst.shape, trip)
+        total += sum(_trip_bytes(module.instructions[o].shape, trip) for o in operands if o in module.instructions)
     return total
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopCorrection:
-    """What cost_analysis leaves out of a module's while loops (extra trips only)."""
+    """What cost_analysis leaves out of a module's while loops (the trips after the first)."""
 
     loops: int
-    max_trip_count: int
+    unknown_trip_counts: int
     extra_flops: float
     extra_bytes: float
 
 
-def loop_correction(hlo_text: str) -> LoopCorrection:
-    """Dot FLOPs and bytes of the trips after the first of every while loop."""
-    module = parse_module(hlo_text)
-    if not module.entry:
-        return LoopCorrection(0, 0, 0.0, 0.0)
-    runs = multiplicities(module)
-    loops, max_trip, flops, bytes_ = 0, 0, 0.0, 0.0
-    for name, instructions in module.computations.items():
-        for instruction in instructions:
-            if instruction.op != "while":
+def loop_correction(hlo_text: str | HloModule) -> LoopCorrection:
+    """FLOPs and bytes of every loop body's runs beyond the one cost_analysis counts.
+
+    A body runs multiplicity(body) times per step (its caller's runs × trips,
+    nested loops included); cost_analysis counts it once.
+    """
+    module = hlo_text if isinstance(hlo_text, HloModule) else HloModule.parse(hlo_text)
+    loops, flops, bytes_, memo = 0, 0.0, 0.0, {}
+    for name, insts in module.computations.items():
+        if module.multiplicity.get(name, 0) == 0:
+            continue
+        for inst in insts:
+            if inst.opcode != "while":
                 continue
-            trip = trip_count(instruction)
-            body = re.search(r"\bbody=%?([\w.\-]+)", instruction.rest)
-            if not body or trip <= 1 or runs.get(name, 0) == 0:
+            body = re.search(r"\bbody=%?([\w.\-]+)", inst.attrs)
+            trip = module.trip_count(inst)
+            if not body or not trip:
+                continue
+            extra = module.multiplicity.get(name, 0) * trip - 1
+            if extra <= 0:
                 continue
             loops += 1
-            max_trip = max(max_trip, trip)
-            times = runs[name] * (trip - 1)
-            flops += times * computation_dot_flops(module, body.group(1))
-            bytes_ += times * _top_level_bytes(module, body.group(1), trip)
-    return LoopCorrection(loops, max_trip, flops, bytes_)
+            flops += extra * computation_flops(module, body.group(1), False, memo)
+            bytes_ += extra * _body_bytes(module, body.group(1), trip)
+    return LoopCorrection(loops, module.unknown_trip_counts, flops, bytes_)
 
 
 def loop_corrected_cost(cost: dict, hlo_text: str) -> tuple[float | None, float | None, LoopCorrection]:
-    """(flops, bytes accessed) of the per-device program with every loop trip counted.
+    """(flops, bytes accessed) of a per-device program with every loop trip counted.
 
     ``cost`` is XLA's cost_analysis dict. Where it has no FLOPs (deviceless GPU
-    compiles), the dot FLOPs of the HLO stand in and bytes stay None.
+    compiles), the matmul FLOPs of the HLO stand in and bytes stay None.
     """
-    correction = loop_correction(hlo_text)
+    module = HloModule.parse(hlo_text)
+    correction = loop_correction(module)
     flops = cost.get("flops")
     bytes_ = cost.get("bytes accessed")
     if flops is None:
-        dots = total_dot_flops(hlo_text)
+        dots = total_matmul_flops(module)
         return (float(dots) if dots else None), None, correction
     flops = float(flops) + correction.extra_flops
     if bytes_ is not None:
