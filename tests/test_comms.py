@@ -5,6 +5,7 @@ topology on this CPU-only machine: nothing runs on a TPU.
 """
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -302,6 +303,9 @@ def test_scanned_layers_count_per_trip(real_hlo, platform):
         assert '"known_trip_count"' in hlo[L_SMALL]
     else:
         assert "known_trip_count" not in hlo[L_SMALL] and "while(" in hlo[L_SMALL]  # read off the condition
+        # a collective matmul: one all-gather cloned into several computations under one channel_id
+        channels = re.findall(r"all-gather\(.*?channel_id=(\d+)", hlo[L_SMALL])
+        assert "async_collective_fusion" in hlo[L_SMALL] and len(channels) > len(set(channels))
     for layers, c in ((L_SMALL, small), (L_LARGE, large)):
         assert c.unknown_trip_counts == 0
         gathers = c.bytes["all-gather"] / (layers * layer_bytes)
