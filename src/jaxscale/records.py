@@ -25,7 +25,7 @@ COLUMNS: tuple[str, ...] = (
     "seq_len", "vocab", "global_batch", "batch_mode", "dtype", "remat", "attention", "scan_layers", "xla_flags",
     "isolation",
     # runtime
-    "backend", "device_kind", "jax_version", "jaxlib_version", "flax_version", "libtpu_version",
+    "backend", "topology", "device_kind", "jax_version", "jaxlib_version", "flax_version", "libtpu_version",
     # counts and FLOPs
     "params", "tokens_per_step", "model_flops_per_step", "attention_flops", "xla_flops_per_step",
     "xla_over_model_flops", "custom_call_flops_per_step", "flops_note",
