@@ -149,3 +149,13 @@ def test_two_processes_on_loopback_see_the_data_axis_cross_hosts(tmp_path):
     assert got["hosts"] == [[0, 0], [1, 1]]
     assert got["crosses"] == {"data": "hosts", "model": "none"}
     assert got["traffic"]["data"] > 0 and got["traffic"]["model"] == 0  # the gradient all-reduce runs over data
+
+
+def test_a_peak_survives_the_json_round_trip_of_a_worker_report():
+    import dataclasses
+
+    from jaxscale.devices import PeakInfo
+
+    peak = spec_peak("NVIDIA H100 80GB HBM3", "gpu", "bfloat16")
+    back = PeakInfo(**json.loads(json.dumps(dataclasses.asdict(peak))))
+    assert back == peak and back.remote_link.gbytes_per_s == 50.0

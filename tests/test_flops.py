@@ -125,6 +125,9 @@ def test_peaks_per_dtype_and_unknown_dtypes():
     ("tpu", "float32", None, "bf16"),  # default precision: one bf16 MXU pass
     ("tpu", "float32", "highest", None),
     ("tpu", "float32", "high", None),
+    ("gpu", "float32", "BF16_BF16_F32", "bf16"),  # dot algorithm presets name the mode
+    ("gpu", "float32", "TF32_TF32_F32_X3", None),
+    ("tpu", "float32", "F32_F32_F32", None),
 ])
 def test_the_math_mode_matmuls_run_in(platform, dtype, precision, mode):
     got, why = flops.matmul_math_mode(platform, dtype, precision)

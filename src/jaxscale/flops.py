@@ -312,6 +312,12 @@ def device_peak(device_kind: str, dtype: str) -> DevicePeak | None:
 _FASTEST = {None, "default", "fastest", "bfloat16"}
 _MIDDLE = {"high", "tensorfloat32", "bfloat16_3x"}
 _HIGHEST = {"highest", "float32"}
+# Dot algorithm presets (lower-cased): (mode on a GPU, mode on a TPU); None where
+# the algorithm takes several passes, for which no datasheet peak exists.
+_PRESETS = {"bf16_bf16_f32": ("bf16", "bf16"), "bf16_bf16_bf16": ("bf16", "bf16"),
+            "tf32_tf32_f32": ("tf32", None), "f32_f32_f32": ("fp32", None),
+            "bf16_bf16_f32_x3": (None, None), "bf16_bf16_f32_x6": (None, None), "bf16_bf16_f32_x9": (None, None),
+            "tf32_tf32_f32_x3": (None, None)}
 
 
 def matmul_math_mode(platform: str, dtype: str, precision: str | None = None) -> tuple[str | None, str]:
@@ -342,6 +348,9 @@ def matmul_math_mode(platform: str, dtype: str, precision: str | None = None) ->
     if dtype not in ("float32", "fp32"):
         return None, f"no peak for {dtype} operands"
     setting = "default" if precision is None else precision
+    preset = _PRESETS.get(precision)  # a named dot algorithm says the mode itself
+    if preset is not None:
+        return preset[platform == "tpu"], f"float32 operands with dot algorithm {setting}"
     if platform == "gpu":
         if precision in _FASTEST or precision in _MIDDLE:
             return "tf32", f"float32 operands at matmul precision {setting}: TF32 tensor cores"
