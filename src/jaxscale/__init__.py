@@ -58,6 +58,7 @@ _EXPORTS = {
     "check_expectation": "jaxscale.analyze",
     "default_joint_fit": "jaxscale.analyze",
     "write_report": "jaxscale.report",
+    "compare": "jaxscale.compare",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
                                   default_joint_fit, fit_power_law, fit_table, joint_fit, parse_expectation,
                                   scaling_efficiency)
     from jaxscale.comms import count_collectives, find_collectives
+    from jaxscale.compare import compare
     from jaxscale.config import ModelSpec, Profile, ProfileError, build_profile, load_profile
     from jaxscale.devices import calibrate, mesh_axis_links, resolve_peak, spec_peak
     from jaxscale.flops import (CHIPS, DEVICE_KINDS, attention_call_flops, device_peak, matmul_math_mode, mfu,

@@ -1,0 +1,911 @@
+"""Two sets of rows → matched points, step-time ratios with intervals, verdicts.
+
+A point is matched on its grid key (grid.KEY_COLUMNS and the other columns
+that decide what was compiled: size name, dtype, batch mode, attention,
+scan_layers). Each side is one run or several runs of the same profile.
+
+The ratio new/base of a point's step times is the Hodges–Lehmann estimate:
+the median of all pairwise ratios new_j / base_i. Its interval is Moses's:
+order statistics of those pairwise ratios, with ranks from the exact null
+distribution of the Mann–Whitney U statistic (a normal approximation for
+large samples). It is distribution-free: it assumes only exchangeable samples
+and a change that scales the step-time distribution, has exact coverage at any
+sample size (the achieved level is reported where few samples cannot reach
+the one asked for), needs no resampling (the same inputs always give the same
+verdict), and a few outlying steps cannot move it.
+
+The samples are the per-step times of one run, or the median step times of
+the runs when each side holds at least three runs of the point. Per-step
+samples show only the noise within a run, not the drift between two runs
+(other load on the host, clocks, placement), which on a shared machine is
+larger; so an interval over steps is widened by the drift estimated from all
+points of the comparison (run_drift_sd, an empirical null). Intervals are
+simultaneous over the points of a comparison (Bonferroni), so an unchanged
+grid of any size has at most a 1 − confidence chance of a point called slower
+or faster.
+
+Verdicts, with threshold t:
+  slower   the interval lies above 1 and the ratio exceeds 1 + t
+  faster   the interval lies below 1 and the ratio is under 1 − t
+  same     the interval lies inside [1 − t, 1 + t]
+  noisy    none of these: the interval is too wide to tell
+For a point measured on one side and planned (row_source ``planned:...``) on
+the other, predicted step time is compared with measured step time and
+compiled memory with runtime peak memory; a plan has no samples, so there is
+no interval and the verdict applies the threshold to the ratio alone.
+Points whose rows failed are ``failed`` (new side), ``fixed`` (base side) or
+``both_failed``; points on one side only are ``base_only`` or ``new_only``.
+
+Formatting (compare.md, the plot) is kept in its own functions at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from jaxscale.grid import KEY_COLUMNS
+from jaxscale.records import FAILURE_STATUSES, SUCCESS_STATUSES, read_rows
+
+# The point key: the grid key and the other columns that change the compiled program.
+MATCH_COLUMNS: tuple[str, ...] = ("size_name", *KEY_COLUMNS, "batch_mode", "dtype", "attention", "scan_layers")
+# Key columns older reports may lack, and the value they then had.
+KEY_DEFAULTS = {"xla_flags": "", "remat": "none"}
+COLLECTIVE_COLUMNS = ("all_reduce_bytes", "all_gather_bytes", "reduce_scatter_bytes", "all_to_all_bytes",
+                      "collective_permute_bytes")
+# runtime.json fields (and runs.csv columns) worth a line in the diff, in this order.
+RUNTIME_FIELDS = ("jax_version", "jaxlib_version", "flax_version", "libtpu_version", "cuda_version",
+                  "cudnn_version", "backend", "device_kind", "process_count", "global_devices", "local_devices",
+                  "xla_flags", "host")
+# runtime.json fields that differ between any two runs and say nothing about the runtime.
+RUNTIME_IGNORED = ("process_index",)
+TIMING_VERDICTS = ("faster", "slower", "same", "noisy")
+GATE_VERDICTS = ("slower", "failed")  # a CI gate fails on these
+MIN_SAMPLES = 3  # fewer per side give no interval worth a verdict (at best 1 − 2/C(4,2) = 67% coverage)
+
+
+class CompareError(ValueError):
+    """Input that cannot be compared; the message is one line naming the file or column."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """One side of a comparison: the rows of one or more reports and their runtimes.
+
+    Attributes:
+      runs: the rows of each runs.csv given, one DataFrame per report.
+      runtimes: one dict per report: its runtime.json, or the runtime columns of
+        its rows where no runtime.json lies beside the CSV.
+      sources: the runs.csv paths read.
+    """
+
+    runs: tuple[pd.DataFrame, ...]
+    runtimes: tuple[dict, ...]
+    sources: tuple[str, ...]
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_side(paths) -> Side:
+    """Read report folders or runs.csv files as one side of a comparison.
+
+    Raises:
+      CompareError: a path that does not exist, a folder without runs.csv, an
+        empty or unreadable CSV, or one without jaxscale's step-time columns.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    frames, runtimes, sources = [], [], []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            csv_path = path / "runs.csv"
+            if not csv_path.is_file():
+                raise CompareError(f"{name}: a folder without runs.csv; give a report folder written by "
+                                   "`jaxscale run` or `jaxscale plan`, or a runs.csv file")
+        elif path.is_file():
+            csv_path = path
+        else:
+            raise CompareError(f"{name}: no such file or folder")
+        if csv_path.stat().st_size == 0:
+            raise CompareError(f"{csv_path}: the file is empty; expected runs.csv rows with a header line")
+        try:
+            frame = read_rows(csv_path)
+        except (UnicodeDecodeError, pd.errors.ParserError, csv.Error) as e:
+            raise CompareError(f"{csv_path}: not a readable CSV ({str(e).splitlines()[0] if str(e) else e})") from None
+        if frame.empty:
+            raise CompareError(f"{csv_path}: has a header but no rows")
+        missing = [c for c in ("strategy", "n_devices") if c not in frame.columns]
+        if missing or not ({"step_time_s", "predicted_step_time_s"} & set(frame.columns)):
+            need = missing or ["step_time_s or predicted_step_time_s"]
+            raise CompareError(f"{csv_path}: no column {', '.join(need)}, so these are not jaxscale rows")
+        frames.append(frame)
+        runtimes.append(_runtime_of(csv_path, frame))
+        sources.append(str(csv_path))
+    if not frames:
+        raise CompareError("nothing to compare: give at least one report folder or runs.csv per side")
+    return Side(runs=tuple(frames), runtimes=tuple(runtimes), sources=tuple(sources))
+
+
+def _runtime_of(csv_path: Path, rows: pd.DataFrame) -> dict:
+    """runtime.json beside the CSV, else what the rows' runtime columns say."""
+    path = csv_path.parent / "runtime.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if isinstance(data, dict):
+                return data
+        except ValueError:
+            warnings.warn(f"{path}: not valid JSON; the runtime is read from the rows instead")
+    out = {}
+    for column, field in (("jax_version", "jax_version"), ("jaxlib_version", "jaxlib_version"),
+                          ("flax_version", "flax_version"), ("libtpu_version", "libtpu_version"),
+                          ("backend", "backend"), ("device_kind", "device_kind"), ("n_processes", "process_count"),
+                          ("xla_flags", "xla_flags")):
+        if column in rows.columns:
+            values = sorted({str(v) for v in rows[column].dropna()})
+            if values:
+                out[field] = ", ".join(values)
+    return out
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def mann_whitney_null_cdf(n: int, m: int) -> np.ndarray:
+    """P(U ≤ u) for u = 0..n·m under the null, exact (sample sizes n and m, no ties).
+
+    The counts of U are the coefficients of the Gaussian binomial
+    [n+m choose n]_q = Π_{i=1..n} (1 − q^(m+i)) / (1 − q^i), built one factor
+    at a time (multiply, then divide by a running sum with stride i).
+    """
+    n, m = sorted((int(n), int(m)))
+    size = n * m + 1
+    poly = np.zeros(size)
+    poly[0] = 1.0
+    for i in range(1, n + 1):
+        shift = m + i
+        if shift < size:
+            poly[shift:] -= poly[:size - shift].copy()
+        pad = (-size) % i  # divide by (1 − q^i): c[k] += c[k − i], a cumulative sum within each residue class
+        grid = np.concatenate([poly, np.zeros(pad)]).reshape(-1, i)
+        poly = np.cumsum(grid, axis=0).reshape(-1)[:size]
+    poly = np.clip(poly, 0.0, None)
+    return np.cumsum(poly) / poly.sum()
+
+
+@dataclasses.dataclass(frozen=True)
+class RatioEstimate:
+    """A ratio new/base of two sets of samples with its interval.
+
+    Attributes:
+      ratio: exp(Hodges–Lehmann shift of the logs): the median of all pairwise
+        ratios new_j / base_i.
+      ci_low, ci_high: the Moses interval (NaN with fewer than MIN_SAMPLES a side).
+      level: the interval's coverage: the confidence asked for, or less where
+        the sample sizes cannot reach it.
+    """
+
+    ratio: float
+    ci_low: float
+    ci_high: float
+    level: float
+
+
+EXACT_LIMIT = 40_000  # n·m up to which the exact null distribution is used (a 200 × 200 comparison)
+
+
+def ratio_interval(base, new, confidence: float = 0.95) -> RatioEstimate:
+    """Hodges–Lehmann ratio new/base of positive samples and its Moses confidence interval.
+
+    Args:
+      base, new: per-step times (any positive unit), at least one each.
+      confidence: the two-sided coverage asked for.
+
+    Returns:
+      A RatioEstimate; its interval is NaN when a side has fewer than
+      MIN_SAMPLES samples.
+    """
+    x = np.log(np.asarray(base, dtype=float))
+    y = np.log(np.asarray(new, dtype=float))
+    if not (len(x) and len(y)) or not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("ratio_interval needs positive, finite samples on both sides")
+    diffs = np.sort((y[None, :] - x[:, None]).ravel())
+    ratio = float(np.exp(np.median(diffs)))
+    n, m = len(x), len(y)
+    if min(n, m) < MIN_SAMPLES:
+        return RatioEstimate(ratio, math.nan, math.nan, math.nan)
+    alpha = 1.0 - confidence
+    if n * m <= EXACT_LIMIT:
+        cdf = mann_whitney_null_cdf(n, m)
+        # k: how many differences to cut from each end; P(U ≤ k − 1) ≤ α/2.
+        k = int(np.searchsorted(cdf, alpha / 2 * (1 + 1e-9), side="right"))
+        k = max(k, 1)
+        level = 1.0 - 2.0 * float(cdf[k - 1])
+    else:
+        from scipy.stats import norm
+
+        mean, sd = n * m / 2.0, math.sqrt(n * m * (n + m + 1) / 12.0)
+        k = max(int(math.floor(mean - norm.ppf(1 - alpha / 2) * sd)), 1)
+        level = 1.0 - 2.0 * float(norm.cdf((k - 0.5 - mean) / sd))
+    return RatioEstimate(ratio, float(np.exp(diffs[k - 1])), float(np.exp(diffs[n * m - k])), level)
+
+
+def verdict(ratio: float, ci_low: float, ci_high: float, threshold: float) -> str:
+    """faster / slower / same / noisy for a ratio new/base and its interval (see the module docstring)."""
+    if not np.isfinite(ratio):
+        return "noisy"
+    if not (np.isfinite(ci_low) and np.isfinite(ci_high)):
+        return "noisy"
+    if ci_low > 1.0 and ratio > 1.0 + threshold:
+        return "slower"
+    if ci_high < 1.0 and ratio < 1.0 - threshold:
+        return "faster"
+    if ci_low >= 1.0 - threshold and ci_high <= 1.0 + threshold:
+        return "same"
+    return "noisy"
+
+
+def threshold_verdict(ratio: float, threshold: float) -> str:
+    """The verdict of a ratio without an interval (a plan against a run)."""
+    if not np.isfinite(ratio):
+        return "noisy"
+    if ratio > 1.0 + threshold:
+        return "slower"
+    if ratio < 1.0 - threshold:
+        return "faster"
+    return "same"
+
+
+# ---------------------------------------------------------------- matching
+
+
+def _key_text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (float, np.floating)):
+        if value != value:
+            return ""
+        if float(value).is_integer():
+            return str(int(value))
+    return str(value)
+
+
+# The columns a comparison reads, beyond the key.
+VALUE_COLUMNS = ("_run", "row_source", "status", "error", "step_time_samples_s", "step_time_s",
+                 "predicted_step_time_s", "mfu", "predicted_mfu", "compiled_total_bytes", "peak_bytes_in_use",
+                 *COLLECTIVE_COLUMNS)
+
+
+def _normalize(rows: pd.DataFrame, key: tuple[str, ...]) -> pd.DataFrame:
+    """The key columns as text (defaults filled in) and the value columns, nothing else."""
+    rows = rows[[c for c in dict.fromkeys((*key, *VALUE_COLUMNS)) if c in rows.columns]].copy()
+    for column in ("step_time_s", "predicted_step_time_s", "mfu", "predicted_mfu", "compiled_total_bytes",
+                   "peak_bytes_in_use", *COLLECTIVE_COLUMNS):
+        if column in rows.columns:
+            rows[column] = pd.to_numeric(rows[column], errors="coerce").astype(float)
+    if "remat" in rows.columns:  # schema 1 kept remat as a boolean
+        rows["remat"] = rows["remat"].map(lambda v: {"true": "full", "false": "none", "True": "full",
+                                                     "False": "none"}.get(_key_text(v), _key_text(v)))
+    for column in key:
+        if column not in rows.columns:
+            rows[column] = KEY_DEFAULTS[column]
+        rows[column] = rows[column].map(_key_text)
+    if "row_source" not in rows.columns:
+        rows["row_source"] = "measured"
+    rows["row_source"] = rows["row_source"].map(_key_text).replace("", "measured")
+    if "status" not in rows.columns:
+        rows["status"] = "ok"
+    rows["status"] = rows["status"].map(_key_text)
+    return rows
+
+
+def match_columns(base: pd.DataFrame, new: pd.DataFrame) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the key columns both sides can be matched on, the key columns left out because one side lacks them)."""
+    used, left_out = [], []
+    for column in MATCH_COLUMNS:
+        in_base, in_new = column in base.columns, column in new.columns
+        if (in_base and in_new) or ((in_base or in_new) and column in KEY_DEFAULTS):
+            used.append(column)
+        elif in_base or in_new:
+            left_out.append(column)
+    return tuple(used), tuple(left_out)
+
+
+def _kind(row_source: str) -> str:
+    return "planned" if row_source.startswith("planned") else "measured"
+
+
+def _row_samples(text, median) -> list[float]:
+    """One row's per-step samples (seconds); a row without them gives its median step time."""
+    parts = [] if text is None or (isinstance(text, float) and text != text) else str(text).split(";")
+    values = [float(p) for p in parts if p.strip()]
+    if not values:
+        try:
+            values = [float(median)]
+        except (TypeError, ValueError):
+            values = []
+    return [v for v in values if math.isfinite(v) and v > 0]
+
+
+def _samples_by_run(rows: pd.DataFrame) -> dict[int, np.ndarray]:
+    """The per-step samples of a point's rows, pooled per run."""
+    texts = rows["step_time_samples_s"] if "step_time_samples_s" in rows.columns else [None] * len(rows)
+    medians = rows["step_time_s"] if "step_time_s" in rows.columns else [None] * len(rows)
+    out: dict[int, list[float]] = {}
+    for run, text, median in zip(rows["_run"], texts, medians):
+        out.setdefault(int(run), []).extend(_row_samples(text, median))
+    return {run: np.asarray(v, dtype=float) for run, v in out.items()}
+
+
+def _mean(rows: pd.DataFrame, column: str) -> float:
+    if column not in rows.columns:
+        return math.nan
+    values = rows[column].to_numpy(dtype=float)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else math.nan
+
+
+def _collective_bytes(rows: pd.DataFrame) -> float:
+    """Mean over rows of the sum of the collective byte columns (a row with none of them is left out)."""
+    present = [c for c in COLLECTIVE_COLUMNS if c in rows.columns]
+    if not present:
+        return math.nan
+    values = rows[present].to_numpy(dtype=float)
+    filled = np.isfinite(values).any(axis=1)
+    return float(np.nansum(values[filled], axis=1).mean()) if filled.any() else math.nan
+
+
+def _side_summary(rows: pd.DataFrame) -> dict:
+    """One side of one point: its usable rows (measured before planned) summarized."""
+    usable = rows[rows["status"].isin(SUCCESS_STATUSES)]
+    if usable.empty:
+        statuses = sorted(set(rows["status"]))
+        errors = [str(e) for e in rows.get("error", pd.Series(dtype=object)).dropna() if str(e)]
+        return {"status": ";".join(statuses), "kind": _kind(str(rows["row_source"].iloc[0])), "ok": False,
+                "error": errors[0][:200] if errors else "", "n_rows": len(rows)}
+    measured = usable[usable["row_source"].map(_kind) == "measured"]
+    chosen = measured if len(measured) else usable
+    kind = "measured" if len(measured) else "planned"
+    out = {"status": ";".join(sorted(set(chosen["status"]))), "kind": kind, "ok": True, "error": "",
+           "n_rows": len(chosen), "row_source": ";".join(sorted(set(chosen["row_source"])))}
+    if kind == "measured":
+        per_run = _samples_by_run(chosen)
+        samples = np.concatenate(list(per_run.values())) if per_run else np.array([])
+        out["samples"] = samples
+        out["step_time_s"] = float(np.median(samples)) if len(samples) else math.nan
+        out["run_medians"] = np.array([np.median(r) for r in per_run.values() if len(r)])
+    else:
+        out["samples"] = out["run_medians"] = np.array([])
+        out["step_time_s"] = _mean(chosen, "predicted_step_time_s")
+    out["mfu"] = _mean(chosen, "mfu" if kind == "measured" else "predicted_mfu")
+    out["compiled_total_bytes"] = _mean(chosen, "compiled_total_bytes")
+    out["peak_bytes_in_use"] = _mean(chosen, "peak_bytes_in_use")
+    out["collective_bytes"] = _collective_bytes(chosen)
+    return out
+
+
+def compare(base_rows, new_rows, threshold: float = 0.05, confidence: float = 0.95,
+            familywise: bool = True) -> pd.DataFrame:
+    """Match two sets of runs.csv rows point by point and give each point a verdict.
+
+    Args:
+      base_rows, new_rows: rows as read by ``jaxscale.read_rows``: one
+        DataFrame (one run), or a list of them (repeated runs of the same
+        profile). Where both sides hold at least MIN_SAMPLES runs of a point,
+        the interval is taken over the runs' median step times, so that it
+        covers the drift between runs; otherwise over the per-step samples,
+        pooled across a side's runs (column ``interval_over``).
+      threshold: the relative change in step time below which a point is the
+        same (0.05: 5%).
+      confidence: the coverage of the step-time ratios' intervals; with
+        ``familywise`` (the default) all m intervals together (each at
+        1 − (1 − confidence)/m, Bonferroni), else each one.
+
+    Returns:
+      One row per point of either side: the key columns, ``compared``
+      (``measured/measured``, ``planned/measured``, ...), step times per side,
+      ``ratio``, ``ratio_ci_low``, ``ratio_ci_high``, ``ci_level``, ``verdict``,
+      the MFU, compiled memory, runtime peak memory and collective bytes of
+      each side and their change (``*_delta``, new − base), ``memory_ratio``
+      for a plan against a run, and a ``note``. Sorted by effect (the largest
+      change in step time first), then failures and one-sided points.
+
+    Raises:
+      CompareError: a threshold or confidence out of range, or rows without
+        the columns a point is matched on.
+    """
+    if not 0 <= threshold < 1:
+        raise CompareError(f"threshold {threshold}: expected a fraction in [0, 1), e.g. 0.05 for 5%")
+    if not 0 < confidence < 1:
+        raise CompareError(f"confidence {confidence}: expected a number between 0 and 1, e.g. 0.95")
+    sides = []
+    for name, runs in (("base", base_rows), ("new", new_rows)):
+        runs = [runs] if isinstance(runs, pd.DataFrame) else list(runs)
+        if not runs:
+            raise CompareError(f"no {name} rows to compare")
+        for rows in runs:
+            lacking = [c for c in ("strategy", "n_devices") if c not in rows.columns]
+            if lacking:
+                raise CompareError(f"the {name} rows have no column {', '.join(lacking)}, so they are not "
+                                   "jaxscale rows")
+        sides.append(pd.concat([r.assign(_run=i) for i, r in enumerate(runs)], ignore_index=True))
+    key, left_out = match_columns(*sides)
+    base = _normalize(sides[0], key)
+    new = _normalize(sides[1], key)
+    base_groups = {k: g for k, g in base.groupby(list(key), sort=False)}
+    new_groups = {k: g for k, g in new.groupby(list(key), sort=False)}
+    pairs = []
+    for point in list(base_groups) + [k for k in new_groups if k not in base_groups]:
+        b = _side_summary(base_groups[point]) if point in base_groups else None
+        n = _side_summary(new_groups[point]) if point in new_groups else None
+        pairs.append((point, b, n))
+    # Bonferroni: each of the m intervals at 1 − (1 − confidence)/m, so that an unchanged grid has at most a
+    # 1 − confidence chance of any point called slower or faster.
+    m = sum(1 for _, b, n in pairs if b and n and b["ok"] and n["ok"] and b["kind"] == n["kind"] == "measured"
+            and len(b["samples"]) and len(n["samples"])) if familywise else 1
+    level = 1.0 - (1.0 - confidence) / max(m, 1)
+    records = [{**dict(zip(key, point)), **_compare_point(b, n, threshold, level)} for point, b, n in pairs]
+    table = pd.DataFrame.from_records(records)
+    for column in OUTPUT_COLUMNS:
+        if column not in table.columns:
+            table[column] = math.nan
+    table = table[[*key, *OUTPUT_COLUMNS]]
+    for column in key:  # integer key columns back to integers (they were matched as text)
+        numbers = pd.to_numeric(table[column], errors="coerce")
+        if numbers.notna().all() and (numbers == numbers.round()).all():
+            table[column] = numbers.astype(int)
+    drift = _widen_for_run_drift(table, threshold, level)
+    effect = np.abs(np.log(pd.to_numeric(table["ratio"], errors="coerce")))
+    order = table["verdict"].map(VERDICT_ORDER).fillna(len(VERDICT_ORDER))
+    table = (table.assign(_order=order, _effect=effect.fillna(-1.0))
+             .sort_values(["_order", "_effect"], ascending=[True, False], kind="stable")
+             .drop(columns=["_order", "_effect"]).reset_index(drop=True))
+    table.attrs.update(key=key, left_out=left_out, threshold=threshold, confidence=confidence, run_drift=drift,
+                       point_confidence=level)
+    return table
+
+
+MIN_POINTS_FOR_DRIFT = 8  # points whose ratios estimate the drift between runs
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDrift:
+    """The spread of step time between two runs that their per-step samples cannot show.
+
+    Attributes:
+      sd: standard deviation of a point's log ratio due to the drift (≈ relative).
+      df: degrees of freedom of that estimate (points used − 1).
+      n_points: points it was estimated from.
+      n_outliers: points left out as really changed (beyond 3 robust SDs).
+    """
+
+    sd: float
+    df: int
+    n_points: int
+    n_outliers: int
+
+
+def estimate_run_drift(log_ratios, within_sd) -> RunDrift:
+    """The drift between two runs, from the ratios of all points of a comparison (an empirical null).
+
+    Most points of a grid do not change, so the spread of their log ratios is
+    the noise of a ratio between two runs (Efron's empirical null, for many
+    simultaneous tests). Points beyond 3 robust standard deviations of the
+    median (MAD × 1.4826) are taken as really changed and left out; the
+    variance of the rest, less the mean within-run variance the intervals
+    already hold, is the drift's variance. A change common to every point moves
+    the ratios together, not their spread; where many points change by
+    different amounts the spread grows and verdicts err towards ``noisy``.
+
+    Args:
+      log_ratios: log(ratio) of each point.
+      within_sd: the standard deviation of each log ratio within its runs.
+
+    Returns:
+      A RunDrift; its sd is 0 when the within-run noise explains the spread,
+      NaN with fewer than MIN_POINTS_FOR_DRIFT points.
+    """
+    d = np.asarray(log_ratios, dtype=float)
+    s = np.asarray(within_sd, dtype=float)
+    ok = np.isfinite(d) & np.isfinite(s)
+    d, s = d[ok], s[ok]
+    if len(d) < MIN_POINTS_FOR_DRIFT:
+        return RunDrift(math.nan, 0, len(d), 0)
+    centre = float(np.median(d))
+    robust_sd = 1.4826 * float(np.median(np.abs(d - centre)))
+    keep = np.abs(d - centre) <= 3 * robust_sd + 1e-12
+    dk, sk = d[keep], s[keep]
+    variance = float(np.var(dk, ddof=1)) if len(dk) > 1 else 0.0
+    sd = math.sqrt(max(variance - float(np.mean(sk ** 2)), 0.0))
+    return RunDrift(sd, max(len(dk) - 1, 1), len(d), int((~keep).sum()))
+
+
+def _widen_for_run_drift(table: pd.DataFrame, threshold: float, confidence: float) -> RunDrift | None:
+    """Widen intervals taken over steps by the drift between runs, in place.
+
+    Each bound moves away from the estimate by the root sum of squares of its
+    within-run distance and t·sd of the drift, in log space, t the Student
+    quantile of the confidence level with the drift estimate's degrees of
+    freedom (the drift is estimated, not known). Returns the drift, or None
+    when no interval is over steps.
+    """
+    from scipy.stats import norm, t as student
+
+    steps = (table["interval_over"] == "steps") & table["ratio_ci_low"].notna()
+    if not steps.any():
+        return None
+    q = 0.5 + confidence / 2
+    d = np.log(table.loc[steps, "ratio"].astype(float))
+    lo = np.log(table.loc[steps, "ratio_ci_low"].astype(float))
+    hi = np.log(table.loc[steps, "ratio_ci_high"].astype(float))
+    table.loc[steps, "within_run_ci_low"] = np.exp(lo)
+    table.loc[steps, "within_run_ci_high"] = np.exp(hi)
+    drift = estimate_run_drift(d, (hi - lo) / (2 * float(norm.ppf(q))))
+    table.loc[steps, "run_drift_sd"] = drift.sd
+    if not np.isfinite(drift.sd):
+        table.loc[steps, "note"] = table.loc[steps, "note"].map(
+            lambda n: "; ".join(filter(None, [n, f"fewer than {MIN_POINTS_FOR_DRIFT} points: the drift between "
+                                                 "runs is not estimated, the interval covers steps only"])))
+        return drift
+    spread = float(student.ppf(q, drift.df)) * drift.sd
+    table.loc[steps, "ratio_ci_low"] = np.exp(d - np.hypot(d - lo, spread))
+    table.loc[steps, "ratio_ci_high"] = np.exp(d + np.hypot(hi - d, spread))
+    table.loc[steps, "verdict"] = [verdict(r, a, b, threshold) for r, a, b in
+                                   table.loc[steps, ["ratio", "ratio_ci_low", "ratio_ci_high"]].itertuples(index=False)]
+    return drift
+
+
+OUTPUT_COLUMNS = (
+    "compared", "row_source_base", "row_source_new", "status_base", "status_new", "n_runs_base", "n_runs_new",
+    "n_samples_base", "n_samples_new", "step_time_s_base", "step_time_s_new", "ratio", "ratio_ci_low",
+    "ratio_ci_high", "ci_level", "interval_over", "within_run_ci_low", "within_run_ci_high", "run_drift_sd",
+    "verdict", "mfu_base", "mfu_new", "mfu_delta", "compiled_total_bytes_base",
+    "compiled_total_bytes_new", "compiled_total_bytes_delta", "peak_bytes_in_use_base", "peak_bytes_in_use_new",
+    "peak_bytes_in_use_delta", "collective_bytes_base", "collective_bytes_new", "collective_bytes_delta",
+    "memory_ratio", "note",
+)
+# Sort order: timing verdicts by effect together, then failures, then one-sided points.
+VERDICT_ORDER = {"slower": 0, "faster": 0, "noisy": 0, "same": 0, "failed": 1, "fixed": 2, "both_failed": 3,
+                 "base_only": 4, "new_only": 5}
+
+
+def _compare_point(b: dict | None, n: dict | None, threshold: float, confidence: float) -> dict:
+    if b is None or n is None:
+        side = n if b is None else b
+        return {"verdict": "new_only" if b is None else "base_only",
+                "status_base": b["status"] if b else "", "status_new": n["status"] if n else "",
+                "note": "no row for this point on the " + ("base" if b is None else "new") + " side"
+                        + ("" if side["ok"] else f"; {side['status']}: {side['error']}")}
+    out = {"status_base": b["status"], "status_new": n["status"], "compared": f"{b['kind']}/{n['kind']}"}
+    if not (b["ok"] and n["ok"]):
+        if b["ok"]:
+            out.update(verdict="failed", note=f"new {n['status']}: {n['error']}")
+        elif n["ok"]:
+            out.update(verdict="fixed", note=f"base {b['status']}: {b['error']}")
+        else:
+            out.update(verdict="both_failed", note=f"base {b['status']}, new {n['status']}: {n['error']}")
+        return out
+    out.update(row_source_base=b["row_source"], row_source_new=n["row_source"],
+               step_time_s_base=b["step_time_s"], step_time_s_new=n["step_time_s"],
+               n_samples_base=len(b["samples"]), n_samples_new=len(n["samples"]),
+               n_runs_base=len(b["run_medians"]), n_runs_new=len(n["run_medians"]))
+    for column in ("mfu", "compiled_total_bytes", "peak_bytes_in_use", "collective_bytes"):
+        out[f"{column}_base"], out[f"{column}_new"] = b[column], n[column]
+        out[f"{column}_delta"] = n[column] - b[column]
+    notes = []
+    if b["kind"] == n["kind"] == "measured":
+        if len(b["samples"]) and len(n["samples"]):
+            over_runs = min(len(b["run_medians"]), len(n["run_medians"])) >= MIN_SAMPLES
+            unit = "runs" if over_runs else "steps"
+            x, y = (b["run_medians"], n["run_medians"]) if over_runs else (b["samples"], n["samples"])
+            est = ratio_interval(x, y, confidence)
+            out.update(ratio=est.ratio, ratio_ci_low=est.ci_low, ratio_ci_high=est.ci_high, ci_level=est.level,
+                       interval_over=unit)
+            out["verdict"] = verdict(est.ratio, est.ci_low, est.ci_high, threshold)
+            if not np.isfinite(est.ci_low):
+                notes.append(f"fewer than {MIN_SAMPLES} step samples on a side: no interval")
+            elif est.level < confidence - 1e-9:
+                notes.append(f"{len(x)} and {len(y)} {unit} reach only a {est.level:.1%} interval")
+        else:
+            out["verdict"] = "noisy"
+            notes.append("no step times on a side")
+    else:
+        ratio = n["step_time_s"] / b["step_time_s"] if b["step_time_s"] else math.nan
+        out.update(ratio=ratio, verdict=threshold_verdict(ratio, threshold))
+        if b["kind"] != n["kind"]:
+            plan, run = (b, n) if b["kind"] == "planned" else (n, b)
+            out["memory_ratio"] = (run["peak_bytes_in_use"] / plan["compiled_total_bytes"]
+                                   if plan["compiled_total_bytes"] else math.nan)
+            notes.append("predicted against measured step time, and runtime peak against compiled memory "
+                         "(memory_ratio = measured / planned); a plan has no samples, so no interval")
+            if not np.isfinite(out["memory_ratio"]):
+                notes.append("no runtime peak memory measured on this backend")
+        else:
+            notes.append("predicted step times of two plans; no interval")
+    out["note"] = "; ".join(notes)
+    return out
+
+
+def counts(table: pd.DataFrame) -> dict[str, int]:
+    """How many points got each verdict (timing verdicts always listed)."""
+    found = table["verdict"].value_counts().to_dict()
+    out = {v: int(found.get(v, 0)) for v in TIMING_VERDICTS}
+    out.update({v: int(c) for v, c in found.items() if v not in out})
+    return out
+
+
+def gate_fails(table: pd.DataFrame) -> bool:
+    """True when some point is slower beyond the threshold, or ran before and fails now."""
+    return bool(table["verdict"].isin(GATE_VERDICTS).any())
+
+
+def matched(table: pd.DataFrame) -> int:
+    return int((~table["verdict"].isin(("base_only", "new_only"))).sum())
+
+
+# ---------------------------------------------------------------- runtimes
+
+
+def runtime_diff(base_runtimes, new_runtimes) -> pd.DataFrame:
+    """The runtime fields that differ between the sides: columns field, base, new.
+
+    The fields of RUNTIME_FIELDS first, then any other scalar field of
+    runtime.json that differs (the peak's figures included, as ``peak.tflops``).
+    With several reports on a side, its distinct values are joined by ", ".
+    """
+    def values(runtimes) -> dict[str, str]:
+        seen: dict[str, list[str]] = {}
+        for runtime in runtimes:
+            for field, value in _flatten(runtime).items():
+                if field == "n_processes":
+                    field = "process_count"
+                text = _key_text(value)
+                seen.setdefault(field, [])
+                if text not in seen[field]:
+                    seen[field].append(text)
+        return {f: ", ".join(v) for f, v in seen.items()}
+
+    b, n = values(base_runtimes), values(new_runtimes)
+    fields = [f for f in RUNTIME_FIELDS if f in b or f in n]
+    fields += sorted((set(b) | set(n)) - set(fields) - set(RUNTIME_IGNORED))
+    rows = [(f, b.get(f, "(absent)"), n.get(f, "(absent)")) for f in fields if b.get(f) != n.get(f)]
+    return pd.DataFrame(rows, columns=["field", "base", "new"])
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif not isinstance(v, list):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ---------------------------------------------------------------- formatting
+
+
+KEY_LABELS = (("size_name", "size"), ("strategy", "strategy"), ("n_devices", "n"), ("mesh_shape", "mesh"),
+              ("global_batch", "batch"))
+
+
+def varying_key_columns(table: pd.DataFrame) -> list[str]:
+    """Key columns beyond KEY_LABELS that vary in the table (those that tell its points apart)."""
+    key = table.attrs.get("key", MATCH_COLUMNS)
+    shown = {c for c, _ in KEY_LABELS}
+    return [c for c in key if c not in shown and c in table.columns and table[c].nunique(dropna=False) > 1]
+
+
+def point_label(r, extra) -> str:
+    parts = [f"{r['size_name']} {r['strategy']} n={r['n_devices']}" if "size_name" in r
+             else f"{r['strategy']} n={r['n_devices']}"]
+    parts += [f"{c}={r[c]}" for c in extra if str(r[c]) != ""]
+    return " ".join(parts)
+
+
+def _num(value, pattern: str) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return ""
+    return "" if value != value else pattern.format(value)
+
+
+def _bytes(value) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return ""
+    if value != value:
+        return ""
+    sign, value = ("-" if value < 0 else "+"), abs(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{sign}{value:.3g} {unit}" if value else "0"
+        value /= 1024
+    return ""
+
+
+def method_line(table: pd.DataFrame) -> str:
+    """One sentence: how the ratios, intervals and verdicts of the table were made."""
+    confidence = table.attrs.get("confidence", 0.95)
+    level = table.attrs.get("point_confidence", confidence)
+    threshold = table.attrs.get("threshold", 0.05)
+    text = (f"ratio = new / base step time (Hodges–Lehmann), Moses (Mann–Whitney) intervals {confidence:.0%} "
+            f"for all points together ({level:.2%} each), threshold ±{threshold:.1%}")
+    drift = table.attrs.get("run_drift")
+    if drift is not None:
+        if drift.sd == drift.sd:
+            text += (f"; drift between runs {drift.sd:.3f} (log-scale SD, from {drift.n_points - drift.n_outliers}"
+                     f" of {drift.n_points} points) widens the intervals over steps")
+        else:
+            text += f"; too few points to estimate the drift between runs: intervals over steps cover steps only"
+    return text
+
+
+def format_markdown(table: pd.DataFrame, diff: pd.DataFrame, base_sources=(), new_sources=()) -> str:
+    """compare.md: the runtime diff, the verdict counts, the points sorted by effect, then the rest."""
+    lines = ["# jaxscale compare", ""]
+    if base_sources:
+        lines.append(f"- base: {', '.join(map(str, base_sources))}")
+    if new_sources:
+        lines.append(f"- new: {', '.join(map(str, new_sources))}")
+    lines += [f"- {method_line(table)}", ""]
+    lines += ["## Runtime", ""]
+    if diff.empty:
+        lines += ["The runtimes agree in every field recorded (versions, devices, processes, flags).", ""]
+    else:
+        lines += ["| field | base | new |", "| --- | --- | --- |"]
+        lines += [f"| {r.field} | {r.base} | {r.new} |" for r in diff.itertuples()]
+        lines.append("")
+    tally = counts(table)
+    lines += ["## Verdicts", "", " · ".join(f"{v}: {c}" for v, c in tally.items()), ""]
+    left_out = table.attrs.get("left_out", ())
+    if left_out:
+        lines += [f"Not matched on {', '.join(left_out)}: one side's rows lack the column.", ""]
+    extra = varying_key_columns(table)
+    timed = table[table["verdict"].isin(TIMING_VERDICTS)]
+    if len(timed):
+        lines += ["## Points, largest change first", "",
+                  "| point | compared | base step s | new step s | ratio | interval | verdict | MFU Δ | compiled Δ | "
+                  "runtime peak Δ | collective Δ |",
+                  "| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+        for _, r in timed.iterrows():
+            interval = (f"{r['ratio_ci_low']:.3f}–{r['ratio_ci_high']:.3f} ({r['ci_level']:.1%})"
+                        if pd.notna(r["ratio_ci_low"]) else "none")
+            lines.append(f"| {point_label(r, extra)} | {r['compared']} | {_num(r['step_time_s_base'], '{:.4g}')} | "
+                         f"{_num(r['step_time_s_new'], '{:.4g}')} | {_num(r['ratio'], '{:.3f}')} | {interval} | "
+                         f"**{r['verdict']}** | {_num(r['mfu_delta'], '{:+.2%}')} | "
+                         f"{_bytes(r['compiled_total_bytes_delta'])} | {_bytes(r['peak_bytes_in_use_delta'])} | "
+                         f"{_bytes(r['collective_bytes_delta'])} |")
+        lines.append("")
+        notes = sorted({str(n) for n in timed["note"].dropna() if str(n)})
+        if notes:
+            lines += ["Notes: " + " ".join(f"{n}." for n in notes), ""]
+    rest = table[~table["verdict"].isin(TIMING_VERDICTS)]
+    if len(rest):
+        lines += ["## Failed and one-sided points", "", "| point | verdict | note |", "| --- | --- | --- |"]
+        lines += [f"| {point_label(r, extra)} | {r['verdict']} | {r['note']} |" for _, r in rest.iterrows()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_ratios(table: pd.DataFrame, path: Path) -> Path | None:
+    """Ratios with their intervals against device count, a panel per strategy (log-2 x, log y).
+
+    Returns the path written, or None when no point has a ratio.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    data = table[pd.to_numeric(table["ratio"], errors="coerce").notna()].copy()
+    if data.empty:
+        return None
+    threshold = table.attrs.get("threshold", 0.05)
+    strategies = list(dict.fromkeys(data["strategy"]))
+    extra = varying_key_columns(table)
+    series_cols = [c for c in ("size_name", *extra) if c in data.columns]
+    data["_series"] = data[series_cols].astype(str).agg(" ".join, axis=1) if series_cols else ""
+    series = list(dict.fromkeys(data["_series"]))
+    colors = {"slower": "#c0392b", "faster": "#1e8449", "same": "#7f8c8d", "noisy": "#e67e22"}
+    markers = "osD^v<>ph*"
+    fig, axes = plt.subplots(1, len(strategies), figsize=(3.6 * len(strategies) + 1.2, 3.8), sharey=True,
+                             squeeze=False)
+    ratios = pd.to_numeric(data["ratio"])
+    low = pd.to_numeric(data["ratio_ci_low"], errors="coerce").fillna(ratios)
+    high = pd.to_numeric(data["ratio_ci_high"], errors="coerce").fillna(ratios)
+    span = max(abs(math.log(float(low.min()))), abs(math.log(float(high.max()))), math.log(1 + 2 * threshold))
+    for ax, strategy in zip(axes[0], strategies):
+        ax.axhspan(1 - threshold, 1 + threshold, color="#d5dbdb", alpha=0.6, lw=0)
+        ax.axhline(1.0, color="black", lw=0.8)
+        part = data[data["strategy"] == strategy]
+        for j, name in enumerate(series):
+            points = part[part["_series"] == name]
+            offset = 2 ** ((j - (len(series) - 1) / 2) * 0.06)
+            for _, r in points.iterrows():
+                x = float(r["n_devices"]) * offset
+                y = float(r["ratio"])
+                lo = float(r["ratio_ci_low"]) if pd.notna(r["ratio_ci_low"]) else y
+                hi = float(r["ratio_ci_high"]) if pd.notna(r["ratio_ci_high"]) else y
+                color = colors.get(r["verdict"], "black")
+                ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt=markers[j % len(markers)], color=color,
+                            mfc=color if r["compared"] == "measured/measured" else "white", ms=6, capsize=3,
+                            lw=1.2)
+        ax.set_xscale("log", base=2)
+        counts_ = sorted({int(v) for v in part["n_devices"]})
+        ax.set_xticks(counts_, [str(c) for c in counts_])
+        ax.minorticks_off()
+        ax.set_title(strategy)
+        ax.set_xlabel("devices")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_yscale("log")
+    y_low, y_high = math.exp(-span * 1.15), math.exp(span * 1.15)
+    axes[0][0].set_ylim(y_low, y_high)
+    ticks = [t for t in (0.1, 0.2, 0.25, 0.5, 0.67, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2, 4, 5, 10)
+             if y_low <= t <= y_high]
+    if len(ticks) > 9:  # keep 1 and thin out the rest
+        ticks = sorted({1.0, *ticks[::2]})
+    axes[0][0].yaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    axes[0][0].yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axes[0][0].yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    axes[0][0].set_ylabel("step time ratio new / base")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker=markers[j % len(markers)], ls="", color="black", label=name)
+               for j, name in enumerate(series)]
+    handles += [Line2D([], [], marker="s", ls="", color=c, label=v) for v, c in colors.items()]
+    handles.append(Line2D([], [], lw=6, color="#d5dbdb", label=f"±{threshold:.0%}"))
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    fig.suptitle("jaxscale compare: step time new / base with intervals (hollow: no interval)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 1.3 / fig.get_figwidth(), 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_compare(out_dir: Path | str, table: pd.DataFrame, diff: pd.DataFrame, base_sources=(),
+                  new_sources=()) -> dict[str, Path]:
+    """Write compare.csv, compare.md and compare.png into out_dir; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / "compare.csv", "md": out_dir / "compare.md"}
+    table.to_csv(paths["csv"], index=False)
+    paths["md"].write_text(format_markdown(table, diff, base_sources, new_sources))
+    plot = plot_ratios(table, out_dir / "compare.png")
+    if plot is not None:
+        paths["plot"] = plot
+    return paths
+
+
+class _CallableModule(types.ModuleType):
+    """``jaxscale.compare`` names both this module and its function ``compare``.
+
+    Importing the module (``from jaxscale.compare import ...``) binds the
+    package attribute to the module, so the module itself calls ``compare``:
+    ``jaxscale.compare(base, new)`` works whichever Python bound.
+    """
+
+    def __call__(self, base_rows, new_rows, threshold: float = 0.05, confidence: float = 0.95,
+                 familywise: bool = True) -> pd.DataFrame:
+        return compare(base_rows, new_rows, threshold=threshold, confidence=confidence, familywise=familywise)
+
+
+sys.modules[__name__].__class__ = _CallableModule
