@@ -143,24 +143,56 @@ def cmd_run(args) -> int:
 
 
 def print_runs(console, rows) -> None:
-    """A short table of the sweep's rows."""
-    from rich.table import Table
+    """A short table of the sweep's rows: rich on a terminal, plain full-width text elsewhere.
 
-    table = Table(title="jaxscale runs")
-    for name in ("size", "strategy", "n", "mesh", "params", "step_time_s", "cv", "tokens/s", "mfu", "mem/device",
-                 "status"):
-        table.add_column(name, justify="right" if name not in ("size", "strategy", "mesh", "status") else "left")
+    Off a terminal (a pipe, a CI log) rich would squeeze the table into 80
+    columns and cut its cells; the plain table keeps every cell whole.
+    """
+    headers, cells = _runs_cells(rows)
+    left = {"size", "strategy", "mesh", "status", "remat", "xla_flags"}
+    if console.is_terminal:
+        from rich.table import Table
+
+        table = Table(title="jaxscale runs")
+        for name in headers:
+            table.add_column(name, justify="left" if name in left else "right")
+        for line in cells:
+            table.add_row(*line)
+        console.print(table)
+        return
+    print("jaxscale runs", file=console.file)
+    print(_plain_table(headers, cells, left), file=console.file, flush=True)
+
+
+def _runs_cells(rows) -> tuple[list[str], list[list[str]]]:
+    """Column names and cell texts of the runs table; remat and xla_flags only where they vary."""
+    headers = ["size", "strategy", "n", "mesh", "params", "step_time_s", "cv", "tokens/s", "mfu", "mem/device",
+               "status"]
+    extra = [c for c in ("remat", "xla_flags") if c in rows.columns and rows[c].astype(str).nunique() > 1]
+    cells = []
     for _, r in rows.iterrows():
         ok = r["status"] == "ok"
         mem = r.get("peak_bytes_in_use")
         if mem is None or mem == "" or (isinstance(mem, float) and mem != mem):
             mem = r.get("compiled_total_bytes")
-        table.add_row(str(r["size_name"]), str(r["strategy"]), str(r["n_devices"]), str(r["mesh_shape"]),
+        cells.append([str(r["size_name"]), str(r["strategy"]), str(r["n_devices"]), str(r["mesh_shape"]),
                       _fmt(r.get("params"), "{:.3g}"), _fmt(r.get("step_time_s"), "{:.4g}") if ok else "",
                       _fmt(r.get("step_time_cv"), "{:.1%}") if ok else "",
                       _fmt(r.get("tokens_per_s"), "{:.4g}") if ok else "",
-                      _fmt(r.get("mfu"), "{:.1%}") if ok else "", _fmt_bytes(mem), str(r["status"]))
-    console.print(table)
+                      _fmt(r.get("mfu"), "{:.1%}") if ok else "", _fmt_bytes(mem), str(r["status"]),
+                      *[str(r[c]) if r[c] is not None and r[c] == r[c] else "" for c in extra]])
+    return headers + extra, cells
+
+
+def _plain_table(headers: list[str], cells: list[list[str]], left: set[str]) -> str:
+    """Columns padded to their widest cell, two spaces apart, nothing cut."""
+    widths = [max([len(h)] + [len(line[i]) for line in cells]) for i, h in enumerate(headers)]
+
+    def line(texts):
+        return "  ".join(t.ljust(w) if h in left else t.rjust(w)
+                         for t, w, h in zip(texts, widths, headers)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(c) for c in cells])
 
 
 def _fmt(value, pattern: str) -> str:
@@ -338,6 +370,141 @@ def cmd_calibrate(args) -> int:
           f"{result['n_local_devices']} devices at once), memory {result['hbm_gbytes_per_s']:.4g} GB/s per device; "
           f"cached in {devinfo.cache_dir() / 'calibration.json'}")
     return 0
+
+
+def cmd_compare(args) -> int:
+    """Exit 0: nothing slower beyond the threshold; 1: something is (or fails now); 2: bad input."""
+    import importlib
+    import warnings
+
+    cmp = importlib.import_module("jaxscale.compare")  # the module; `from jaxscale import compare` is the function
+
+    if args.base or args.new:
+        if args.reports or not (args.base and args.new):
+            return _fail("give BASE NEW, or --base PATH [--base PATH ...] --new PATH [--new PATH ...], not a mix")
+        base_paths, new_paths = args.base, args.new
+    elif len(args.reports) == 2:
+        base_paths, new_paths = [args.reports[0]], [args.reports[1]]
+    else:
+        return _fail(f"compare takes two reports, BASE NEW (got {len(args.reports)}); for several a side, "
+                     "--base PATH [--base PATH ...] --new PATH [--new PATH ...]")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            base, new = cmp.read_side(base_paths), cmp.read_side(new_paths)
+            table = cmp.compare(base.runs, new.runs, threshold=args.threshold, confidence=args.confidence)
+        if not cmp.matched(table):
+            raise cmp.CompareError(f"no point of {', '.join(base_paths)} matches one of {', '.join(new_paths)} "
+                                   f"on {', '.join(table.attrs['key'])}")
+    except cmp.CompareError as e:
+        return _fail(str(e))
+    for w in caught:
+        print(f"jaxscale: warning: {w.message}", file=sys.stderr)
+    diff = cmp.runtime_diff(base.runtimes, new.runtimes)
+    first = Path(new_paths[0])
+    out = Path(args.out) if args.out else (first if first.is_dir() else first.resolve().parent) / "compare"
+    paths = cmp.write_compare(out, table, diff, base.sources, new.sources)
+    if diff.empty:
+        print("runtime: the same versions, devices, processes and flags")
+    else:
+        print("runtime: " + "; ".join(f"{r.field} {r.base} -> {r.new}" for r in diff.itertuples()))
+    tally = cmp.counts(table)
+    print(cmp.method_line(table))
+    print(f"{cmp.matched(table)} points matched: "
+          + ", ".join(f"{c} {v}" for v, c in tally.items() if c or v in cmp.TIMING_VERDICTS))
+    extra = cmp.varying_key_columns(table)
+    for _, r in table[table["verdict"].isin(("slower", "failed"))].iterrows():
+        interval = (f" [{r['ratio_ci_low']:.3f}, {r['ratio_ci_high']:.3f}]" if r["verdict"] == "slower"
+                    and r["ratio_ci_low"] == r["ratio_ci_low"] else "")
+        detail = f"{r['ratio']:.3f}x{interval}" if r["verdict"] == "slower" else r["note"]
+        print(f"  {r['verdict']}: {cmp.point_label(r, extra)}: {detail}")
+    print("compare: " + ", ".join(str(p) for p in paths.values()))
+    return 1 if cmp.gate_fails(table) else 0
+
+
+def cmd_plan(args) -> int:
+    from jaxscale.config import ProfileError, load_profile
+    from jaxscale.targets import TargetError, parse_target, require_libtpu
+
+    try:
+        profile = load_profile(args.profile or "smoke", args.set or [])
+        topology = args.topology or profile.mesh.topology
+        if not topology:
+            raise TargetError(f"{profile.source}: no target: give --topology (e.g. v5e:16x16) or [mesh] topology")
+        target = parse_target(topology)
+        require_libtpu()
+    except (ProfileError, TargetError) as e:
+        return _fail(str(e))
+    _prepare_runtime(not args.no_compile_cache)
+    import datetime as dt
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from jaxscale import plan as planner
+
+    console = Console()
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    report_dir = Path(args.out or "reports") / f"{profile.run.name}-plan-{target.name.replace(':', '-')}-{stamp}"
+    try:
+        points, dropped = planner.plan_grid(profile, target)
+    except ProfileError as e:
+        return _fail(str(e))
+    if dropped:
+        console.print(f"{sum(dropped.values())} of {sum(dropped.values()) + len(points)} grid points dropped:")
+        for reason, count in dropped.items():
+            console.print(f"  {count} x {reason}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        task = progress.add_task("starting", total=len(points))
+
+        def on_point(point, i, total):
+            progress.update(task, completed=i, description=f"{point.describe()} on {target.slice_for(point.n_devices)}")
+
+        try:
+            result = planner.run_plan(profile, target, report_dir, on_point=on_point,
+                                      on_row=lambda row: progress.advance(task))
+        except ProfileError as e:
+            return _fail(str(e))
+        progress.update(task, description="done")
+    print_plan(console, result.rows)
+    console.print(f"rows: {report_dir / 'runs.csv'}")
+    if not args.no_analyze and (result.rows["status"] == "planned").sum() >= 2:
+        _analyze_into(console, result.rows, report_dir)
+    errors = result.rows[result.rows["status"] == "compile_error"]
+    for _, r in errors.iterrows():
+        console.print(f"  {r['size_name']} {r['strategy']} n={r['n_devices']}: compile_error: {str(r['error'])[:200]}")
+    return 1 if len(errors) else 0
+
+
+def print_plan(console, rows) -> None:
+    """The plan's rows: what fits, predicted step time and MFU, plain text off a terminal."""
+    headers = ["size", "strategy", "n", "slice", "batch", "remat", "status", "state/chip", "total/chip", "of HBM",
+               "compute_s", "comm_s", "step_s", "mfu"]
+    cells = []
+    for _, r in rows.iterrows():
+        hbm = r.get("device_memory_bytes")
+        total = r.get("compiled_total_bytes")
+        share = _fmt(float(total) / float(hbm), "{:.0%}") if _fmt(total, "{}") and _fmt(hbm, "{}") else ""
+        state = (r.get("param_bytes") or 0) + (r.get("opt_state_bytes") or 0)
+        cells.append([str(r["size_name"]), str(r["strategy"]), str(r["n_devices"]), str(r.get("topology") or ""),
+                      str(r["global_batch"]), str(r.get("remat") or ""), str(r["status"]), _fmt_bytes(state or None),
+                      _fmt_bytes(total), share, _fmt(r.get("predicted_compute_s"), "{:.3g}"),
+                      _fmt(r.get("predicted_comm_s"), "{:.3g}"), _fmt(r.get("predicted_step_time_s"), "{:.3g}"),
+                      _fmt(r.get("predicted_mfu"), "{:.1%}")])
+    left = {"size", "strategy", "slice", "remat", "status"}
+    if console.is_terminal:
+        from rich.table import Table
+
+        table = Table(title="jaxscale plan")
+        for name in headers:
+            table.add_column(name, justify="left" if name in left else "right")
+        for line in cells:
+            table.add_row(*line)
+        console.print(table)
+        return
+    print("jaxscale plan", file=console.file)
+    print(_plain_table(headers, cells, left), file=console.file, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
