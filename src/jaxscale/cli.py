@@ -555,6 +555,32 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     cal.add_argument("--size", type=int, help="matrix size (default 1024 on CPU, 8192 elsewhere)")
     cal.set_defaults(func=cmd_calibrate)
+
+    pl = sub.add_parser("plan", help="compile every grid point for a TPU slice and predict its step, no TPU needed",
+                        description="Exit 0 when every point compiled (planned or over budget), 1 when one failed "
+                                    "to compile, 2 for bad input.")
+    pl.add_argument("profile", nargs="?", help="shipped profile name or path (default: smoke)")
+    pl.add_argument("--topology", help="the TPU slice to plan for, e.g. v5e:16x16 or v5p:4x4x4 "
+                                       "(default: the profile's [mesh] topology)")
+    pl.add_argument("--out", help="parent folder of the report folder (default: reports/)")
+    pl.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                    help="override a profile value, TOML syntax: --set run.remat=[\"none\",\"full\"]")
+    pl.add_argument("--no-compile-cache", action="store_true", help="do not use JAX's persistent compilation cache")
+    pl.add_argument("--no-analyze", action="store_true", help="skip the fits at the end")
+    pl.set_defaults(func=cmd_plan)
+
+    cmp = sub.add_parser("compare", help="match two runs point by point: step-time ratios with intervals, verdicts",
+                         description="Exit 0 when no point is slower beyond the threshold, 1 when one is (or fails "
+                                     "where it ran before), 2 for bad input.")
+    cmp.add_argument("reports", nargs="*", metavar="BASE NEW", help="report folders or runs.csv files")
+    cmp.add_argument("--base", action="append", default=[], metavar="PATH",
+                     help="a base report folder or runs.csv (repeat for several; their samples are pooled)")
+    cmp.add_argument("--new", action="append", default=[], metavar="PATH", help="a new report folder or runs.csv")
+    cmp.add_argument("--threshold", type=float, default=0.05,
+                     help="relative change in step time that matters (default 0.05: 5%%)")
+    cmp.add_argument("--confidence", type=float, default=0.95, help="coverage of the ratio intervals")
+    cmp.add_argument("--out", help="output folder (default: NEW/compare)")
+    cmp.set_defaults(func=cmd_compare)
     return parser
 
 

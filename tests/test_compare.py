@@ -1,0 +1,384 @@
+"""jaxscale compare: intervals with planted ratios, verdicts, the runtime diff, bad input, the CLI.
+
+Most runs here are synthetic runs.csv files whose samples are drawn with a
+known ratio; one tiny real sweep checks that what `jaxscale run` writes is
+compared as it should be.
+"""
+
+import io
+import itertools
+import json
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from rich.console import Console
+
+import jaxscale
+from helpers import TINY_SETS, jaxscale as run_cli, sets
+from jaxscale import cli
+from jaxscale.compare import (CompareError, estimate_run_drift, mann_whitney_null_cdf, ratio_interval, read_side,
+                              runtime_diff, verdict)
+from jaxscale.records import COLUMNS, RowWriter, read_rows
+
+STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp")
+
+
+def synthetic_run(rng, *, n_steps=10, cv=0.05, drift_sd=0.0, scale=None, devices=(1, 2, 4, 8),
+                  strategies=STRATEGIES, row_source="measured", **extra) -> pd.DataFrame:
+    """One run of a 16-point grid: step times lognormal around a per-point base, per-run drift, planted scales.
+
+    scale maps (strategy, n_devices) to a factor applied to that point's steps.
+    """
+    rows = []
+    for n, strategy in itertools.product(devices, strategies):
+        base_s = 0.01 * n ** -0.5 * (1 + STRATEGIES.index(strategy) / 4)
+        run_factor = math.exp(rng.normal(0, drift_sd)) if drift_sd else 1.0
+        samples = base_s * run_factor * np.exp(rng.normal(0, cv, n_steps)) * (scale or {}).get((strategy, n), 1.0)
+        data = 1 if strategy == "tp" else (n if strategy != "fsdp_tp" else max(n // 2, 1))
+        row = {c: "" for c in COLUMNS}
+        row.update(schema_version=2, profile="synthetic", row_source=row_source, status="ok", size_name="d64-l2",
+                   strategy=strategy, n_devices=n, n_processes=1, mesh_shape=f"data:{data},model:{n // data}",
+                   d_model=64, n_layers=2, n_heads=8, d_ff=256, seq_len=64, vocab=512, global_batch=16,
+                   batch_mode="strong", dtype="float32", remat="none", attention="auto", scan_layers=True,
+                   xla_flags="", backend="cpu", device_kind="cpu", jax_version="0.10.2", n_timed_steps=n_steps,
+                   step_time_samples_s=";".join(f"{s:.6g}" for s in samples),
+                   step_time_s=float(np.median(samples)), mfu=0.3 * 0.01 / float(np.median(samples)) / n,
+                   compiled_total_bytes=1_000_000 // n, all_reduce_bytes=4096 * (n > 1), all_gather_bytes=0,
+                   reduce_scatter_bytes=0, all_to_all_bytes=0, collective_permute_bytes=0)
+        row.update(extra)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_report(folder, rows: pd.DataFrame, jax_version="0.10.2"):
+    """A report folder as `jaxscale run` leaves it: runs.csv and runtime.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with RowWriter(folder / "runs.csv") as writer:
+        for _, r in rows.iterrows():
+            writer.append({k: v for k, v in r.items() if k in COLUMNS})
+    (folder / "runtime.json").write_text(json.dumps({"backend": "cpu", "device_kind": "cpu", "jax_version": jax_version,
+                                                     "jaxlib_version": jax_version, "process_count": 1}))
+    return folder
+
+
+# ------------------------------------------------------------------ the interval
+
+
+@pytest.mark.parametrize("n,m", [(3, 3), (4, 6), (5, 5)])
+def test_mann_whitney_null_matches_enumeration(n, m):
+    # Independent: enumerate every placement of the n base ranks among n + m and count U.
+    counts = np.zeros(n * m + 1)
+    for ranks in itertools.combinations(range(n + m), n):
+        chosen = set(ranks)
+        counts[sum(1 for a in ranks for b in range(n + m) if b not in chosen and a > b)] += 1
+    assert mann_whitney_null_cdf(n, m) == pytest.approx(np.cumsum(counts) / counts.sum(), abs=1e-12)
+
+
+def test_identical_shapes_scaled_give_the_planted_ratio_exactly():
+    base = np.array([1.0, 1.1, 0.9, 1.05, 0.97, 1.2])
+    est = ratio_interval(base, base * 1.3)
+    assert est.ratio == pytest.approx(1.3)
+    assert est.ci_low < 1.3 < est.ci_high and est.level >= 0.95
+
+
+@pytest.mark.parametrize("n,m,shape", [(5, 5, "lognormal"), (10, 12, "spiky"), (30, 30, "lognormal"),
+                                       (210, 200, "spiky")])
+def test_interval_covers_a_planted_ratio_at_its_level(n, m, shape):
+    """Coverage over 400 seeded comparisons with new = 1.3 × base in distribution.
+
+    "spiky": 10% of steps take 1.5-3x longer (a host hiccup), which a
+    distribution-free interval must survive. 210 × 200 takes the normal
+    approximation.
+    """
+    rng = np.random.default_rng(n * 1000 + m)
+    planted, hits, levels = 1.3, 0, []
+
+    def draw(k):
+        x = 0.02 * np.exp(rng.normal(0, 0.1, k))
+        if shape == "spiky":
+            x = x * np.where(rng.random(k) < 0.1, rng.uniform(1.5, 3.0, k), 1.0)
+        return x
+
+    trials = 400
+    for _ in range(trials):
+        est = ratio_interval(draw(n), planted * draw(m), confidence=0.95)
+        hits += est.ci_low <= planted <= est.ci_high
+        levels.append(est.level)
+    level = float(np.mean(levels))
+    assert level >= 0.95 - 2e-3  # the exact interval never offers less than asked (normal approx: about)
+    se = math.sqrt(level * (1 - level) / trials)
+    assert hits / trials >= level - 3 * se, (hits, level)
+    assert hits / trials <= min(1.0, level + 3 * se + 0.01), (hits, level)
+
+
+def test_few_samples_give_the_level_they_can():
+    est = ratio_interval([1.0, 1.1, 0.9], [1.2, 1.3, 1.25], confidence=0.95)
+    assert est.level == pytest.approx(1 - 2 / math.comb(6, 3))  # min and max of the 9 ratios: 90%
+    assert est.ci_low == pytest.approx(1.2 / 1.1) and est.ci_high == pytest.approx(1.3 / 0.9)
+    assert math.isnan(ratio_interval([1.0, 1.1], [1.2, 1.3]).ci_low)
+
+
+def test_verdict_rules():
+    assert verdict(1.30, 1.20, 1.40, 0.05) == "slower"
+    assert verdict(1.04, 1.01, 1.07, 0.05) == "noisy"  # significant but the estimate is under the threshold
+    assert verdict(0.70, 0.60, 0.80, 0.05) == "faster"
+    assert verdict(1.01, 0.97, 1.04, 0.05) == "same"
+    assert verdict(1.20, 0.90, 1.60, 0.05) == "noisy"
+
+
+def test_drift_estimate_recovers_a_planted_spread_and_ignores_changed_points():
+    rng = np.random.default_rng(7)
+    d = rng.normal(0.0, 0.1, 400)
+    d[:10] += 1.0  # ten points really changed
+    drift = estimate_run_drift(d, np.full(400, 0.02))
+    assert drift.sd == pytest.approx(math.sqrt(0.1 ** 2 - 0.02 ** 2), rel=0.1)
+    assert drift.n_outliers >= 10
+    assert math.isnan(estimate_run_drift(d[:5], np.full(5, 0.02)).sd)
+
+
+# ------------------------------------------------------------------ verdicts on grids
+
+
+def test_runs_drawn_from_one_distribution_raise_few_alarms():
+    """False alarms over 30 pairs of synthetic runs with a 10% drift per point between runs.
+
+    The intervals are simultaneous at 95%, so about 5% of pairs at most may
+    call any point slower or faster (without the drift term, most would).
+    """
+    rng = np.random.default_rng(11)
+    alarms = 0
+    for _ in range(30):
+        table = jaxscale.compare(synthetic_run(rng, drift_sd=0.1), synthetic_run(rng, drift_sd=0.1))
+        alarms += table["verdict"].isin(["slower", "faster"]).any()
+    assert alarms <= 4  # 13%: room for the binomial spread of 30 pairs around 5%
+
+
+def test_planted_slowdown_is_found_with_its_ratio():
+    rng = np.random.default_rng(3)
+    base = synthetic_run(rng, drift_sd=0.01)
+    new = synthetic_run(rng, drift_sd=0.01, scale={("fsdp", 4): 1.3})
+    table = jaxscale.compare(base, new, threshold=0.05)
+    slow = table[table["verdict"] == "slower"]
+    assert list(zip(slow["strategy"], slow["n_devices"])) == [("fsdp", 4)]
+    r = slow.iloc[0]
+    assert r["ratio"] == pytest.approx(1.3, rel=0.05) and r["ratio_ci_low"] < 1.3 < r["ratio_ci_high"]
+    assert table.iloc[0]["strategy"] == "fsdp"  # sorted by effect
+    assert (table["verdict"] != "faster").all()
+
+
+def test_uniform_speedup_is_faster_everywhere():
+    rng = np.random.default_rng(5)
+    base = synthetic_run(rng)
+    new = synthetic_run(rng, scale={k: 0.7 for k in itertools.product(STRATEGIES, (1, 2, 4, 8))})
+    table = jaxscale.compare(base, new)
+    assert (table["verdict"] == "faster").all()
+    assert table["ratio"].median() == pytest.approx(0.7, rel=0.02)
+    assert ((table["ratio_ci_low"] < 0.7) & (0.7 < table["ratio_ci_high"])).all()
+
+
+def test_same_when_the_interval_is_inside_the_threshold():
+    rng = np.random.default_rng(9)
+    table = jaxscale.compare(synthetic_run(rng, n_steps=100, cv=0.02), synthetic_run(rng, n_steps=100, cv=0.02))
+    assert (table["verdict"] == "same").all()
+
+
+def test_several_runs_a_side_take_the_interval_over_runs():
+    rng = np.random.default_rng(4)
+    base = [synthetic_run(rng, drift_sd=0.05) for _ in range(4)]
+    new = [synthetic_run(rng, drift_sd=0.05, scale={("tp", 2): 1.5}) for _ in range(4)]
+    table = jaxscale.compare(base, new)
+    assert (table["interval_over"] == "runs").all() and (table["n_runs_base"] == 4).all()
+    assert (table["n_samples_new"] == 40).all()
+    r = table[(table["strategy"] == "tp") & (table["n_devices"] == 2)].iloc[0]
+    assert r["verdict"] == "slower" and r["ratio"] == pytest.approx(1.5, rel=0.1)
+
+
+def test_changes_in_mfu_memory_and_collectives():
+    rng = np.random.default_rng(6)
+    base = synthetic_run(rng)
+    new = synthetic_run(rng)
+    new.loc[new["strategy"] == "fsdp", "compiled_total_bytes"] += 4096
+    new.loc[new["strategy"] == "dp", "all_gather_bytes"] = 1000
+    table = jaxscale.compare(base, new).set_index(["strategy", "n_devices"])
+    assert table.loc[("fsdp", 4), "compiled_total_bytes_delta"] == 4096
+    assert table.loc[("dp", 4), "collective_bytes_delta"] == 1000
+    assert table.loc[("dp", 4), "collective_bytes_new"] == 4096 + 1000
+    mfu = new[(new["strategy"] == "tp") & (new["n_devices"] == 8)]["mfu"].iloc[0] - \
+        base[(base["strategy"] == "tp") & (base["n_devices"] == 8)]["mfu"].iloc[0]
+    assert table.loc[("tp", 8), "mfu_delta"] == pytest.approx(mfu)
+
+
+def test_one_sided_and_failed_points():
+    rng = np.random.default_rng(8)
+    base = synthetic_run(rng)
+    new = synthetic_run(rng, devices=(1, 2, 4, 16))
+    new.loc[(new["strategy"] == "tp") & (new["n_devices"] == 2), ["status", "error"]] = ["oom", "RESOURCE_EXHAUSTED"]
+    table = jaxscale.compare(base, new)
+    by_verdict = table.groupby("verdict").size().to_dict()
+    assert by_verdict["base_only"] == 4 and by_verdict["new_only"] == 4 and by_verdict["failed"] == 1
+    failed = table[table["verdict"] == "failed"].iloc[0]
+    assert failed["strategy"] == "tp" and "oom" in failed["note"]
+
+
+def test_plan_against_a_run_compares_predictions_without_an_interval():
+    rng = np.random.default_rng(2)
+    run = synthetic_run(rng, peak_bytes_in_use=2_000_000)
+    plan = synthetic_run(rng, row_source="planned:v5e:2x2", status="planned", step_time_s="",
+                         step_time_samples_s="", predicted_step_time_s=0.004, predicted_mfu=0.5)
+    table = jaxscale.compare(plan, run)
+    assert (table["compared"] == "planned/measured").all()
+    assert table["ratio_ci_low"].isna().all() and table["note"].str.contains("no interval").all()
+    r = table[(table["strategy"] == "dp") & (table["n_devices"] == 1)].iloc[0]
+    measured = run[(run["strategy"] == "dp") & (run["n_devices"] == 1)].iloc[0]
+    assert r["ratio"] == pytest.approx(float(np.median([float(s) for s in measured["step_time_samples_s"].split(";")]))
+                                       / 0.004)
+    assert r["memory_ratio"] == pytest.approx(2_000_000 / 1_000_000)
+    assert r["verdict"] == ("slower" if r["ratio"] > 1.05 else "faster" if r["ratio"] < 0.95 else "same")
+
+
+def test_runtime_diff_names_what_changed():
+    diff = runtime_diff([{"jax_version": "0.10.1", "device_kind": "TPU v5 lite", "process_index": 0,
+                          "peak": {"tflops": 197.0}}],
+                        [{"jax_version": "0.10.2", "device_kind": "TPU v5 lite", "process_index": 3,
+                          "peak": {"tflops": 197.0}, "libtpu_version": "0.0.42"}])
+    assert diff.to_dict("records") == [{"field": "jax_version", "base": "0.10.1", "new": "0.10.2"},
+                                       {"field": "libtpu_version", "base": "(absent)", "new": "0.0.42"}]
+
+
+# ------------------------------------------------------------------ the command
+
+
+def test_cli_planted_slowdown_exit_1_with_diff_and_files(tmp_path, capsys):
+    rng = np.random.default_rng(12)
+    base = write_report(tmp_path / "base", synthetic_run(rng), jax_version="0.10.1")
+    new = write_report(tmp_path / "new", synthetic_run(rng, scale={("dp", 8): 1.4}))
+    code = cli.main(["compare", str(base), str(new), "--out", str(tmp_path / "cmp")])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "jax_version 0.10.1 -> 0.10.2" in out and "slower: d64-l2 dp n=8: 1.4" in out
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| jax_version | 0.10.1 | 0.10.2 |" in md and "slower: 1" in md
+    assert md.index("## Runtime") < md.index("## Points")
+    written = pd.read_csv(tmp_path / "cmp" / "compare.csv")
+    assert len(written) == 16 and {"ratio", "ratio_ci_low", "ratio_ci_high", "verdict"} <= set(written.columns)
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
+    # several a side, and the same reports against themselves pass the gate
+    assert cli.main(["compare", "--base", str(base), "--base", str(base / "runs.csv"), "--new", str(base),
+                     "--out", str(tmp_path / "self")]) == 0
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxscale: error: ") and "\n" not in err, err
+    return err
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    good = write_report(tmp_path / "good", synthetic_run(rng))
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text(",".join(COLUMNS) + "\n")
+    (tmp_path / "nofolder").mkdir()
+    other = write_report(tmp_path / "other", synthetic_run(rng, global_batch=32))
+    (tmp_path / "table.csv").write_text("a,b\n1,2\n")
+    cases = [
+        ([str(tmp_path / "empty.csv"), str(good)], "empty"),
+        ([str(good), str(tmp_path / "header.csv")], "no rows"),
+        ([str(tmp_path / "nofolder"), str(good)], "without runs.csv"),
+        ([str(good), str(other)], "no point"),
+        ([str(good), str(tmp_path / "table.csv")], "not jaxscale rows"),
+        ([str(good), str(tmp_path / "missing")], "no such file"),
+        ([str(good)], "two reports"),
+        ([str(good), str(good), "--threshold", "1.5"], "threshold"),
+    ]
+    for argv, phrase in cases:
+        assert cli.main(["compare", *argv]) == 2, argv
+        assert phrase in _one_line_error(capsys), argv
+
+
+def test_read_side_keeps_runs_apart(tmp_path):
+    rng = np.random.default_rng(1)
+    a = write_report(tmp_path / "a", synthetic_run(rng))
+    b = write_report(tmp_path / "b", synthetic_run(rng))
+    side = read_side([a, b / "runs.csv"])
+    assert len(side.runs) == 2 and len(side.runtimes) == 2
+    with pytest.raises(CompareError):
+        read_side([tmp_path])
+
+
+def test_real_runs_compare_as_written(tmp_path):
+    """A tiny `jaxscale run`; its copy with one point 2.5x slower and another jax in runtime.json.
+
+    Steps of a millisecond on a shared CPU vary by tens of percent, so eight
+    of them resolve a 2.5x change, not always a 1.3x one (the synthetic tests plant 1.3x).
+    """
+    proc = run_cli("run", "smoke", "--out", tmp_path / "runs", "--no-analyze",
+                   *sets(*TINY_SETS, "run.steps=8", "mesh.devices=[1,2]", "mesh.strategies=['dp','fsdp']"),
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (base,) = (tmp_path / "runs").iterdir()
+    new = tmp_path / "new"
+    shutil.copytree(base, new)
+    rows = read_rows(new / "runs.csv")
+    slow = (rows["strategy"] == "fsdp") & (rows["n_devices"] == 2)
+    samples = [float(s) * 2.5 for s in rows.loc[slow, "step_time_samples_s"].iloc[0].split(";")]
+    rows.loc[slow, "step_time_samples_s"] = ";".join(f"{s:.6g}" for s in samples)
+    (new / "runs.csv").unlink()
+    with RowWriter(new / "runs.csv") as writer:
+        for _, r in rows.iterrows():
+            writer.append({k: ("" if pd.isna(v) else v) for k, v in r.items()})
+    runtime = json.loads((new / "runtime.json").read_text())
+    runtime["jax_version"] = "9.9.9"
+    (new / "runtime.json").write_text(json.dumps(runtime))
+
+    proc = run_cli("compare", base, new, "--out", tmp_path / "cmp", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    table = pd.read_csv(tmp_path / "cmp" / "compare.csv")
+    assert len(table) == 4 and (table["compared"] == "measured/measured").all()
+    r = table[(table["strategy"] == "fsdp") & (table["n_devices"] == 2)].iloc[0]
+    assert r["verdict"] == "slower" and r["ratio"] == pytest.approx(2.5, rel=1e-3)
+    others = table.drop(index=r.name)
+    assert (others["ratio"] == 1.0).all() and (others["verdict"] != "slower").all()
+    assert f"jax_version {read_rows(base / 'runs.csv')['jax_version'].iloc[0]} -> 9.9.9" in proc.stdout
+    assert "| jax_version |" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert run_cli("compare", base, base, "--out", tmp_path / "self", cwd=tmp_path).returncode == 0
+
+
+# ------------------------------------------------------------------ the end-of-run table
+
+
+def _runs_rows() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = synthetic_run(rng, devices=(1, 8), xla_flags="--xla_cpu_use_thunk_runtime=false",
+                         size_name="d1024-l24-seq2048-long-name", params=123456789, tokens_per_s=12345.6,
+                         step_time_cv=0.0123, peak_bytes_in_use="")
+    rows.loc[0, "xla_flags"] = ""
+    return rows
+
+
+def test_run_table_off_a_terminal_is_plain_and_whole():
+    rows = _runs_rows()
+    buffer = io.StringIO()
+    cli.print_runs(Console(file=buffer, width=80), rows)
+    text = buffer.getvalue()
+    assert "…" not in text and "│" not in text
+    lines = text.splitlines()
+    assert lines[0] == "jaxscale runs" and len(lines) == 2 + 1 + len(rows)
+    assert max(map(len, lines)) > 80  # full width, as a log keeps it
+    body = lines[3:]
+    for (_, r), line in zip(rows.iterrows(), body):
+        cells = line.split()
+        assert cells[0] == "d1024-l24-seq2048-long-name" and cells[1] == r["strategy"]
+        assert cells[2] == str(r["n_devices"]) and cells[3] == r["mesh_shape"]
+        assert f"{r['step_time_s']:.4g}" in cells
+        assert "ok" in cells
+    assert body[1].endswith("--xla_cpu_use_thunk_runtime=false")  # the varying flag set is a column
+
+
+def test_run_table_on_a_terminal_stays_rich():
+    buffer = io.StringIO()
+    cli.print_runs(Console(file=buffer, width=200, force_terminal=True), _runs_rows())
+    assert "jaxscale runs" in buffer.getvalue() and "┃" in buffer.getvalue()
