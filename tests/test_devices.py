@@ -159,3 +159,17 @@ def test_a_peak_survives_the_json_round_trip_of_a_worker_report():
     peak = spec_peak("NVIDIA H100 80GB HBM3", "gpu", "bfloat16")
     back = PeakInfo(**json.loads(json.dumps(dataclasses.asdict(peak))))
     assert back == peak and back.remote_link.gbytes_per_s == 50.0
+
+
+def test_a_topology_that_exposes_each_tensorcore_splits_the_chip():
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    from jaxscale.devices import devices_per_chip
+
+    v4 = topologies.get_topology_desc(topology_name="v4:2x2x1", platform="tpu").devices  # 4 chips
+    v5p = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices  # 4 chips, megacore
+    assert (len(v4), devices_per_chip(v4)) == (8, 2) and (len(v5p), devices_per_chip(v5p)) == (4, 1)
+    core = spec_peak("TPU v4", "tpu", "bfloat16", per_chip=2)
+    assert core.tflops == 275.0 / 2 and core.hbm_gbytes_per_s == 600.0 and core.memory_bytes == 16 * 2 ** 30
+    assert devices_per_chip([SimpleNamespace(process_index=0)]) == 1

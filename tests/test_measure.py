@@ -171,3 +171,14 @@ def test_a_math_mode_without_a_datasheet_peak_leaves_mfu_empty_with_the_reason()
                     spec_peak("NVIDIA A100-SXM4-80GB", "gpu", "float32"))
     assert gpu.peak_dtype == "tf32" and gpu.peak_tflops_per_device == 156.0
     assert gpu.mfu == pytest.approx(1e12 / (0.5 * 156e12)) and "TF32" in gpu.peak_precision
+
+
+def test_opaque_kernels_are_flagged_not_guessed():
+    from jaxscale.measure import hidden_flops
+
+    pallas = ('ENTRY %main {\n  %a = f32[128,128]{1,0} parameter(0)\n  ROOT %k = f32[128,128]{1,0} custom-call(%a), '
+              'custom_call_target="tpu_custom_call", backend_config="{}"\n}\n')
+    hidden = hidden_flops(pallas)
+    assert hidden.flops_per_device == 0 and "tpu_custom_call" in hidden.note and "HFU may be low" in hidden.note
+    tpu_internal = pallas.replace("tpu_custom_call", "AllocateBuffer")  # no arithmetic: no note
+    assert hidden_flops(tpu_internal).note == ""

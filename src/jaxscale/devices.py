@@ -81,8 +81,21 @@ class PeakInfo:
         return self.tflops, self.hbm_gbytes_per_s
 
 
+def devices_per_chip(devices) -> int:
+    """How many JAX devices share one chip: 2 where a topology exposes each TensorCore of a TPU v4 or v5p
+    chip as a device (``core_on_chip`` 0 and 1, no megacore), else 1. Pure: any objects with ``coords`` and
+    ``core_on_chip`` (devices without them count as whole chips)."""
+    per_chip: dict[tuple, set] = {}
+    for d in devices:
+        coords, core = getattr(d, "coords", None), getattr(d, "core_on_chip", None)
+        if coords is None or core is None:
+            return 1
+        per_chip.setdefault(tuple(coords), set()).add(core)
+    return max((len(v) for v in per_chip.values()), default=1)
+
+
 def spec_peak(device_kind: str, platform: str, dtype: str, precision: str | None = None,
-              memory_bytes: int | None = None) -> PeakInfo | None:
+              memory_bytes: int | None = None, per_chip: int = 1) -> PeakInfo | None:
     """The datasheet PeakInfo of a device kind for a run's dtype, without touching a backend.
 
     Args:
@@ -91,6 +104,8 @@ def spec_peak(device_kind: str, platform: str, dtype: str, precision: str | None
       dtype: the run's compute dtype (``bfloat16`` or ``float32``).
       precision: jax_default_matmul_precision (None: JAX's default).
       memory_bytes: the allocator's limit, where known, instead of the datasheet's memory.
+      per_chip: JAX devices per chip (``devices_per_chip``): the chip's peak,
+        memory bandwidth, memory and links are split evenly between them.
 
     Returns:
       PeakInfo with source ``spec``, or None when the kind has no datasheet
@@ -106,12 +121,20 @@ def spec_peak(device_kind: str, platform: str, dtype: str, precision: str | None
     if peak is None:
         note = (f"{chip.name}: {how}; " if mode is None else
                 f"{chip.name}: {how}, and the datasheet gives no {mode} peak; ") + "MFU and HFU left empty"
-    return PeakInfo(tflops=peak.tflops if peak else None, dtype=mode or "", precision=how, source="spec",
-                    reference=f"{chip.name}: {chip.tflops_source}; {chip.memory_source}",
-                    hbm_gbytes_per_s=chip.hbm_gbytes_per_s,
-                    interconnect_gbytes_per_s=chip.local_link.gbytes_per_s, interconnect=chip.local_link.name,
-                    memory_bytes=memory_bytes or (int(chip.memory_gbytes * 1e9) if chip.memory_gbytes else None),
-                    note=note, local_link=chip.local_link, remote_link=chip.remote_link, platform=chip.platform)
+    def split(link: flops.Link) -> flops.Link:
+        if per_chip == 1 or link.gbytes_per_s is None:
+            return link
+        return flops.Link(link.name, link.gbytes_per_s / per_chip, f"{link.source}; shared by {per_chip} cores")
+
+    local, remote = split(chip.local_link), split(chip.remote_link)
+    memory = memory_bytes or (int(chip.memory_gbytes * 1e9 / per_chip) if chip.memory_gbytes else None)
+    reference = f"{chip.name}: {chip.tflops_source}; {chip.memory_source}"
+    if per_chip > 1:
+        reference += f"; one chip's figures split over its {per_chip} cores, one JAX device each"
+    return PeakInfo(tflops=peak.tflops / per_chip if peak else None, dtype=mode or "", precision=how,
+                    source="spec", reference=reference, hbm_gbytes_per_s=chip.hbm_gbytes_per_s / per_chip,
+                    interconnect_gbytes_per_s=local.gbytes_per_s, interconnect=local.name, memory_bytes=memory,
+                    note=note, local_link=local, remote_link=remote, platform=chip.platform)
 
 
 # ------------------------------------------------------------ links per mesh axis
@@ -280,7 +303,8 @@ def resolve_peak(dtype: str, measure_if_missing: bool = True) -> PeakInfo:
     platform = "gpu" if device.platform in ("gpu", "cuda", "rocm") else device.platform
     limit = _bytes_limit(device)
     if platform != "cpu":
-        spec = spec_peak(kind, platform, dtype, jax.config.jax_default_matmul_precision, limit)
+        spec = spec_peak(kind, platform, dtype, jax.config.jax_default_matmul_precision, limit,
+                         per_chip=devices_per_chip(jax.devices()))
         if spec is not None:
             return spec
     cached = _load_calibrations().get(_calibration_key(dtype))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 import statistics
 import time
 from typing import Any, Callable
@@ -301,12 +302,21 @@ def hidden_flops(hlo_text: str) -> HiddenFlops:
     calls = attention_calls(hlo_text) if "__cudnn$fmha" in hlo_text else []
     total = sum(flops_mod.attention_call_flops(c.batch, c.heads, c.q_len, c.kv_len, c.head_dim, backward=c.backward,
                                                causal=c.causal, flash=c.flash) * c.times for c in calls)
-    note = ""
+    notes = []
     if calls:
-        note = (f"xla_flops_per_step includes {total:.4g} FLOPs per device of {sum(c.times for c in calls)} fused "
-                f"attention custom calls ({', '.join(sorted({c.target for c in calls}))}) that XLA's cost analysis "
-                "does not count, from their shapes")
-    return HiddenFlops(int(total), sum(c.times for c in calls), note)
+        notes.append(f"xla_flops_per_step includes {total:.4g} FLOPs per device of {sum(c.times for c in calls)} "
+                     f"fused attention custom calls ({', '.join(sorted({c.target for c in calls}))}) that XLA's "
+                     "cost analysis does not count, from their shapes")
+    kernels = sorted({t for t in re.findall(r'custom_call_target="([^"]+)"', hlo_text) if t in _OPAQUE_KERNELS})
+    if kernels:
+        notes.append(f"custom-call kernels whose FLOPs XLA's cost analysis may not count and jaxscale cannot "
+                     f"infer: {', '.join(kernels)}; HFU may be low")
+    return HiddenFlops(int(total), sum(c.times for c in calls), "; ".join(notes))
+
+
+# Custom calls that run user-written kernels (Pallas on TPU through Mosaic, Pallas on GPU through Triton or
+# Mosaic GPU): arithmetic XLA sees only as far as the kernel's own cost estimate, if it has one.
+_OPAQUE_KERNELS = {"tpu_custom_call", "__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2"}
 
 
 @dataclasses.dataclass(frozen=True)
