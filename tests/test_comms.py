@@ -211,6 +211,13 @@ def test_loops_async_pairs_and_fused_clones_count_once_per_execution():
     assert c.traffic_bytes == pytest.approx(ring)
 
 
+def test_a_loop_that_steps_by_two_runs_half_the_trips():
+    """The TPU's windowed matmul loops advance their counter by 2: 3 → 12 in steps of 2 is 5 trips."""
+    text = LOOPS.replace("%one = s32[]{:T(128)} constant(1)", "%one = s32[]{:T(128)} constant(2)")
+    assert HloModule.parse(text).multiplicity["body.inferred"] == 5
+    assert count_collectives(text, 4).count["collective-permute"] == 5
+
+
 def test_a_loop_without_a_readable_trip_count_is_counted_once_and_reported():
     text = LOOPS.replace("direction=LT", "direction=NE")
     c = count_collectives(text, 4)
