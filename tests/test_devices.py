@@ -173,3 +173,17 @@ def test_a_topology_that_exposes_each_tensorcore_splits_the_chip():
     core = spec_peak("TPU v4", "tpu", "bfloat16", per_chip=2)
     assert core.tflops == 275.0 / 2 and core.hbm_gbytes_per_s == 600.0 and core.memory_bytes == 16 * 2 ** 30
     assert devices_per_chip([SimpleNamespace(process_index=0)]) == 1
+
+
+@pytest.mark.parametrize("kind, bidirectional_gbytes_per_s, ports", [
+    ("TPU v5 lite", 400, 4), ("TPU v5", 1200, 6), ("TPU v6 lite", 800, 4)])
+def test_a_mesh_axis_gets_two_ici_ports_of_the_chip(kind, bidirectional_gbytes_per_s, ports):
+    """Cloud TPU pages give each chip's ICI both ways over all its ports; a ring along one torus dimension
+    sends over 2 ports, one way each."""
+    per_port_one_way = bidirectional_gbytes_per_s / 2 / ports
+    assert flops.chip_for_kind(kind).local_link.gbytes_per_s == pytest.approx(2 * per_port_one_way)
+
+
+def test_dcn_per_chip_from_the_pod_figures():
+    assert flops.chip_for_kind("TPU v6 lite").remote_link.gbytes_per_s == pytest.approx(25.6e12 / 8 / 256 / 1e9)
+    assert flops.chip_for_kind("TPU v5").remote_link.gbytes_per_s == pytest.approx(50e9 / 8 / 1e9)  # 50 Gbps/chip

@@ -135,7 +135,8 @@ class Chip:
       memory_gbytes: device memory, GB (1e9 bytes), or None.
       memory_source: where the memory figures come from.
       local_link: between devices of one host (GPU: NVLink or PCIe) or of one
-        slice (TPU: ICI, which also joins the hosts of a slice).
+        slice (TPU: ICI, which also joins the hosts of a slice). For a TPU, the
+        figure is what one mesh axis gets: a ring along one torus dimension.
       remote_link: between hosts (GPU: the cluster network, given for the
         reference system named in its source) or between slices (TPU: DCN).
     """
@@ -170,6 +171,12 @@ _IB_NDR_DGX = Link("InfiniBand NDR", 50.0, "DGX H100/H200/B200 reference system:
 _NO_NETWORK = Link("host network", None, "no reference system: the cluster network is not a property of the card")
 
 
+# What a mesh axis gets of a TPU's ICI: a ring along one torus dimension, whose every
+# chip sends over its two ports on that dimension (one to each neighbour) at once.
+_ICI_AXIS = ("a ring along one torus dimension uses 2 ports, one way each (an axis laid over several torus "
+             "dimensions can use more)")
+
+
 def _tpu_source(version: str) -> str:
     return f"Cloud TPU {version} system architecture page (cloud.google.com/tpu/docs/{version})"
 
@@ -177,21 +184,27 @@ def _tpu_source(version: str) -> str:
 CHIPS: dict[str, Chip] = {c.key: c for c in (
     Chip("tpu-v4", "TPU v4", "tpu", {"bf16": 275.0}, _tpu_source("v4") + ": 275 TFLOP/s bf16 per chip",
          1200.0, 32 * 2 ** 30 / 1e9, _tpu_source("v4") + ": 32 GiB HBM2 at 1,200 GB/s",
-         Link("ICI", 270.0, "6 ICI links x 45 GB/s per chip, one direction"),
+         Link("ICI", 90.0, "JAX scaling book (TPU chapter): ICI 4.5e10 B/s per link one way, 6 links (3D torus); "
+                           + _ICI_AXIS),
          Link("DCN", None, "no per-chip DCN figure published for v4")),
     Chip("tpu-v5e", "TPU v5e", "tpu", {"bf16": 197.0}, _tpu_source("v5e") + ": 197 TFLOP/s bf16 per chip",
          819.0, 16 * 2 ** 30 / 1e9, _tpu_source("v5e") + ": 16 GiB HBM2 at 819 GB/s",
-         Link("ICI", 200.0, _tpu_source("v5e") + ": ICI 1,600 Gbps per chip (400 GB/s both directions)"),
-         Link("DCN", 3.125, _tpu_source("v5e") + ": data center network 6.4 Tbps per 256-chip pod, 25 Gbps per chip")),
+         Link("ICI", 100.0, _tpu_source("v5e") + ": ICI 1,600 Gbps per chip one way (400 GB/s both directions) "
+                            "over 4 ports, 50 GB/s per port; " + _ICI_AXIS),
+         Link("DCN", 3.125, _tpu_source("v5e") + ": data center network 6.4 Tbps per 256-chip pod (2 x 100 Gbps "
+                            "NIC per 8-chip host), 25 Gbps per chip")),
     Chip("tpu-v5p", "TPU v5p", "tpu", {"bf16": 459.0, "fp8": 459.0},
          _tpu_source("v5p") + ": 459 TFLOP/s per chip for BF16 and for FP8",
          2765.0, 95 * 2 ** 30 / 1e9, _tpu_source("v5p") + ": 95 GiB HBM2e at 2,765 GB/s",
-         Link("ICI", 600.0, _tpu_source("v5p") + ": ICI 1,200 GB/s per chip, both directions"),
+         Link("ICI", 200.0, _tpu_source("v5p") + ": ICI 1,200 GB/s per chip both directions over 6 ports "
+                            "(3D torus), 100 GB/s per port one way; " + _ICI_AXIS),
          Link("DCN", 6.25, _tpu_source("v5p") + ": DCN 50 Gbps per chip")),
     Chip("tpu-v6e", "TPU v6e (Trillium)", "tpu", {"bf16": 918.0}, _tpu_source("v6e") + ": 918 TFLOP/s bf16 per chip",
          1640.0, 32 * 2 ** 30 / 1e9, _tpu_source("v6e") + ": 32 GiB HBM at 1,640 GB/s",
-         Link("ICI", 448.0, _tpu_source("v6e") + ": ICI 3,584 Gbps per chip"),
-         Link("DCN", None, "no per-chip DCN figure published for v6e")),
+         Link("ICI", 200.0, _tpu_source("v6e") + ": ICI 800 GB/s per chip both directions over 4 ports, "
+                            "100 GB/s per port one way; " + _ICI_AXIS),
+         Link("DCN", 12.5, _tpu_source("v6e") + ": data center network 25.6 Tbps per 256-chip pod (4 x 200 Gbps "
+                           "NIC per 8-chip host), 100 Gbps per chip")),
     Chip("a100-sxm4-40gb", "NVIDIA A100 40GB SXM", "gpu", _A100, _A100_SRC, 1555.0, 40.0,
          "A100 datasheet: 40 GB HBM2 at 1,555 GB/s", _NVLINK3, _IB_HDR_DGX),
     Chip("a100-sxm4-80gb", "NVIDIA A100 80GB SXM", "gpu", _A100, _A100_SRC, 2039.0, 80.0,
