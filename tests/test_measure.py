@@ -36,7 +36,10 @@ def test_pipelined_timing_recovers_a_planted_step_time():
     assert float(state["x"][0]) == 2 + 12  # warm-up, reference, timed and tail steps all ran, in order
 
 
-def test_pipelined_agrees_with_an_independent_wall_clock():
+def test_pipelined_samples_are_real_step_times_not_dispatch_times():
+    """Real asynchronous dispatch: the samples are carved out of the call's own wall time, and they measure
+    completed steps, not the microseconds a dispatch takes. The bounds hold on a loaded machine (a tight
+    agreement figure is printed by benchmarks/tool_speed.py instead, where noise does not fail a build)."""
     a = jax.random.normal(jax.random.key(0), (768, 768))
     step = jax.jit(lambda x: jnp.tanh(x @ a) @ a * 1e-3)
     state = {"x": a}
@@ -45,14 +48,21 @@ def test_pipelined_agrees_with_an_independent_wall_clock():
         state["x"] = step(state["x"])
         return state["x"]
 
-    timing = time_pipelined(dispatch, n_steps=10, warmup=2)
-    n = 10
+    jax.block_until_ready(dispatch(0))
     start = time.perf_counter()
-    for _ in range(n):
-        state["x"] = step(state["x"])
+    dispatch_s = []
+    for _ in range(5):  # how long a dispatch alone takes: the step is still running when it returns
+        t0 = time.perf_counter()
+        dispatch(0)
+        dispatch_s.append(time.perf_counter() - t0)
     jax.block_until_ready(state["x"])
-    independent = (time.perf_counter() - start) / n
-    assert timing.mean_s == pytest.approx(independent, rel=0.25)
+    independent = (time.perf_counter() - start) / 5
+    begin = time.perf_counter()
+    timing = time_pipelined(dispatch, n_steps=10, warmup=2)
+    elapsed = time.perf_counter() - begin
+    assert sum(timing.samples_s) <= elapsed and min(timing.samples_s) > 0
+    assert timing.median_s > 4 * float(np.median(dispatch_s))
+    assert independent / 4 < timing.median_s < independent * 4
 
 
 class _SimulatedDevice:
