@@ -211,6 +211,26 @@ def test_loops_async_pairs_and_fused_clones_count_once_per_execution():
     assert c.traffic_bytes == pytest.approx(ring)
 
 
+ASYNC_WRAPPED = """
+%wrapped_reduce_scatter (x: f32[64,64]) -> f32[16,64] {
+  %x = f32[64,64]{1,0} parameter(0)
+  ROOT %rs = f32[16,64]{1,0} reduce-scatter(%x), channel_id=5, replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add
+}
+
+ENTRY %main (a: f32[64,64]) -> f32[16,64] {
+  %a = f32[64,64]{1,0} parameter(0)
+  %start = ((f32[64,64]{1,0}), f32[16,64]{1,0}, u32[]) async-start(%a), async_execution_thread="parallel", calls=%wrapped_reduce_scatter
+  %update = ((f32[64,64]{1,0}), f32[16,64]{1,0}, u32[]) async-update(%start), async_execution_thread="parallel", calls=%wrapped_reduce_scatter
+  ROOT %done = f32[16,64]{1,0} async-done(%update), async_execution_thread="parallel", calls=%wrapped_reduce_scatter
+}
+"""
+
+
+def test_a_collective_wrapped_in_async_start_update_done_counts_once():
+    c = count_collectives(ASYNC_WRAPPED, 4)
+    assert c.count["reduce-scatter"] == 1 and c.bytes["reduce-scatter"] == 64 * 64 * 4
+
+
 def test_a_loop_that_steps_by_two_runs_half_the_trips():
     """The TPU's windowed matmul loops advance their counter by 2: 3 → 12 in steps of 2 is 5 trips."""
     text = LOOPS.replace("%one = s32[]{:T(128)} constant(1)", "%one = s32[]{:T(128)} constant(2)")

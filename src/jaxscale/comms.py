@@ -15,7 +15,7 @@ Per-step semantics of the collective counts:
   counts trip-count times.
 - An async pair counts once: the ``-start`` half is read and the ``-done``
   half skipped; ``async-start`` wrappers count through the computation they
-  call.
+  call (``async-update`` and ``async-done`` name it too, and are not counted).
 - Collectives inside fusions count (they run). An all-reduce inside the TPU
   compiler's ``all-reduce-scatter`` fusion (an all-reduce and a dynamic-slice
   that run as one reduce-scatter) counts as a reduce-scatter. The TPU compiler clones one
@@ -179,6 +179,8 @@ class HloModule:
         unknown = 0
         for comp, insts in self.computations.items():
             for inst in insts:
+                if inst.opcode in ("async-update", "async-done"):
+                    continue  # they name the computation async-start runs; it runs once
                 trip = None
                 if inst.opcode == "while":
                     trip = self.trip_count(inst)
