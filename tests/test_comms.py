@@ -226,6 +226,14 @@ ENTRY %main (a: f32[64,64]) -> f32[16,64] {
 """
 
 
+def test_a_called_computation_runs_once_per_call():
+    text = ASYNC_WRAPPED.replace(
+        "ENTRY %main (a: f32[64,64]) -> f32[16,64] {",
+        "ENTRY %main (a: f32[64,64]) -> f32[16,64] {\n  %c1 = f32[16,64]{1,0} call(%a), to_apply=%wrapped_reduce_scatter\n"
+        "  %c2 = f32[16,64]{1,0} call(%a), to_apply=%wrapped_reduce_scatter")
+    assert count_collectives(text, 4).count["reduce-scatter"] == 3
+
+
 def test_a_collective_wrapped_in_async_start_update_done_counts_once():
     c = count_collectives(ASYNC_WRAPPED, 4)
     assert c.count["reduce-scatter"] == 1 and c.bytes["reduce-scatter"] == 64 * 64 * 4

@@ -8,6 +8,9 @@ one step runs it. A while body runs its trip count times; the count comes from
 print it) or, where the compiler does not print it (the TPU compiler), from
 the loop's condition ``i < N`` and the constant the counter starts from.
 
+Each branch of a conditional is counted as if it ran (an upper bound; jaxscale's
+steps have none).
+
 Per-step semantics of the collective counts:
 
 - A collective counts once per execution: ``count`` is executions per step,
@@ -187,7 +190,7 @@ class HloModule:
                     if trip is None:
                         unknown += 1
                 for attr, value in _CALL_ATTRS.findall(inst.attrs):
-                    if attr == "to_apply":  # reducers run per element, never hold collectives
+                    if attr == "to_apply" and inst.opcode != "call":  # reducers run per element
                         continue
                     factor = (trip or 1) if attr in ("body", "condition") else 1
                     for callee in re.findall(r"[\w.\-]+", value.replace("%", " ")):
