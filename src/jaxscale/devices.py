@@ -1,10 +1,15 @@
-"""What the runtime has and what peak it will be measured against.
+"""What the devices are, what peak they are measured against, and which link each mesh axis uses.
 
 The peak per device comes from the spec table in flops.py when the device kind
-is known (peak_source ``spec``), otherwise from a calibration measured here on
-this machine and cached (peak_source ``measured``). An unknown kind is never
-given a neighbour's figure. The CPU is always calibrated: its "peak" depends on
-the host and on how many virtual devices share its cores.
+is known (peak_source ``spec``), for the math mode the run's matmuls execute in
+(flops.matmul_math_mode), otherwise from a calibration measured here on this
+machine and cached (peak_source ``measured``). An unknown kind is never given a
+neighbour's figure. The CPU is always calibrated: its "peak" depends on the
+host and on how many virtual devices share its cores.
+
+``spec_peak``, ``devices_per_chip``, ``axis_crossings`` and ``mesh_axis_links``
+need no backend: a plan passes a TPU topology's devices (or any objects with
+``process_index``/``slice_index``) and a device kind.
 """
 
 from __future__ import annotations
