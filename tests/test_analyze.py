@@ -9,8 +9,12 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from jaxscale.analyze import (PowerLawFit, add_memory_column, check_expectation, classify_regime, default_fits,
-                              fit_points, fit_power_law, fit_table, joint_fit, parse_expectation, scaling_efficiency)
+from jaxscale import analyze
+from jaxscale.analyze import (PowerLawFit, add_memory_column, check_expectation, classify_regime, curvature_test,
+                              default_fits, default_joint_fit, default_usl, fit_points, fit_power_law, fit_table,
+                              fit_usl, grade, joint_fit, parse_expectation, plan_vs_measured, predict_table,
+                              scaling_efficiency, usl_table)
+from jaxscale.records import COLUMNS
 
 
 def planted(b: float, a: float = 2.5, sigma: float = 0.05, n: int = 12, seed: int = 0):
@@ -153,10 +157,14 @@ def test_regime_on_planted_data(b, regime):
 
 
 def test_classify_regime_boundaries():
-    assert classify_regime(0.9, 1.1, 1.0) == "linear"
-    assert classify_regime(1.0, 1.2, 1.0) == "linear"
+    # Band 1 ± 0.05: inside, wholly outside on either side, or inconclusive (empty regime).
+    assert classify_regime(0.96, 1.04, 1.0) == "linear"
+    assert classify_regime(0.95, 1.05, 1.0) == "linear"  # the edges belong to the band
+    assert classify_regime(0.9, 1.1, 1.0) == ""  # wider than the band
+    assert classify_regime(1.0, 1.2, 1.0) == ""  # straddles the upper edge
     assert classify_regime(0.5, 0.9, 1.0) == "sublinear"
-    assert classify_regime(1.01, 1.2, 1.0) == "superlinear"
+    assert classify_regime(1.06, 1.2, 1.0) == "superlinear"
+    assert classify_regime(1.01, 1.2, 1.0, tolerance=0.0) == "superlinear"
     assert classify_regime(0.9, 1.1, None) == ""
     assert classify_regime(math.nan, math.nan, 1.0) == ""
 
@@ -194,72 +202,138 @@ def test_joint_fit_degenerate_groups_get_notes():
     assert out["exponent_params"].isna().all()
 
 
-def make_runs(seed: int = 0) -> pd.DataFrame:
+def make_runs(seed: int = 0, backend: str = "gpu") -> pd.DataFrame:
     """runs.csv-like rows with planted scaling.
 
-    Strong scaling: step time ∝ params / n^0.9 (so tokens/s ∝ n^0.9); weak
-    scaling: step time ∝ params · n^0 . Memory: dp flat, sharded strategies ∝ 1/n.
+    Strong scaling: step time ∝ params / n^0.8 (so tokens/s ∝ n^0.8); weak
+    scaling: step time ∝ params · n^0. State (params + Adam, 12 bytes per
+    param): whole on every device for dp, 1/n for fsdp and tp. Activations ∝ the
+    batch one device holds: 1/n strong and constant weak for dp and fsdp; tp
+    replicates the batch and splits part of them (∝ n^-0.5 here).
     """
     rng = np.random.default_rng(seed)
     sizes = {"s": (256, 4, 4, 1024), "m": (512, 8, 8, 2048), "l": (1024, 12, 16, 4096)}
     rows = []
-    for mode, time_exp in (("strong", -0.9), ("weak", 0.0)):
+    for mode, time_exp in (("strong", -0.8), ("weak", 0.0)):
         for strategy in ("dp", "fsdp", "tp"):
             for name, (d, layers, heads, ff) in sizes.items():
                 params = 12 * layers * d * d
                 for n in (1, 2, 4, 8):
-                    noise = np.exp(rng.normal(0, 0.01, 3))
+                    noise = np.exp(rng.normal(0, 0.003, 3))
                     step = 2e-9 * params * n ** time_exp * noise[0]
-                    mem = 20.0 * params * (1 if strategy == "dp" else 1 / n) * noise[1]
                     batch = 16 if mode == "strong" else 4 * n
+                    state = 12.0 * params / (1 if strategy == "dp" else n)
+                    per_device_batch = batch if strategy == "tp" else batch / n
+                    act = 3e3 * d * layers * per_device_batch * (n ** -0.5 * n / batch * 16 if strategy == "tp"
+                                                                 else 1) * noise[1]
                     rows.append({
-                        "status": "ok", "size_name": name, "d_model": d, "n_layers": layers, "n_heads": heads,
-                        "d_ff": ff, "seq_len": 128, "vocab": 512, "strategy": strategy, "n_devices": n,
+                        "status": "ok", "backend": backend, "size_name": name, "d_model": d, "n_layers": layers,
+                        "n_heads": heads, "d_ff": ff, "seq_len": 128, "vocab": 512, "strategy": strategy,
+                        "n_devices": n, "mesh_shape": f"data:{1 if strategy == 'tp' else n},model:"
+                                                      f"{n if strategy == 'tp' else 1}",
                         "global_batch": batch, "batch_mode": mode, "dtype": "float32", "params": params,
-                        "step_time_s": step, "tokens_per_s": batch * 128 / step, "compiled_total_bytes": mem,
-                        "peak_bytes_in_use": "", "compiled_argument_bytes": 0.7 * mem * noise[2],
+                        "step_time_s": step, "tokens_per_s": batch * 128 / step, "param_bytes": state / 3,
+                        "opt_state_bytes": 2 * state / 3, "compiled_total_bytes": state + act,
+                        "peak_bytes_in_use": "", "compiled_argument_bytes": 1.01 * state * noise[2],
                         "model_flops_per_step": 6.0 * params * batch * 128,
                         "all_gather_bytes": 4.0 * params * (n - 1) / n if strategy == "fsdp" else 0.0,
                     })
-    rows.append({**rows[0], "status": "oom", "step_time_s": "", "tokens_per_s": "", "n_devices": 16})
+    rows.append({**rows[0], "status": "oom", "step_time_s": "", "tokens_per_s": "", "n_devices": 16,
+                 "mesh_shape": "data:16,model:1"})
     return pd.DataFrame(rows)
+
+
+# (strategy, batch mode, y) -> ideal exponent against n_devices; None: no single ideal.
+MEMORY_IDEALS = {
+    ("dp", "strong", "state_bytes"): 0, ("dp", "weak", "state_bytes"): 0,
+    ("fsdp", "strong", "state_bytes"): -1, ("fsdp", "weak", "state_bytes"): -1,
+    ("tp", "strong", "state_bytes"): -1, ("tp", "weak", "state_bytes"): -1,
+    ("dp", "strong", "activation_bytes"): -1, ("dp", "weak", "activation_bytes"): 0,
+    ("fsdp", "strong", "activation_bytes"): -1, ("fsdp", "weak", "activation_bytes"): 0,
+    ("tp", "strong", "activation_bytes"): None, ("tp", "weak", "activation_bytes"): None,
+}
 
 
 def test_default_fits_families_ideals_and_regimes():
     fits = default_fits(make_runs())
     assert set(fits["family"]) == {"devices", "communication", "model_size"}
     dev = fits[fits["family"] == "devices"].set_index(["size_name", "strategy", "batch_mode", "y"])
-    assert len(dev) == 3 * 3 * 2 * 4
-    expected = {  # (strategy, mode, y) -> (ideal, regime, assessment) for the planted data
-        ("fsdp", "strong", "step_time_s"): (-1, "superlinear", "worse than ideal"),
-        ("fsdp", "strong", "tokens_per_s"): (1, "sublinear", "worse than ideal"),
-        ("tp", "weak", "step_time_s"): (0, "linear", "as ideal"),
-        ("dp", "weak", "tokens_per_s"): (1, "linear", "as ideal"),
-        ("dp", "strong", "memory_per_device_bytes"): (0, "linear", "as ideal"),
-        ("fsdp", "strong", "memory_per_device_bytes"): (-1, "linear", "as ideal"),
-        ("tp", "weak", "compiled_argument_bytes"): (-1, "linear", "as ideal"),
+    # step time, throughput, state and activations; the total only where state is unknown (never here).
+    assert len(dev) == 3 * 3 * 2 * 4 and "memory_per_device_bytes" not in set(fits["y"])
+    expected = {  # (strategy, mode, y) -> (ideal, assessment, regime) for the planted data
+        ("fsdp", "strong", "step_time_s"): (-1, "worse than ideal", "sublinear"),
+        ("fsdp", "strong", "tokens_per_s"): (1, "worse than ideal", "sublinear"),
+        ("tp", "weak", "step_time_s"): (0, "as ideal", "linear"),
+        ("dp", "weak", "tokens_per_s"): (1, "as ideal", "linear"),
     }
-    for (strategy, mode, y), (ideal, regime, assessment) in expected.items():
+    for (strategy, mode, y), (ideal, assessment, regime) in expected.items():
         for size in ("s", "m", "l"):
             r = dev.loc[(size, strategy, mode, y)]
-            assert (r["ideal_exponent"], r["regime"], r["assessment"]) == (ideal, regime, assessment)
+            assert (r["ideal_exponent"], r["assessment"], r["regime"]) == (ideal, assessment, regime)
     strong_time = dev.loc[("m", "fsdp", "strong", "step_time_s")]
-    assert abs(strong_time["exponent"] + 0.9) < 0.05
+    assert abs(strong_time["exponent"] + 0.8) < 0.05
     # The failed n=16 row belongs to (s, dp, strong) and is counted there only.
     assert dev.loc[("s", "dp", "strong", "step_time_s"), "n_dropped"] == 1
     assert dev.loc[("m", "dp", "strong", "step_time_s"), "n_dropped"] == 0
 
     comm = fits[fits["family"] == "communication"]
     assert set(comm["strategy"]) == {"fsdp"}  # dp and tp never all-gather: no rows
-    assert comm["ideal_exponent"].isna().all() and (comm["regime"] == "").all()
+    assert comm["ideal_exponent"].isna().all() and (comm["assessment"] == "").all()
 
     size = fits[fits["family"] == "model_size"]
-    assert set(size["y"]) == {"step_time_s", "memory_per_device_bytes", "model_flops_per_step"}
-    fitted = size[size["exponent"].notna()]
-    assert (fitted["ideal_exponent"] == 1).all()
-    assert (abs(fitted["exponent"] - 1) < 0.06).all()
-    assert (fitted.loc[fitted["y"] == "model_flops_per_step", "regime"] == "linear").all()
+    assert set(size["y"]) == {"step_time_s", "state_bytes", "activation_bytes", "model_flops_per_step"}
+    graded = size[size["y"] != "activation_bytes"]
+    assert (graded["ideal_exponent"] == 1).all() and size.loc[size["y"] == "activation_bytes",
+                                                              "ideal_exponent"].isna().all()
+    # Planted: step time, state and model FLOPs exactly ∝ params (up to 1% noise on time).
+    assert (graded["assessment"] == "as ideal").all(), graded[["y", "exponent", "ci_low", "ci_high", "note"]]
     assert size["size_name"].isna().all() and size["n_devices"].notna().all()
+
+
+@pytest.mark.parametrize("strategy, mode, y", sorted(MEMORY_IDEALS))
+def test_memory_ideal_per_strategy_and_batch_mode(strategy, mode, y):
+    fits = default_fits(make_runs())
+    rows = fits[(fits["family"] == "devices") & (fits["strategy"] == strategy) & (fits["batch_mode"] == mode)
+                & (fits["y"] == y)]
+    assert len(rows) == 3  # one per model size
+    ideal = MEMORY_IDEALS[(strategy, mode, y)]
+    if ideal is None:
+        assert rows["ideal_exponent"].isna().all() and (rows["assessment"] == "").all()
+        assert rows["note"].str.contains("no single ideal").all()
+    else:
+        assert (rows["ideal_exponent"] == ideal).all()
+        # The planted memory follows each ideal, so every verdict is "as ideal".
+        assert (rows["assessment"] == "as ideal").all(), rows[["exponent", "ci_low", "ci_high", "note"]]
+        assert (rows["direction"] == "lower is better").all()
+
+
+def test_memory_that_misses_its_ideal_is_graded():
+    runs = make_runs()
+    # dp under strong scaling, but activations that do not shrink: worse than the ideal −1.
+    dp_strong = (runs["strategy"] == "dp") & (runs["batch_mode"] == "strong")
+    state = runs["param_bytes"] + runs["opt_state_bytes"]
+    runs.loc[dp_strong, "compiled_total_bytes"] = state[dp_strong] + 1e6 * runs.loc[dp_strong, "n_devices"] ** -0.5
+    fits = default_fits(runs)
+    rows = fits[(fits["strategy"] == "dp") & (fits["batch_mode"] == "strong") & (fits["y"] == "activation_bytes")
+                & (fits["family"] == "devices")]
+    assert (rows["assessment"] == "worse than ideal").all() and (rows["regime"] == "sublinear").all()
+    assert np.allclose(rows["exponent"], -0.5)
+
+
+def test_virtual_cpu_devices_are_not_graded_on_speed():
+    fits = default_fits(make_runs(backend="cpu"))
+    dev = fits[fits["family"] == "devices"]
+    speed = dev[dev["y"].isin(["step_time_s", "tokens_per_s"])]
+    assert (speed["assessment"] == "not applicable").all() and (speed["regime"] == "").all()
+    assert speed["note"].str.contains("share one host's cores").all()
+    memory = dev[dev["y"] == "state_bytes"]
+    assert (memory["assessment"] == "as ideal").all()  # memory is still graded on the CPU
+    joint = default_joint_fit(make_runs(backend="cpu"))
+    assert (joint["assessment_n_devices"] == "not applicable").all()
+    assert (joint["assessment_params"] != "not applicable").all()
+    eff = scaling_efficiency(make_runs(backend="cpu"))
+    assert eff["note"].str.contains("share one host's cores").all()
+    assert (scaling_efficiency(make_runs())["note"] == "").all()
 
 
 def test_default_fits_on_a_foreign_frame():
@@ -336,7 +410,7 @@ def test_fit_points_selects_the_group():
     runs = make_runs()
     fits = default_fits(runs)
     row = fits[(fits["family"] == "devices") & (fits["size_name"] == "s") & (fits["strategy"] == "dp")
-               & (fits["batch_mode"] == "strong") & (fits["y"] == "memory_per_device_bytes")].iloc[0]
+               & (fits["batch_mode"] == "strong") & (fits["y"] == "state_bytes")].iloc[0]
     points = fit_points(runs, row)
     assert sorted(points["x"]) == [1, 2, 4, 8]
     assert len(points) == row["n_points"]
@@ -350,3 +424,306 @@ def test_joint_fit_with_one_x_matches_linregress():
     assert out["stderr_n"] == pytest.approx(ref.stderr, rel=1e-6)
     assert out["r2"] == pytest.approx(ref.rvalue ** 2, abs=1e-6)
     assert out["ci_high_n"] - out["exponent_n"] == pytest.approx(stats.t.ppf(0.95, 9) * ref.stderr, rel=1e-6)
+
+
+# ------------------------------------------------------------------ verdicts with a tolerance
+
+
+def _fit_one(b: float, y: str, ideal: float, sigma: float = 0.01, n: int = 12, seed: int = 3,
+             tolerance: float = 0.05) -> pd.Series:
+    x, values = planted(b, sigma=sigma, n=n, seed=seed)
+    return fit_table(pd.DataFrame({"x": x, y: values}), "x", y, ideal=ideal, tolerance=tolerance).iloc[0]
+
+
+@pytest.mark.parametrize("b, y, ideal, assessment, regime", [
+    (-1.0, "step_time_s", -1.0, "as ideal", "linear"),
+    (-0.98, "step_time_s", -1.0, "as ideal", "linear"),  # 2% off the ideal: inside the practical band
+    (-1.3, "step_time_s", -1.0, "better than ideal", "superlinear"),
+    (-0.7, "step_time_s", -1.0, "worse than ideal", "sublinear"),
+    (1.3, "tokens_per_s", 1.0, "better than ideal", "superlinear"),
+    (0.7, "tokens_per_s", 1.0, "worse than ideal", "sublinear"),
+    (0.4, "state_bytes", 0.0, "worse than ideal", "sublinear"),
+    (1.3, "model_flops_per_step", 1.0, "above ideal", "superlinear"),  # no better direction
+    (0.7, "model_flops_per_step", 1.0, "below ideal", "sublinear"),
+])
+def test_verdicts_on_planted_data(b, y, ideal, assessment, regime):
+    r = _fit_one(b, y, ideal)
+    assert (r["assessment"], r["regime"]) == (assessment, regime), r[["exponent", "ci_low", "ci_high"]]
+    assert r["tolerance"] == 0.05
+
+
+def test_inconclusive_verdicts_say_why():
+    wide = _fit_one(-1.0, "step_time_s", -1.0, sigma=0.5, n=4)  # noisy, 2 dof: an interval far wider than ±0.05
+    assert wide["assessment"] == "inconclusive" and wide["regime"] == ""
+    assert "wider than the band" in wide["note"]
+    edge = _fit_one(-0.95, "step_time_s", -1.0, sigma=0.002)  # planted on the band's edge, a narrow interval
+    assert edge["ci_low"] < -0.95 < edge["ci_high"] and edge["ci_high"] - edge["ci_low"] < 0.1
+    assert edge["assessment"] == "inconclusive" and "straddles" in edge["note"]
+    few = fit_table(pd.DataFrame({"n": [1.0, 2.0], "step_time_s": [1.0, 0.5]}), "n", "step_time_s", ideal=-1.0)
+    assert few["assessment"].iloc[0] == "inconclusive" and "too few points" in few["note"].iloc[0]
+    # A looser tolerance turns the same edge fit into "as ideal".
+    assert _fit_one(-0.95, "step_time_s", -1.0, sigma=0.002, tolerance=0.1)["assessment"] == "as ideal"
+
+
+@pytest.mark.parametrize("lo, hi, ideal, tol, direction, expected", [
+    (-1.02, -0.97, -1, 0.05, "lower", "as ideal"),
+    (-0.94, -0.90, -1, 0.05, "lower", "worse than ideal"),
+    (-1.20, -1.06, -1, 0.05, "lower", "better than ideal"),
+    (0.96, 0.99, 1, 0.05, "higher", "as ideal"),
+    (0.80, 0.94, 1, 0.05, "higher", "worse than ideal"),
+    (0.90, 1.10, 1, 0.05, "higher", "inconclusive"),
+    (0.97, 1.07, 1, 0.05, "higher", "inconclusive"),
+    (0.97, 1.07, 1, 0.10, "higher", "as ideal"),
+])
+def test_grade_by_hand(lo, hi, ideal, tol, direction, expected):
+    assert grade(lo, hi, ideal, tol, direction).assessment == expected
+
+
+@pytest.mark.parametrize("b_time", [-1.3, -1.0, -0.97, -0.8, -0.5, -0.25, 0.0])
+def test_step_time_and_throughput_of_the_same_points_agree(b_time):
+    rng = np.random.default_rng(int(-b_time * 100))
+    n = np.array([1.0, 2, 4, 8, 16, 32])
+    step = 0.5 * n ** b_time * np.exp(rng.normal(0, 0.01, n.size))
+    df = pd.DataFrame({"n_devices": n, "step_time_s": step, "tokens_per_s": 4096 / step, "batch_mode": "strong"})
+    out = fit_table(df, "n_devices", ["step_time_s", "tokens_per_s"], by=("batch_mode",),
+                    ideal=analyze.devices_ideal).set_index("y")
+    assert out.loc["step_time_s", "exponent"] == pytest.approx(-out.loc["tokens_per_s", "exponent"])
+    assert out.loc["step_time_s", "assessment"] == out.loc["tokens_per_s", "assessment"]
+    assert out.loc["step_time_s", "regime"] == out.loc["tokens_per_s", "regime"]
+
+
+def test_expectations_use_the_tolerance():
+    x, y = planted(1.0, sigma=0.01, n=12, seed=9)
+    df = pd.DataFrame({"params": x, "step_time_s": y})
+    verdict = {claim: check_expectation(df, "step_time_s", "params", claim, by=()).iloc[0]
+               for claim in (1.0, 1.02, 1.5, 0.5, 1.05)}
+    assert verdict[1.0]["assessment"] == "as expected"
+    assert verdict[1.02]["assessment"] == "as expected"  # the t test rejects 2%, the tolerance does not
+    assert bool(verdict[1.02]["rejected"])
+    assert verdict[1.5]["assessment"] == "below expected" and verdict[0.5]["assessment"] == "above expected"
+    assert verdict[1.05]["assessment"] == "inconclusive" and "straddles" in verdict[1.05]["note"]
+    wide = check_expectation(df.iloc[:3].assign(step_time_s=[1.0, 3.0, 1.5]), "step_time_s", "params", 1.0, by=())
+    assert wide["assessment"].iloc[0] == "inconclusive" and "wider" in wide["note"].iloc[0]
+
+
+def test_model_size_and_joint_verdicts():
+    runs = make_runs()
+    joint = default_joint_fit(runs).set_index(["strategy", "batch_mode"])
+    # Planted: step time ∝ params · n^-0.8 (strong) or n^0 (weak).
+    assert (joint["assessment_params"] == "as ideal").all()
+    assert (joint.xs("strong", level="batch_mode")["assessment_n_devices"] == "worse than ideal").all()
+    assert (joint.xs("weak", level="batch_mode")["assessment_n_devices"] == "as ideal").all()
+    assert (joint["ideal_params"] == 1).all()
+    p, n = np.array([1.0, 2, 4, 8, 16, 32]), np.array([1.0, 2, 1, 2, 1, 2])
+    t = p * n * np.exp(np.random.default_rng(3).normal(0, 0.5, 6))  # noisy: both intervals far wider than ±0.05
+    wide = joint_fit(pd.DataFrame({"p": p, "n": n, "t": t}), "t", ("p", "n"), by=(), ideals=lambda key, x, y: 1.0)
+    assert (wide[["assessment_p", "assessment_n"]] == "inconclusive").all(axis=None)
+
+
+# ------------------------------------------------------------------ grouping
+
+
+def test_every_row_column_is_classified():
+    linked = {c for cs in analyze.X_LINKED.values() for c in cs}
+    unclassified = set(COLUMNS) - set(analyze.CONFIG_COLUMNS) - analyze.NON_CONFIG_COLUMNS - linked
+    assert not unclassified, f"say whether these split a fit (analyze.CONFIG_COLUMNS) or not: {unclassified}"
+
+
+@pytest.mark.parametrize("column, values", [
+    ("backend", ("cpu", "gpu")), ("device_kind", ("cpu", "NVIDIA H100")), ("remat", ("none", "full")),
+    ("attention", ("xla", "cudnn")), ("xla_flags", ("", "--xla_foo")), ("scan_layers", (True, False)),
+    ("row_source", ("measured", "planned:v5e:4x4")), ("seq_len", (128, 256)),
+])
+def test_a_column_that_differs_splits_the_family(column, values):
+    a, b = make_runs(seed=1), make_runs(seed=2)
+    a[column], b[column] = values[0], values[1]
+    if column == "row_source":
+        b["status"] = "planned"
+    fits = default_fits(pd.concat([a, b], ignore_index=True))
+    one = fits[(fits["family"] == "devices") & (fits["size_name"] == "m") & (fits["strategy"] == "fsdp")
+               & (fits["batch_mode"] == "strong") & (fits["y"] == "state_bytes")]
+    assert sorted(one[column].tolist(), key=str) == sorted(values, key=str)
+    assert (one["n_points"] == 4).all()  # never the 8 points of both sets in one fit
+
+
+def test_merged_cpu_and_gpu_rows_never_share_a_fit():
+    fits = default_fits(pd.concat([make_runs(backend="cpu"), make_runs(seed=5, backend="gpu")], ignore_index=True))
+    dev = fits[fits["family"] == "devices"]
+    assert (dev["n_points"] <= 4).all()
+    assert set(dev["backend"]) == {"cpu", "gpu"}
+    gpu = dev[(dev["backend"] == "gpu") & (dev["y"] == "step_time_s")]
+    assert (gpu["assessment"] != "not applicable").all()
+
+
+def test_rows_that_differ_in_a_tied_column_are_refused():
+    runs = make_runs()
+    other = runs[runs["strategy"] == "tp"].copy()
+    other["mesh_shape"] = other["mesh_shape"].str.replace("data:1", "data:9")  # a different mesh, same everything
+    with pytest.raises(ValueError, match="'mesh_shape'.*data:"):
+        default_fits(pd.concat([runs, other], ignore_index=True))
+
+
+def test_weak_scaling_keeps_one_family_per_per_device_batch():
+    runs = make_runs()
+    weak = runs[runs["batch_mode"] == "weak"]
+    doubled = weak.assign(global_batch=weak["global_batch"] * 2, tokens_per_s=weak["tokens_per_s"] * 2)
+    fits = default_fits(pd.concat([runs, doubled], ignore_index=True))
+    rows = fits[(fits["family"] == "devices") & (fits["batch_mode"] == "weak") & (fits["size_name"] == "m")
+                & (fits["strategy"] == "dp") & (fits["y"] == "step_time_s")]
+    assert sorted(rows["per_device_batch"]) == [4, 8] and (rows["n_points"] == 4).all()
+
+
+def test_scaling_efficiency_names_each_baseline():
+    runs = make_runs()
+    runs = runs[runs["status"] == "ok"]
+    late = runs[runs["strategy"] == "tp"].assign(strategy="fsdp_tp")
+    late = late[late["n_devices"] > 1]  # fsdp_tp's smallest mesh has 2 devices
+    late["mesh_shape"] = [f"data:{n // 2},model:2" for n in late["n_devices"]]
+    eff = scaling_efficiency(pd.concat([runs, late], ignore_index=True))
+    assert (eff.loc[eff["strategy"] == "fsdp_tp", "base_n_devices"] == 2).all()
+    assert (eff.loc[eff["strategy"] != "fsdp_tp", "base_n_devices"] == 1).all()
+    row = eff[(eff["strategy"] == "fsdp_tp") & (eff["n_devices"] == 8) & (eff["size_name"] == "s")
+              & (eff["batch_mode"] == "strong")].iloc[0]
+    base = late[(late["n_devices"] == 2) & (late["size_name"] == "s") & (late["batch_mode"] == "strong")]
+    top = late[(late["n_devices"] == 8) & (late["size_name"] == "s") & (late["batch_mode"] == "strong")]
+    assert row["efficiency"] == pytest.approx((top["tokens_per_s"].iloc[0] / 8) / (base["tokens_per_s"].iloc[0] / 2))
+
+
+# ------------------------------------------------------------------ knees
+
+
+def usl_curve(n, sigma, kappa, lam=1000.0):
+    n = np.asarray(n, dtype=float)
+    return lam * n / (1 + sigma * (n - 1) + kappa * n * (n - 1))
+
+
+def test_usl_interval_coverage_over_seeds():
+    rng = np.random.default_rng(2024)
+    n = np.array([1, 2, 4, 8, 16, 32, 64], dtype=float)
+    sigma, kappa, trials = 0.05, 0.001, 300
+    clean = usl_curve(n, sigma, kappa)
+    hits = np.zeros(2)
+    for _ in range(trials):
+        fit = fit_usl(n, clean * np.exp(rng.normal(0, 0.03, n.size)))
+        hits += [fit.sigma_ci_low <= sigma <= fit.sigma_ci_high, fit.kappa_ci_low <= kappa <= fit.kappa_ci_high]
+    # Binomial sd of a 95% rate over 300 trials is 0.0126; allow 3 sd.
+    np.testing.assert_allclose(hits / trials, 0.95, atol=0.038)
+
+
+def test_usl_finds_the_peak_of_a_planted_knee():
+    n = np.array([1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128], dtype=float)
+    sigma, kappa = 0.02, 0.0005
+    y = usl_curve(n, sigma, kappa) * np.exp(np.random.default_rng(8).normal(0, 0.01, n.size))
+    fit = fit_usl(n, y)
+    assert fit.sigma == pytest.approx(sigma, rel=0.1) and fit.kappa == pytest.approx(kappa, rel=0.1)
+    assert fit.peak_n == pytest.approx(math.sqrt((1 - sigma) / kappa), rel=0.1)  # 44.3 devices
+    table = usl_table(pd.DataFrame({"n_devices": n, "tokens_per_s": y, "g": "a"}), "n_devices", "tokens_per_s",
+                      by=("g",))
+    assert table["peak_n"].iloc[0] == pytest.approx(fit.peak_n) and table["note"].iloc[0] == ""
+    # The same knee read as a power law is flagged concave.
+    row = fit_table(pd.DataFrame({"n": n, "tokens_per_s": y}), "n", "tokens_per_s").iloc[0]
+    assert row["curvature"] == "concave"
+
+
+def test_usl_needs_four_device_counts_and_no_peak_without_coherency():
+    few = usl_table(pd.DataFrame({"n": [1.0, 2, 4], "tokens_per_s": [1.0, 1.9, 3.5]}), "n", "tokens_per_s")
+    assert np.isnan(few["sigma"].iloc[0]) and "too few n values" in few["note"].iloc[0]
+    n = np.array([1.0, 2, 4, 8, 16])
+    flat = usl_table(pd.DataFrame({"n": n, "tokens_per_s": usl_curve(n, 0.1, 0.0)}), "n", "tokens_per_s")
+    assert flat["sigma"].iloc[0] == pytest.approx(0.1, abs=1e-6) and pd.isna(flat["peak_n"].iloc[0])
+    # A cost is fitted as a rate: step time = 1 / throughput gives the same σ.
+    cost = usl_table(pd.DataFrame({"n": n, "step_time_s": 1 / usl_curve(n, 0.1, 0.002)}), "n", "step_time_s")
+    assert cost["sigma"].iloc[0] == pytest.approx(0.1, abs=1e-6) and "1/y" in cost["note"].iloc[0]
+
+
+def test_pure_power_laws_are_not_flagged_curved():
+    x = np.array([1.0, 2, 4, 8, 16, 32, 64])
+    assert curvature_test(x, 3 * x ** 0.8).label == ""  # exact: no bend at all
+    rng = np.random.default_rng(11)
+    flagged = sum(curvature_test(x, 3 * x ** 0.8 * np.exp(rng.normal(0, 0.02, x.size))).label != ""
+                  for _ in range(200))
+    assert flagged <= 20  # a 5% test with a practical threshold: at most ~5% false alarms (10/200 ± 3 sd)
+    assert curvature_test(x, 3 * x ** 0.8 * np.exp(0.05 * np.log(x) ** 2)).label == "convex"
+
+
+# ------------------------------------------------------------------ predictions
+
+
+def test_backtest_matches_an_independent_leave_one_out():
+    rng = np.random.default_rng(42)
+    n = np.array([1.0, 2, 4, 8, 16, 32])
+    y = 1000 * n ** 0.85 * np.exp(rng.normal(0, 0.05, n.size))
+    out = predict_table(pd.DataFrame({"n_devices": n, "tokens_per_s": y}), "n_devices", "tokens_per_s")
+    back = out[(out["kind"] == "backtest") & (out["method"] == "power_law")].iloc[0]
+    # Independent: polyfit on the logs without n = 32, and the textbook prediction interval.
+    lx, ly = np.log(n[:-1]), np.log(y[:-1])
+    slope, intercept = np.polyfit(lx, ly, 1)
+    predicted = math.exp(intercept + slope * math.log(32))
+    assert back["predicted"] == pytest.approx(predicted, rel=1e-9)
+    assert back["measured"] == pytest.approx(y[-1])
+    assert back["error"] == pytest.approx(predicted / y[-1] - 1, rel=1e-9, abs=1e-12)
+    design = np.column_stack([np.ones(5), lx])
+    resid = ly - design @ np.array([intercept, slope])
+    s = math.sqrt(resid @ resid / 3)
+    x0 = np.array([1.0, math.log(32)])
+    half = stats.t.ppf(0.975, 3) * s * math.sqrt(1 + x0 @ np.linalg.inv(design.T @ design) @ x0)
+    assert math.log(back["pi_high"]) - math.log(predicted) == pytest.approx(half, rel=1e-9)
+    assert back["within_interval"] == (back["pi_low"] <= y[-1] <= back["pi_high"])
+    ext = out[(out["kind"] == "extrapolate") & (out["method"] == "power_law")]
+    assert list(ext["x_value"]) == [64, 128]
+    full_slope, full_intercept = np.polyfit(np.log(n), np.log(y), 1)
+    np.testing.assert_allclose(ext["predicted"], np.exp(full_intercept + full_slope * np.log([64, 128])),
+                               rtol=1e-9)
+    usl = out[out["method"] == "usl"]
+    assert set(usl["kind"]) == {"extrapolate", "backtest"}  # 6 counts: enough for the USL and its backtest
+
+
+def test_prediction_interval_coverage():
+    rng = np.random.default_rng(5)
+    n = np.array([1.0, 2, 4, 8, 16])
+    hits = 0
+    for _ in range(300):
+        y = 50 * n ** -0.9 * np.exp(rng.normal(0, 0.05, n.size))
+        fit = fit_power_law(n, y)
+        low, high = fit.prediction_interval(64.0)
+        hits += low <= 50 * 64.0 ** -0.9 * math.exp(rng.normal(0, 0.05)) <= high
+    assert abs(hits / 300 - 0.95) < 0.038
+
+
+# ------------------------------------------------------------------ planned rows
+
+
+def planned_rows(measured: pd.DataFrame) -> pd.DataFrame:
+    plan = measured[measured["status"] == "ok"].copy()
+    plan["row_source"], plan["status"], plan["backend"] = "planned:v5e:4x4", "planned", "tpu"
+    plan["predicted_step_time_s"] = plan["step_time_s"] * 0.8
+    plan["step_time_s"], plan["tokens_per_s"] = np.nan, np.nan
+    plan["compiled_total_bytes"] = plan["compiled_total_bytes"] * 1.1
+    return plan
+
+
+def test_planned_rows_fit_in_their_own_families():
+    measured = make_runs().assign(row_source="measured")
+    fits = default_fits(pd.concat([measured, planned_rows(measured)], ignore_index=True))
+    plan = fits[fits["row_source"] == "planned:v5e:4x4"]
+    assert {"predicted_step_time_s", "state_bytes", "activation_bytes"} <= set(plan["y"])
+    assert "step_time_s" not in set(plan["y"]) and "predicted_step_time_s" not in set(
+        fits.loc[fits["row_source"] == "measured", "y"])
+    pred = plan[(plan["family"] == "devices") & (plan["y"] == "predicted_step_time_s")
+                & (plan["batch_mode"] == "strong")]
+    assert (pred["ideal_exponent"] == -1).all() and (pred["assessment"] == "worse than ideal").all()
+    assert (plan[(plan["family"] == "model_size") & (plan["y"] == "predicted_step_time_s")]["n_points"] == 3).all()
+
+
+def test_plan_vs_measured_ratios():
+    measured = make_runs().assign(row_source="measured", remat="none", xla_flags="")
+    measured = measured[measured["batch_mode"] == "strong"]  # one batch mode, as in one profile
+    measured["peak_bytes_in_use"] = measured["compiled_total_bytes"] * 0.9
+    plan = planned_rows(measured)
+    out = plan_vs_measured(pd.concat([measured, plan], ignore_index=True))
+    assert len(out) == len(plan)
+    np.testing.assert_allclose(out["step_time_ratio"], 0.8)
+    np.testing.assert_allclose(out["compiled_ratio"], 1.1)
+    np.testing.assert_allclose(out["memory_ratio"], 1.1 / 0.9)
+    assert (out["plan_source"] == "planned:v5e:4x4").all()
+    assert plan_vs_measured(measured).empty
