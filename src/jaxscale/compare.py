@@ -359,7 +359,10 @@ def _kind(row_source: str) -> str:
 def _row_samples(text, median) -> list[float]:
     """One row's per-step samples (seconds); a row without them gives its median step time."""
     parts = [] if text is None or (isinstance(text, float) and text != text) else str(text).split(";")
-    values = [float(p) for p in parts if p.strip()]
+    try:
+        values = [float(p) for p in parts if p.strip()]
+    except ValueError:
+        raise CompareError(f"step_time_samples_s {str(text)[:60]!r}: expected seconds joined by ';'") from None
     if not values:
         try:
             values = [float(median)]
