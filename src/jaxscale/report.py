@@ -1,10 +1,11 @@
 """Fits and rows → summary.md, a terminal table, log-log plots; write_report puts them in a folder.
 
-Only formatting lives here: every number comes from jaxscale.analyze.
+Only formatting lives here: every number and every verdict comes from jaxscale.analyze.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -14,22 +15,33 @@ matplotlib.use("Agg")  # files only; never open a window, works without a displa
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from jaxscale.analyze import PowerLawFit, fit_points  # noqa: E402
+from jaxscale.analyze import (DEFAULT_TOLERANCE, SHARED_HOST_NOTE, PowerLawFit, family_frame,  # noqa: E402
+                              fit_points, prepare_rows)
 
 LABELS = {
     "n_devices": "devices",
     "params": "parameters",
+    "tokens_per_step": "tokens per step",
     "step_time_s": "step time (s)",
+    "predicted_step_time_s": "predicted step time (s)",
     "tokens_per_s": "throughput (tokens/s)",
     "memory_per_device_bytes": "memory per device (bytes)",
+    "state_bytes": "params + optimizer state per device (bytes)",
+    "activation_bytes": "activations and temporaries per device (bytes)",
     "compiled_argument_bytes": "compiled argument bytes per device",
     "model_flops_per_step": "model FLOPs per step",
 }
 # Size dimensions are summarized by size_name in labels when both are group columns.
-_SIZE_DIMS = ("d_model", "n_layers", "n_heads", "d_ff", "vocab")
+_SIZE_DIMS = ("d_model", "n_layers", "n_heads", "d_ff", "vocab", "params")
+# Group values shown bare in labels; others as column=value.
+_BARE = ("size_name", "strategy", "batch_mode", "dtype", "backend", "device_kind", "row_source")
+VERDICTS = ("as ideal", "better than ideal", "worse than ideal", "above ideal", "below ideal", "inconclusive",
+            "not applicable")
+# Which group column names the series within a panel, by preference; the rest make the panels.
+_SERIES_PREFERENCE = ("size_name", "n_devices", "d_model", "global_batch", "per_device_batch")
 
 
 def axis_label(column: str) -> str:
@@ -44,8 +56,8 @@ def axis_label(column: str) -> str:
 
 def _num(value, spec: str = ".3g") -> str:
     """A number for a table cell: '' for missing, integers without a decimal point under spec 'g'."""
-    if value is None or pd.isna(value):
-        return ""
+    if value is None or isinstance(value, str) or pd.isna(value):
+        return "" if not isinstance(value, str) else value
     if spec == "g" and float(value).is_integer():
         return str(int(value))
     return format(float(value), spec)
@@ -59,14 +71,17 @@ def _cell(value) -> str:
     return _num(value, "g") if isinstance(value, (int, float, np.number)) else str(value)
 
 
+def _by_names(rows: pd.DataFrame) -> list[str]:
+    return [c for text in rows.get("by", pd.Series(dtype=str)).dropna().unique() for c in str(text).split(",") if c]
+
+
 def _group_columns(rows: pd.DataFrame, by: list[str] | None = None) -> tuple[list[str], str]:
     """(group columns that tell these rows apart, 'col=value, ...' for those fixed across them).
 
     ``by`` defaults to the names in the rows' ``by`` column. Size dimensions are
     left to size_name when it is among the group columns.
     """
-    if by is None:
-        by = [c for text in rows.get("by", pd.Series(dtype=str)).dropna().unique() for c in str(text).split(",")]
+    by = _by_names(rows) if by is None else by
     by = [c for c in dict.fromkeys(by) if c in rows.columns and not ("size_name" in by and c in _SIZE_DIMS)]
     varying = [c for c in by if rows[c].nunique(dropna=False) > 1]
     fixed = [f"{c}={_cell(rows[c].dropna().iloc[0])}" for c in by if c not in varying and rows[c].notna().any()]
@@ -74,8 +89,7 @@ def _group_columns(rows: pd.DataFrame, by: list[str] | None = None) -> tuple[lis
 
 
 def _group_label(row, columns: list[str]) -> str:
-    parts = [_cell(row[c]) if c in ("size_name", "strategy", "batch_mode", "dtype") else f"{c}={_cell(row[c])}"
-             for c in columns if not pd.isna(row[c])]
+    parts = [_cell(row[c]) if c in _BARE else f"{c}={_cell(row[c])}" for c in columns if not pd.isna(row[c])]
     return " ".join(parts) or "all"
 
 
@@ -121,93 +135,263 @@ def _section_notes(name: str, rows: pd.DataFrame, columns: list[str]) -> list[st
             listed = ", ".join(f"{r['y']} {int(r['n_dropped'])}" for _, r in counts.iterrows())
             notes.append(f"- {name} / {label}: rows left out (status not ok, or a missing or non-positive value): "
                          f"{listed}")
-        for _, r in group.iterrows():
-            if _text(r["note"]):
-                notes.append(f"- {name} / {label} / {r['y']}: {r['note']}")
     return notes
 
 
+def _first(frame: pd.DataFrame | None, column: str, default):
+    if frame is None or column not in frame.columns or not frame[column].notna().any():
+        return default
+    return frame[column].dropna().iloc[0]
+
+
+def _shared_host_applies(*frames) -> bool:
+    return any(frame is not None and "note" in frame.columns and frame["note"].astype(str).str.contains(
+        SHARED_HOST_NOTE, regex=False).any() for frame in frames)
+
+
+def _how_to_read(fits: pd.DataFrame, pct: str, tolerance: float) -> list[str]:
+    return [
+        f"**How to read the verdicts.** Each fit is y = a·x^b, least squares on (log x, log y), with the {pct} "
+        f"t interval of b. *assessment* compares the whole interval with the ideal exponent ± {tolerance:g} "
+        "(the tolerance): **as ideal** when the interval lies inside that band, **better than ideal** / **worse "
+        "than ideal** when it lies wholly outside on one side, **inconclusive** otherwise (the note says why: too "
+        "few points, or an interval wider than the band).",
+        "",
+        "**Convention.** *regime* uses the speed-up convention for every quantity: **superlinear** = better than "
+        "ideal, **linear** = as ideal, **sublinear** = worse than ideal. Better means a larger exponent for "
+        "throughput and a smaller one for costs (time, bytes), so the step time and the throughput of the same "
+        "points always get the same word. A quantity with no better direction (FLOPs) reads *above* / *below "
+        "ideal*, superlinear meaning an exponent above the ideal.",
+        "",
+        f"**Curvature.** A fit is *concave* or *convex* when a quadratic term in log-log is significant at {pct} "
+        f"(t test, n − 3 dof) and changes the local exponent by more than {tolerance:g} across the measured range; "
+        "its b is then an average slope.",
+        "",
+    ]
+
+
+def _glance(fits: pd.DataFrame) -> list[str]:
+    if "assessment" not in fits.columns or fits.empty:
+        return []
+    graded = fits[fits["assessment"].astype(str) != ""]
+    if graded.empty:
+        return []
+    present = [v for v in VERDICTS if (graded["assessment"] == v).any()]
+    table = []
+    family = graded["family"] if "family" in graded.columns else graded["x"]
+    for (fam, y), rows in graded.groupby([family, graded["y"]], sort=False):
+        counts = rows["assessment"].value_counts()
+        curved = int((rows.get("curvature", pd.Series(dtype=str)).astype(str) != "").sum())
+        table.append([fam, y, *[str(int(counts.get(v, 0))) or "" for v in present], str(curved)])
+    return ["## Verdicts at a glance", "", "Number of fits per verdict.", "",
+            _md_table(["family", "y", *present, "curved"], table), ""]
+
+
+def _fit_section(family: str | None, title: str, rows: pd.DataFrame, pct: str) -> tuple[list[str], list[str]]:
+    columns, fixed = _group_columns(rows)
+    out = [f"## {title}", ""]
+    if fixed:
+        out += [f"Fixed across this family: {fixed}.", ""]
+    has_verdict = "assessment" in rows.columns
+    for y in dict.fromkeys(rows["y"]):
+        sub = rows[rows["y"] == y]
+        ideals = sorted({_num(v, "g") for v in sub["ideal_exponent"] if pd.notna(v)})
+        direction = _first(sub, "direction", "")
+        about = ", ".join(filter(None, [f"ideal {' / '.join(ideals)}" if ideals else "no ideal",
+                                        _text(direction)]))
+        out += [f"### {y} ({about})", ""]
+        table = []
+        for _, row in sub.iterrows():
+            b, ci = _exponent_text(row)
+            cells = [_group_label(row, columns), b, ci, _num(row["ideal_exponent"], "g")]
+            if has_verdict:
+                cells += [_text(row["assessment"]), _text(row["regime"]), _text(row.get("curvature", ""))]
+            table.append(cells + [_num(row["r2"], ".4f"), _num(row["n_points"], "g"), _text(row["note"])])
+        headers = ["group", "exponent", f"{pct} CI", "ideal",
+                   *(["assessment", "regime", "curvature"] if has_verdict else []), "r²", "n", "note"]
+        out += [_md_table(headers, table), ""]
+    return out, _section_notes(family or title, rows, columns)
+
+
+def _key(row, columns) -> tuple:
+    return tuple("" if pd.isna(row[c]) else _cell(row[c]) for c in columns)
+
+
+def _efficiency_section(efficiency: pd.DataFrame, fits: pd.DataFrame) -> list[str]:
+    stats_columns = ("n_devices", "base_n_devices", "tokens_per_s", "tokens_per_s_per_device", "efficiency", "note")
+    group_cols = [c for c in efficiency.columns if c not in stats_columns]
+    shown = _group_columns(efficiency, group_cols)[0]
+    verdicts = {}
+    if "family" in fits.columns:
+        tps = fits[(fits["family"] == "devices") & (fits["y"] == "tokens_per_s")]
+        common = [c for c in group_cols if c in tps.columns]
+        verdicts = {_key(r, common): r for _, r in tps.iterrows()}
+    else:
+        common = []
+    table = []
+    for _, r in efficiency.iterrows():
+        fit = verdicts.get(_key(r, common)) if common else None
+        verdict = "" if fit is None else _text(fit["assessment"])
+        b = "" if fit is None or pd.isna(fit["exponent"]) else f"{fit['exponent']:+.3f}"
+        table.append([_group_label(r, shown), _num(r["n_devices"], "g"), _num(r["base_n_devices"], "g"),
+                      _num(r["tokens_per_s"]), _num(r["tokens_per_s_per_device"]), _num(r["efficiency"], ".3f"),
+                      b, verdict])
+    bases = sorted({int(b) for b in efficiency["base_n_devices"].dropna()})
+    out = ["## Scaling efficiency", "",
+           "Throughput per device relative to the group's smallest device count (1.0 = perfect scaling); "
+           "*base devices* is that count" + (f" ({', '.join(map(str, bases))} here: a mesh that needs a model axis "
+                                             "starts above 1)" if len(bases) > 1 else "") +
+           ". Beside it, the throughput exponent and its verdict (ideal 1).", ""]
+    if _shared_host_applies(efficiency):
+        out += [f"Efficiency below 1 is expected here: {SHARED_HOST_NOTE}.", ""]
+    out += [_md_table(["group", "devices", "base devices", "tokens/s", "tokens/s per device", "efficiency",
+                       "b (tokens/s)", "verdict"], table), ""]
+    return out
+
+
+def _usl_section(usl: pd.DataFrame, pct: str) -> list[str]:
+    columns = _group_columns(usl)[0]
+    table = []
+    for _, r in usl.iterrows():
+        def ci(name):
+            return "" if pd.isna(r.get(name)) else (f"{r[name]:.3g} [{r[name + '_ci_low']:.3g}, "
+                                                    f"{r[name + '_ci_high']:.3g}]")
+        table.append([f"{r['y']}", _group_label(r, columns), ci("sigma"), ci("kappa"), _num(r.get("peak_n")),
+                      _num(r["n_points"], "g"), _text(r["note"])])
+    return ["## Knees: Universal Scalability Law", "",
+            "X(N) = λN / (1 + σ(N−1) + κN(N−1)) fitted to throughput against device count (least squares on "
+            f"log X); σ is contention, κ coherency (crosstalk), each with its {pct} interval (Wald, n − 3 dof). "
+            "Throughput peaks at N = √((1 − σ)/κ) when κ > 0. Families with fewer than 4 device counts are "
+            "listed without a fit.", "",
+            _md_table(["y", "group", f"σ [{pct} CI]", f"κ [{pct} CI]", "peak N", "n", "note"], table), ""]
+
+
+def _predictions_section(predictions: pd.DataFrame, pct: str) -> list[str]:
+    columns = _group_columns(predictions)[0]
+    back = predictions[predictions["kind"] == "backtest"]
+    out = ["## Predictions", "",
+           f"Each fit extrapolated to 2× and 4× the largest device count, with {pct} prediction intervals. The "
+           "backtest refits without the largest device count and predicts it: *error* = predicted / measured − 1, "
+           "to show how far an extrapolation can be trusted.", ""]
+    if len(back):
+        inside = back["within_interval"].astype(bool)
+        errors = back["error"].abs()
+        out += [f"Backtests: {int(inside.sum())} of {len(back)} measurements inside their prediction interval; "
+                f"median |error| {errors.median():.1%}, largest {errors.max():.1%}.", ""]
+    table = []
+    for _, r in predictions.iterrows():
+        table.append([r["y"], _group_label(r, columns), r["method"], r["kind"], _num(r["x_value"], "g"),
+                      _num(r["predicted"]), f"[{_num(r['pi_low'])}, {_num(r['pi_high'])}]", _num(r["measured"]),
+                      "" if pd.isna(r["error"]) else f"{r['error']:+.1%}", _text(r["note"])])
+    out += [_md_table(["y", "group", "method", "kind", "devices", "predicted", f"{pct} PI", "measured", "error",
+                       "note"], table), ""]
+    return out
+
+
+def _plan_section(plan: pd.DataFrame) -> list[str]:
+    out = ["## Plan against measurement", "",
+           "Planned rows (`jaxscale plan`) joined with measured rows of the same grid point. step time ratio = "
+           "predicted / measured; compiled ratio = planned / measured compiled total; memory ratio = planned "
+           "compiled total / measured runtime peak. Geometric mean [min, max] per plan and strategy.", ""]
+
+    def spread(values: pd.Series) -> str:
+        v = values[(values > 0) & np.isfinite(values)]
+        if v.empty:
+            return ""
+        return f"{math.exp(np.log(v).mean()):.3g} [{v.min():.3g}, {v.max():.3g}]"
+
+    table = []
+    for (source, strategy), rows in plan.groupby(["plan_source", "strategy"], sort=False):
+        table.append([source, strategy, str(len(rows)), spread(rows["step_time_ratio"]),
+                      spread(rows["compiled_ratio"]), spread(rows["memory_ratio"])])
+    out += [_md_table(["plan", "strategy", "points", "step time ratio", "compiled ratio", "memory ratio"], table), ""]
+    return out
+
+
+def _joint_section(joint: pd.DataFrame, pct: str) -> list[str]:
+    xs = [c[len("exponent_"):] for c in joint.columns if c.startswith("exponent_")]
+    columns = _group_columns(joint)[0]
+    table = []
+    for _, r in joint.iterrows():
+        cells = [r["y"], _group_label(r, columns)]
+        for x in xs:
+            b = r[f"exponent_{x}"]
+            text = "" if pd.isna(b) else f"{b:+.3f} [{r[f'ci_low_{x}']:+.3f}, {r[f'ci_high_{x}']:+.3f}]"
+            ideal = r.get(f"ideal_{x}")
+            verdict = _text(r.get(f"assessment_{x}"))
+            cells.append(", ".join(filter(None, [text, f"ideal {_num(ideal, 'g')}" if pd.notna(ideal) else "",
+                                                 verdict])))
+        table.append(cells + [_num(r["r2"], ".4f"), _num(r["n_points"], "g"), _text(r["note"])])
+    return ["## Joint fit", "",
+            f"log y = log a + Σ b_x log x, least squares per group, {pct} t intervals, graded as above.", "",
+            _md_table(["y", "group", *[f"b_{x} {pct} CI" for x in xs], "r²", "n", "note"], table), ""]
+
+
+def _expectations_section(expectations: pd.DataFrame) -> list[str]:
+    table = []
+    claims = expectations[["y", "x", "claimed_exponent"]].astype(str).agg(" ".join, axis=1)
+    tolerance = _first(expectations, "tolerance", DEFAULT_TOLERANCE)
+    for claim in dict.fromkeys(claims):
+        rows = expectations[claims == claim]
+        columns = _group_columns(rows)[0]
+        for _, r in rows.iterrows():
+            ci = "" if pd.isna(r["exponent"]) else f"{r['exponent']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+            table.append([f"{r['y']} ∝ {r['x']}^{_num(r['claimed_exponent'], 'g')}", _group_label(r, columns),
+                          ci, _num(r["t_stat"], ".2f"), _num(r["p_value"], ".3g"), _text(r.get("assessment")),
+                          _text(r["note"])])
+    return ["## Expectations", "",
+            f"Each claimed exponent is graded like an ideal, with tolerance ± {float(tolerance):g}: *as expected* "
+            "when the interval lies inside claim ± tolerance, *above* / *below expected* when wholly outside, else "
+            "*inconclusive*. t and p test the exact claim.", "",
+            _md_table(["claim", "group", "exponent [CI]", "t", "p", "verdict", "note"], table), ""]
+
+
 def fits_markdown(fits: pd.DataFrame, efficiency: pd.DataFrame | None = None, joint: pd.DataFrame | None = None,
-                  expectations: pd.DataFrame | None = None) -> str:
-    """summary.md: fit tables per family, scaling efficiency, joint fit, expectations, notes.
+                  expectations: pd.DataFrame | None = None, usl: pd.DataFrame | None = None,
+                  predictions: pd.DataFrame | None = None, plan: pd.DataFrame | None = None) -> str:
+    """summary.md: how to read it, verdicts at a glance, fit tables per family, efficiency, knees,
+    predictions, joint fit, plan against measurement, expectations, notes.
 
     Args:
       fits: from ``analyze.fit_table`` or ``analyze.default_fits``.
       efficiency: from ``analyze.scaling_efficiency``.
       joint: from ``analyze.joint_fit``.
       expectations: from ``analyze.check_expectation`` (several may be concatenated).
+      usl: from ``analyze.usl_table`` / ``analyze.default_usl``.
+      predictions: from ``analyze.predict_table`` / ``analyze.default_predictions``.
+      plan: from ``analyze.plan_vs_measured``.
 
     Returns:
       Markdown text.
     """
-    confidence = float(fits["confidence"].dropna().iloc[0]) if len(fits) and fits["confidence"].notna().any() else 0.95
+    confidence = float(_first(fits, "confidence", 0.95))
+    tolerance = float(_first(fits, "tolerance", DEFAULT_TOLERANCE))
     pct = f"{100 * confidence:g}%"
-    out = ["# Scaling fits", "",
-           f"Each row fits y = a·x^b by least squares on (log x, log y); the interval is the {pct} t interval of b. "
-           "Regime compares b with the ideal exponent: *linear* when the interval contains the ideal, "
-           "*sublinear* / *superlinear* when it lies below / above it. For costs (time, bytes) superlinear is worse "
-           "than ideal; for throughput it is better (see *assessment*).", ""]
+    out = ["# Scaling fits", "", *_how_to_read(fits, pct, tolerance)]
+    if _shared_host_applies(fits, efficiency):
+        out += [f"> **Not graded here:** step time and throughput against device count. The rows ran on virtual "
+                f"CPU devices that share one host's cores, so adding devices cannot make a step faster; those "
+                "fits read *not applicable*. Memory and model-size verdicts still hold.", ""]
     if fits.empty:
         out += ["No fits: the rows have no usable x and y columns.", ""]
+    out += _glance(fits)
     notes = []
     for family, title, rows in _sections(fits):
-        columns, fixed = _group_columns(rows)
-        out += [f"## {title}", ""]
-        if fixed:
-            out += [f"Fixed across this family: {fixed}.", ""]
-        has_assessment = "assessment" in rows.columns
-        table = []
-        for _, row in rows.iterrows():
-            b, ci = _exponent_text(row)
-            cells = [row["y"], _group_label(row, columns), b, ci, _num(row["ideal_exponent"], "g"), row["regime"]]
-            cells += [row["assessment"]] if has_assessment else []
-            table.append(cells + [_num(row["r2"], ".4f"), _num(row["n_points"], "g"), _num(row["n_dropped"], "g")])
-        headers = ["y", "group", "exponent", f"{pct} CI", "ideal", "regime", *(["assessment"] if has_assessment
-                                                                            else []), "r²", "n", "dropped"]
-        out += [_md_table(headers, table), ""]
-        notes += _section_notes(family or title, rows, columns)
-
+        section, section_notes = _fit_section(family, title, rows, pct)
+        out += section
+        notes += section_notes
     if efficiency is not None and len(efficiency):
-        stats_columns = ("n_devices", "base_n_devices", "tokens_per_s", "tokens_per_s_per_device", "efficiency")
-        shown = _group_columns(efficiency, [c for c in efficiency.columns if c not in stats_columns])[0]
-        out += ["## Scaling efficiency", "",
-                "Throughput per device relative to the group's smallest device count (1.0 = perfect scaling).", "",
-                _md_table(["group", "devices", "base devices", "tokens/s", "tokens/s per device", "efficiency"],
-                          [[_group_label(r, shown), _num(r["n_devices"], "g"), _num(r["base_n_devices"], "g"),
-                            _num(r["tokens_per_s"]), _num(r["tokens_per_s_per_device"]), _num(r["efficiency"], ".3f")]
-                           for _, r in efficiency.iterrows()]), ""]
-
+        out += _efficiency_section(efficiency, fits)
+    if usl is not None and len(usl):
+        out += _usl_section(usl, pct)
+    if predictions is not None and len(predictions):
+        out += _predictions_section(predictions, pct)
     if joint is not None and len(joint):
-        xs = [c[len("exponent_"):] for c in joint.columns if c.startswith("exponent_")]
-        columns = _group_columns(joint)[0]
-        table = []
-        for _, r in joint.iterrows():
-            cells = [r["y"], _group_label(r, columns)]
-            for x in xs:
-                b = r[f"exponent_{x}"]
-                cells.append("" if pd.isna(b) else
-                             f"{b:+.3f} [{r[f'ci_low_{x}']:+.3f}, {r[f'ci_high_{x}']:+.3f}]")
-            table.append(cells + [_num(r["r2"], ".4f"), _num(r["n_points"], "g"), _text(r["note"])])
-        out += ["## Joint fit", "",
-                f"log y = log a + Σ b_x log x, least squares per group, {pct} t intervals.", "",
-                _md_table(["y", "group", *[f"b_{x} {pct} CI" for x in xs], "r²", "n", "note"], table), ""]
-
+        out += _joint_section(joint, pct)
+    if plan is not None and len(plan):
+        out += _plan_section(plan)
     if expectations is not None and len(expectations):
-        table = []
-        claims = expectations[["y", "x", "claimed_exponent"]].astype(str).agg(" ".join, axis=1)
-        for claim in dict.fromkeys(claims):
-            rows = expectations[claims == claim]
-            columns = _group_columns(rows)[0]
-            for _, r in rows.iterrows():
-                verdict = "no fit" if pd.isna(r["rejected"]) else "rejected" if bool(r["rejected"]) else "consistent"
-                ci = "" if pd.isna(r["exponent"]) else (
-                    f"{r['exponent']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]")
-                table.append([f"{r['y']} ∝ {r['x']}^{_num(r['claimed_exponent'], 'g')}", _group_label(r, columns),
-                              ci, _num(r["t_stat"], ".2f"), _num(r["p_value"], ".3g"), verdict, _text(r["note"])])
-        out += ["## Expectations", "",
-                "A claim is rejected when it lies outside the exponent's interval (p < 1 − confidence).", "",
-                _md_table(["claim", "group", "exponent [CI]", "t", "p", "verdict", "note"], table), ""]
-
+        out += _expectations_section(expectations)
     if notes:
         out += ["## Notes", "", *notes, ""]
     return "\n".join(out)
@@ -217,18 +401,19 @@ def fits_console_table(fits: pd.DataFrame) -> Table:
     """The fits as a rich Table for the terminal (one row per fit, notes in the last column)."""
     table = Table(title="power-law fits  y = a·x^b")
     for header, justify in (("family", "left"), ("y", "left"), ("x", "left"), ("group", "left"),
-                            ("exponent", "right"), ("CI", "right"), ("ideal", "right"), ("regime", "left"),
-                            ("r²", "right"), ("n", "right"), ("note", "left")):
+                            ("exponent", "right"), ("CI", "right"), ("ideal", "right"), ("assessment", "left"),
+                            ("regime", "left"), ("curve", "left"), ("n", "right"), ("note", "left")):
         table.add_column(header, justify=justify)
     for family, _, rows in _sections(fits):
         columns = _group_columns(rows)[0]
         for _, row in rows.iterrows():
             b, ci = _exponent_text(row)
-            style = {"sublinear": "yellow", "superlinear": "cyan"}.get(row["regime"], "")
-            table.add_row(family or "", row["y"], row["x"],
-                          _group_label(row, columns), b, ci, _num(row["ideal_exponent"], "g"),
-                          f"[{style}]{row['regime']}[/]" if style else row["regime"], _num(row["r2"], ".3f"),
-                          _num(row["n_points"], "g"), _text(row["note"]))
+            verdict = _text(row.get("assessment", ""))
+            style = {"worse than ideal": "yellow", "better than ideal": "cyan", "inconclusive": "dim"}.get(verdict, "")
+            table.add_row(family or "", row["y"], row["x"], _group_label(row, columns), b, ci,
+                          _num(row["ideal_exponent"], "g"), f"[{style}]{verdict}[/]" if style else verdict,
+                          _text(row["regime"]), _text(row.get("curvature", "")), _num(row["n_points"], "g"),
+                          _text(row["note"]))
     return table
 
 
@@ -236,13 +421,23 @@ def _file_name(text: str) -> str:
     return re.sub(r"[^\w.-]+", "_", text)
 
 
-def plot_families(runs: pd.DataFrame | None, fits: pd.DataFrame, out_dir: Path | str) -> list[Path]:
-    """Log-log plots, one PNG per (family, y): measured points, fitted line, confidence band per group.
+def plot_families(runs: pd.DataFrame | None, fits: pd.DataFrame, out_dir: Path | str,
+                  usl: pd.DataFrame | None = None) -> list[Path]:
+    """Log-log small multiples, one PNG per (family, y).
+
+    A panel per value of the group columns other than the series column (model
+    size for device-count families, device count for model-size families),
+    panels sharing both axes. Within a panel each series has its own colour and
+    marker: measured points, the fitted line with its confidence band, and the
+    ideal slope (dashed) drawn through the series' first point. Legends mark
+    inconclusive, not-applicable and curved fits. A USL fit of the same group is
+    drawn dotted on throughput panels.
 
     Args:
       runs: the fitted rows (None: lines and bands only).
       fits: from ``analyze.fit_table`` or ``analyze.default_fits``.
       out_dir: folder for the PNG files (created).
+      usl: from ``analyze.usl_table`` (optional).
 
     Returns:
       The paths written, named ``<family>__<y>.png`` (``<x>__<y>.png`` without a family column).
@@ -250,59 +445,132 @@ def plot_families(runs: pd.DataFrame | None, fits: pd.DataFrame, out_dir: Path |
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    frames = {}
     for family, _, family_rows in _sections(fits):
+        x = family_rows["x"].iloc[0]
+        if runs is not None and family and x not in frames:
+            prepared = prepare_rows(runs)
+            frames[x] = family_frame(prepared, (x,))[0] if x in prepared.columns else prepared
         for y in dict.fromkeys(family_rows["y"]):
             rows = family_rows[family_rows["y"] == y]
             path = out_dir / _file_name(f"{family or rows['x'].iloc[0]}__{y}.png")
-            if _plot_one(runs, rows, y, family, path):
+            if _plot_one(frames.get(x, runs), rows, y, family, path, usl, prepared=x in frames):
                 written.append(path)
     return written
 
 
-def _plot_one(runs: pd.DataFrame | None, rows: pd.DataFrame, y: str, family: str | None, path: Path) -> bool:
-    columns, fixed = _group_columns(rows)
+def _split_series(rows: pd.DataFrame) -> tuple[list[str], list[str], str]:
+    """(panel columns, series columns, fixed text) for one plot."""
+    varying, fixed = _group_columns(rows)
+    series = [c for c in _SERIES_PREFERENCE if c in varying][:1] or varying[-1:]
+    panels = [c for c in varying if c not in series]
+    return panels, series, fixed
+
+
+def _usl_row(usl: pd.DataFrame | None, row) -> pd.Series | None:
+    if usl is None or usl.empty or row["y"] not in set(usl["y"]):
+        return None
+    candidates = usl[(usl["y"] == row["y"]) & (usl["x"] == row["x"])]
+    by = [c for c in _by_names(candidates) if c in row.index]
+    for _, cand in candidates.iterrows():
+        if all((pd.isna(cand[c]) and pd.isna(row[c])) or cand[c] == row[c] for c in by):
+            return cand if pd.notna(cand.get("sigma")) else None
+    return None
+
+
+def _legend_label(row, series: list[str]) -> str:
+    label = _group_label(row, series)
+    if pd.notna(row["exponent"]):
+        label += f": b = {row['exponent']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]"
+    elif _text(row["note"]):
+        label += " (no fit)"
+    flags = [f for f in (_text(row.get("assessment", "")), _text(row.get("curvature", "")))
+             if f in ("inconclusive", "not applicable", "concave", "convex")]
+    return label + (f" — {', '.join(flags).upper()}" if flags else "")
+
+
+def _plot_one(runs: pd.DataFrame | None, rows: pd.DataFrame, y: str, family: str | None, path: Path,
+              usl: pd.DataFrame | None = None, prepared: bool = False) -> bool:
+    panels, series, fixed = _split_series(rows)
     x = rows["x"].iloc[0]
-    confidence = rows["confidence"].dropna()
-    pct = f"{100 * float(confidence.iloc[0]):g}%" if len(confidence) else ""
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    pct = f"{100 * float(_first(rows, 'confidence', 0.95)):g}%"
+    panel_keys = list(dict.fromkeys(_group_label(r, panels) for _, r in rows.iterrows())) if panels else ["all"]
+    n_panels = len(panel_keys)
+    ncols = min(4, n_panels)
+    nrows = math.ceil(n_panels / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols + 0.6, 3.4 * nrows + 0.9), dpi=100, sharex=True,
+                             sharey=True, squeeze=False)
     colors = plt.get_cmap("tab10").colors
     markers = "os^Dv<>ph*"
     drew = False
-    for i, (_, row) in enumerate(rows.iterrows()):
-        color, marker = colors[i % len(colors)], markers[(i // len(colors)) % len(markers)]
-        label = _group_label(row, columns)
-        points = fit_points(runs, row) if runs is not None else pd.DataFrame({"x": [], "y": []})
-        if pd.notna(row["exponent"]):
-            fit = PowerLawFit.from_row(row)
-            grid = np.geomspace(fit.x_min, fit.x_max, 64)
-            low, high = fit.mean_band(grid)
-            ax.fill_between(grid, low, high, color=color, alpha=0.18, linewidth=0)
-            ax.plot(grid, fit.predict(grid), color=color, linewidth=1.6)
-            ideal = "" if pd.isna(row["ideal_exponent"]) else f", ideal {_num(row['ideal_exponent'], 'g')}"
-            label += f": b = {fit.exponent:+.2f} [{fit.ci_low:+.2f}, {fit.ci_high:+.2f}]{ideal}"
-            drew = True
-        elif _text(row["note"]):
-            label += " (no fit)"
-        if len(points):
-            ax.scatter(points["x"], points["y"], color=color, marker=marker, s=28, zorder=3, label=label)
-            drew = True
-        elif pd.notna(row["exponent"]):
-            ax.plot([], [], color=color, label=label)
+    seen = []  # the y values of points and lines: the axis limits, so wide bands cannot stretch the axes
+    for p, panel in enumerate(panel_keys):
+        ax = axes[p // ncols][p % ncols]
+        in_panel = rows[[(_group_label(r, panels) if panels else "all") == panel for _, r in rows.iterrows()]]
+        for i, (_, row) in enumerate(in_panel.iterrows()):
+            color, marker = colors[i % len(colors)], markers[i % len(markers)]
+            points = fit_points(runs, row, prepared) if runs is not None else pd.DataFrame({"x": [], "y": []})
+            label = _legend_label(row, series)
+            if pd.notna(row["exponent"]):
+                fit = PowerLawFit.from_row(row)
+                grid = np.geomspace(fit.x_min, fit.x_max, 64)
+                low, high = fit.mean_band(grid)
+                ax.fill_between(grid, low, high, color=color, alpha=0.12, linewidth=0)
+                style = "--" if _text(row.get("assessment", "")) in ("inconclusive", "not applicable") else "-"
+                ax.plot(grid, fit.predict(grid), color=color, linewidth=1.5, linestyle=style)
+                seen += [float(v) for v in fit.predict(grid[[0, -1]])]
+                if pd.notna(row["ideal_exponent"]):
+                    x0, y0 = ((points.sort_values("x").iloc[0]["x"], points.sort_values("x").iloc[0]["y"])
+                              if len(points) else (fit.x_min, float(fit.predict(fit.x_min))))
+                    ax.plot(grid, y0 * (grid / x0) ** row["ideal_exponent"], color=color, linewidth=1.0,
+                            linestyle=(0, (2, 2)), alpha=0.8)
+                drew = True
+            cand = _usl_row(usl, row) if x == "n_devices" else None
+            if cand is not None and len(points):
+                grid = np.geomspace(points["x"].min(), points["x"].max(), 64)
+                n = grid
+                curve = cand["lambda_"] * n / (1 + cand["sigma"] * (n - 1) + cand["kappa"] * n * (n - 1))
+                ax.plot(grid, curve, color=color, linewidth=1.0, linestyle=":")
+            if len(points):
+                seen += points["y"].tolist()
+                ax.scatter(points["x"], points["y"], color=color, marker=marker, s=24, zorder=3, label=label,
+                           edgecolors="black", linewidths=0.3)
+                drew = True
+            elif pd.notna(row["exponent"]):
+                ax.plot([], [], color=color, marker=marker, label=label)
+        ax.set_title(panel if panels else "", fontsize=9)
+        ax.grid(True, which="major", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="lower left", framealpha=0.8)
+    for p in range(n_panels, nrows * ncols):
+        axes[p // ncols][p % ncols].set_visible(False)
     if not drew:
         plt.close(fig)
         return False
-    ax.set_xscale("log", base=2 if x == "n_devices" else 10)
-    ax.set_yscale("log")
+    ax0 = axes[0][0]
+    ax0.set_yscale("log")
+    finite = [v for v in seen if np.isfinite(v) and v > 0]
+    if finite:
+        ax0.set_ylim(min(finite) / 2, max(finite) * 2)
     if x == "n_devices":
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_xlabel(axis_label(x))
-    ax.set_ylabel(axis_label(y))
-    ax.set_title(f"{axis_label(y)} vs {axis_label(x)}" + (f"  [{family}]" if family else "") +
-                 f"\npoints: measured; lines: fitted y = a·x^b; bands: {pct} confidence of the fit", fontsize=10)
-    if fixed:
-        ax.text(0.01, 0.01, fixed, transform=ax.transAxes, fontsize=7, color="0.35", va="bottom")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        ax0.set_xscale("log", base=2)
+        ax0.xaxis.set_major_locator(LogLocator(base=2))
+        ax0.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    else:
+        ax0.set_xscale("log")
+    # Minor ticks on shared log axes cost most of the drawing time and add nothing here.
+    ax0.xaxis.set_minor_locator(NullLocator())
+    ax0.yaxis.set_minor_locator(NullLocator())
+    for ax in axes[-1]:
+        ax.set_xlabel(axis_label(x))
+    for row_axes in axes:
+        row_axes[0].set_ylabel(axis_label(y))
+    tail = ", dotted: USL" if usl is not None and y == "tokens_per_s" else ""
+    fig.suptitle(f"{axis_label(y)} vs {axis_label(x)}" + (f"  [{family}]" if family else "") +
+                 f"\npoints: measured; solid: fit y = a·x^b (dashed: inconclusive or not applicable), band: {pct} "
+                 f"confidence; fine dashes: ideal slope through the first point{tail}" +
+                 (f"\n{fixed}" if fixed else ""), fontsize=8)
+    fig.subplots_adjust(hspace=0.3, wspace=0.08, top=1 - 0.55 / fig.get_figheight())
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return True
@@ -310,14 +578,17 @@ def _plot_one(runs: pd.DataFrame | None, rows: pd.DataFrame, y: str, family: str
 
 def write_report(out_dir: Path | str, fits: pd.DataFrame, runs: pd.DataFrame | None = None,
                  efficiency: pd.DataFrame | None = None, joint: pd.DataFrame | None = None,
-                 expectations: pd.DataFrame | None = None) -> dict[str, Path]:
-    """Write fits.csv, summary.md and plots/*.png (plus efficiency.csv, joint.csv, expectations.csv when given).
+                 expectations: pd.DataFrame | None = None, usl: pd.DataFrame | None = None,
+                 predictions: pd.DataFrame | None = None, plan: pd.DataFrame | None = None) -> dict[str, Path]:
+    """Write fits.csv, summary.md and plots/*.png, plus each optional table given.
 
     Args:
       out_dir: the folder (created).
       fits: from ``analyze.fit_table`` or ``analyze.default_fits``.
       runs: the fitted rows, for the points on the plots.
-      efficiency, joint, expectations: optional tables from jaxscale.analyze.
+      efficiency, joint, expectations, usl, predictions, plan: optional tables
+        from jaxscale.analyze, written as efficiency.csv, joint.csv,
+        expectations.csv, usl.csv, predictions.csv, plan_vs_measured.csv.
 
     Returns:
       Every written file by its path relative to out_dir, e.g. "fits.csv", "plots/devices__step_time_s.png".
@@ -325,14 +596,16 @@ def write_report(out_dir: Path | str, fits: pd.DataFrame, runs: pd.DataFrame | N
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
-    tables = {"fits.csv": fits, "efficiency.csv": efficiency, "joint.csv": joint, "expectations.csv": expectations}
+    tables = {"fits.csv": fits, "efficiency.csv": efficiency, "joint.csv": joint, "expectations.csv": expectations,
+              "usl.csv": usl, "predictions.csv": predictions, "plan_vs_measured.csv": plan}
     for name, table in tables.items():
         if table is not None:
             table.to_csv(out_dir / name, index=False)
             written[name] = out_dir / name
     summary = out_dir / "summary.md"
-    summary.write_text(fits_markdown(fits, efficiency=efficiency, joint=joint, expectations=expectations))
+    summary.write_text(fits_markdown(fits, efficiency=efficiency, joint=joint, expectations=expectations, usl=usl,
+                                     predictions=predictions, plan=plan))
     written["summary.md"] = summary
-    for path in plot_families(runs, fits, out_dir / "plots"):
+    for path in plot_families(runs, fits, out_dir / "plots", usl=usl):
         written[f"plots/{path.name}"] = path
     return written
