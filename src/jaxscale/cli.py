@@ -217,12 +217,19 @@ def _fmt_bytes(value) -> str:
     return ""
 
 
-def _analyze_into(console, rows, out_dir: Path, expectations=(), confidence: float = 0.95) -> None:
+def _analyze_into(console, rows, out_dir: Path, expectations=(), confidence: float = 0.95,
+                  tolerance: float | None = None) -> None:
+    """The default analysis of jaxscale rows into out_dir. Every table is computed before
+    anything is written, so a ValueError (rows that cannot share a fit) leaves no files."""
     from jaxscale import analyze, report
 
-    fits = analyze.default_fits(rows, confidence=confidence)
+    tolerance = analyze.DEFAULT_TOLERANCE if tolerance is None else tolerance
+    fits = analyze.default_fits(rows, confidence=confidence, tolerance=tolerance)
     efficiency = analyze.scaling_efficiency(rows)
-    joint = analyze.default_joint_fit(rows, confidence=confidence)
+    joint = analyze.default_joint_fit(rows, confidence=confidence, tolerance=tolerance)
+    usl = analyze.default_usl(rows, confidence=confidence)
+    predictions = analyze.default_predictions(rows, confidence=confidence)
+    plan = analyze.plan_vs_measured(rows)
     checks = None
     if expectations:
         import pandas as pd
@@ -230,10 +237,11 @@ def _analyze_into(console, rows, out_dir: Path, expectations=(), confidence: flo
         frames = []
         for text in expectations:
             y, x, b = analyze.parse_expectation(text)
-            frames.append(analyze.check_expectation(analyze.add_memory_column(rows), y=y, x=x, exponent=b,
-                                                    confidence=confidence))
+            frames.append(analyze.check_expectation(rows, y=y, x=x, exponent=b, confidence=confidence,
+                                                    tolerance=tolerance))
         checks = pd.concat(frames, ignore_index=True)
-    report.write_report(out_dir, fits, runs=rows, efficiency=efficiency, joint=joint, expectations=checks)
+    report.write_report(out_dir, fits, runs=rows, efficiency=efficiency, joint=joint, expectations=checks, usl=usl,
+                        predictions=predictions, plan=plan if len(plan) else None)
     console.print(report.fits_console_table(fits))
     console.print(f"fits: {out_dir / 'fits.csv'}, summary: {out_dir / 'summary.md'}, plots: {out_dir / 'plots'}")
 
@@ -272,9 +280,11 @@ def _require_numeric(frame, column: str, source: str) -> None:
 
     if column not in frame.columns:
         raise ValueError(f"{source}: no column {column!r}; columns are: {', '.join(map(str, frame.columns))}")
+    from jaxscale.records import SUCCESS_STATUSES
+
     values = frame[column]
     if "status" in frame.columns:
-        values = values[frame["status"].astype(str) == "ok"]
+        values = values[frame["status"].astype(str).isin(SUCCESS_STATUSES)]
     present = values[values.astype(str).str.strip() != ""].dropna()
     numbers = pd.to_numeric(present, errors="coerce")
     bad = present[numbers.isna()]
@@ -294,6 +304,8 @@ def cmd_analyze(args) -> int:
     try:
         if not 0 < args.confidence < 1:
             raise ValueError(f"--confidence {args.confidence}: expected a number between 0 and 1, e.g. 0.95")
+        if not (args.tolerance >= 0 and args.tolerance < float("inf")):
+            raise ValueError(f"--tolerance {args.tolerance}: expected a finite number >= 0, e.g. 0.05")
         expectations = [analyze.parse_expectation(text) for text in args.expect]
         rows = load_tables(args.csv)
         out = Path(args.out) if args.out else Path(args.csv[0]).resolve().parent / "analysis"
@@ -302,10 +314,12 @@ def cmd_analyze(args) -> int:
                 raise ValueError("--x and --y go together: --x COL --y COL [--y COL ...]")
             for column in (args.x, *args.y):
                 _require_numeric(rows, column, source)
-            for column in args.by:
-                if column not in rows.columns:
-                    raise ValueError(f"{source}: no --by column {column!r}; columns are: "
-                                     f"{', '.join(map(str, rows.columns))}")
+            for flag, columns in (("--by", args.by), ("--higher-is-better", args.higher_is_better),
+                                  ("--lower-is-better", args.lower_is_better)):
+                for column in columns:
+                    if column not in rows.columns:
+                        raise ValueError(f"{source}: no {flag} column {column!r}; columns are: "
+                                         f"{', '.join(map(str, rows.columns))}")
         else:
             for column in ("n_devices", "params", "strategy", "step_time_s"):
                 if column not in rows.columns:
@@ -316,22 +330,31 @@ def cmd_analyze(args) -> int:
                     _require_numeric(rows, column, source)
         for y, x, _ in expectations:
             for column in (x, y):
-                if column != "memory_per_device_bytes":
+                if column not in (analyze.MEMORY_COLUMN, analyze.STATE_COLUMN, analyze.ACTIVATION_COLUMN):
                     _require_numeric(rows, column, source)
+        if args.x:
+            # Computed before anything is written: a refusal leaves no half-written folder.
+            directions = {**{c: "higher" for c in args.higher_is_better}, **{c: "lower" for c in args.lower_is_better}}
+            fits = analyze.fit_table(rows, args.x, args.y, by=args.by, ideal=args.ideal, confidence=args.confidence,
+                                     tolerance=args.tolerance, directions=directions)
+            usl = analyze.usl_table(rows, args.x, args.y, by=args.by, confidence=args.confidence,
+                                    directions=directions)
+            predictions = analyze.predict_table(rows, args.x, args.y, by=args.by, confidence=args.confidence,
+                                                directions=directions)
+            checks = None
+            if expectations:
+                checks = pd.concat([analyze.check_expectation(rows, y=y, x=x, exponent=b, by=args.by or None,
+                                                              confidence=args.confidence, tolerance=args.tolerance)
+                                    for y, x, b in expectations], ignore_index=True)
+            report.write_report(out, fits, runs=rows, expectations=checks, usl=usl, predictions=predictions)
+            console.print(report.fits_console_table(fits))
+            console.print(f"fits: {out / 'fits.csv'}, summary: {out / 'summary.md'}, plots: {out / 'plots'}")
+        else:
+            _analyze_into(console, rows, out, [f"{y}:{x}={b}" for y, x, b in expectations], args.confidence,
+                          args.tolerance)
     except ValueError as e:
-        return _fail(str(e))
-    if args.x:
-        fits = analyze.fit_table(rows, args.x, args.y, by=args.by, ideal=args.ideal, confidence=args.confidence)
-        checks = None
-        if expectations:
-            checks = pd.concat([analyze.check_expectation(rows, y=y, x=x, exponent=b, by=args.by or None,
-                                                          confidence=args.confidence)
-                                for y, x, b in expectations], ignore_index=True)
-        report.write_report(out, fits, runs=rows, expectations=checks)
-        console.print(report.fits_console_table(fits))
-        console.print(f"fits: {out / 'fits.csv'}, summary: {out / 'summary.md'}, plots: {out / 'plots'}")
-    else:
-        _analyze_into(console, rows, out, [f"{y}:{x}={b}" for y, x, b in expectations], args.confidence)
+        message = str(e)
+        return _fail(message if message.startswith(tuple(args.csv)) else f"{source}: {message}")
     return 0
 
 
@@ -544,6 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--expect", action="append", default=[], metavar="Y:X=B",
                     help="test a claimed exponent, e.g. step_time_s:params=1.5")
     an.add_argument("--confidence", type=float, default=0.95)
+    an.add_argument("--tolerance", type=float, default=0.05,
+                    help="half-width of the band around each ideal exponent (default 0.05): an interval inside it "
+                         "is 'as ideal', wholly outside 'better'/'worse', else 'inconclusive'")
+    an.add_argument("--higher-is-better", action="append", default=[], metavar="COL",
+                    help="a --y column where larger is better (throughput); by default *_per_s")
+    an.add_argument("--lower-is-better", action="append", default=[], metavar="COL",
+                    help="a --y column that is a cost; by default *_s times and *_bytes")
     an.set_defaults(func=cmd_analyze)
 
     dev = sub.add_parser("devices", help="backend, devices and the peak jaxscale assumes")
