@@ -729,6 +729,7 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 # ---------------------------------------------------------------- formatting
 
 
+MODEL_COLUMNS = ("d_model", "n_layers", "n_heads", "d_ff", "seq_len", "vocab")
 KEY_LABELS = (("size_name", "size"), ("strategy", "strategy"), ("n_devices", "n"), ("mesh_shape", "mesh"),
               ("global_batch", "batch"))
 
@@ -737,7 +738,15 @@ def varying_key_columns(table: pd.DataFrame) -> list[str]:
     """Key columns beyond KEY_LABELS that vary in the table (those that tell its points apart)."""
     key = table.attrs.get("key", MATCH_COLUMNS)
     shown = {c for c, _ in KEY_LABELS}
-    return [c for c in key if c not in shown and c in table.columns and table[c].nunique(dropna=False) > 1]
+    out = []
+    for c in key:
+        if c in shown or c not in table.columns or table[c].nunique(dropna=False) < 2:
+            continue
+        if c in MODEL_COLUMNS and "size_name" in table.columns and \
+                (table.groupby("size_name", dropna=False)[c].nunique(dropna=False) < 2).all():
+            continue  # the size name already says it
+        out.append(c)
+    return out
 
 
 def point_label(r, extra) -> str:
@@ -890,7 +899,8 @@ def plot_ratios(table: pd.DataFrame, path: Path) -> Path | None:
     axes[0][0].set_yscale("log")
     y_low, y_high = math.exp(-span * 1.15), math.exp(span * 1.15)
     axes[0][0].set_ylim(y_low, y_high)
-    ticks = [t for t in (0.1, 0.2, 0.25, 0.5, 0.67, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2, 4, 5, 10)
+    fine = (0.95, 1.05) if y_high < 1.3 else ()  # next to 1 they only crowd a wide axis
+    ticks = [t for t in (0.1, 0.2, 0.25, 0.5, 0.67, 0.8, 0.9, *fine, 1.0, 1.1, 1.25, 1.5, 2, 4, 5, 10)
              if y_low <= t <= y_high]
     if len(ticks) > 9:  # keep 1 and thin out the rest
         ticks = sorted({1.0, *ticks[::2]})
