@@ -67,6 +67,11 @@ def _text(value) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _note(value) -> str:
+    """A note for a table cell; the shared-host caveat, stated once at the top, is shortened."""
+    return _text(value).replace(SHARED_HOST_NOTE, "shared host (see top)")
+
+
 def _cell(value) -> str:
     return _num(value, "g") if isinstance(value, (int, float, np.number)) else str(value)
 
@@ -206,7 +211,7 @@ def _fit_section(family: str | None, title: str, rows: pd.DataFrame, pct: str) -
             cells = [_group_label(row, columns), b, ci, _num(row["ideal_exponent"], "g")]
             if has_verdict:
                 cells += [_text(row["assessment"]), _text(row["regime"]), _text(row.get("curvature", ""))]
-            table.append(cells + [_num(row["r2"], ".4f"), _num(row["n_points"], "g"), _text(row["note"])])
+            table.append(cells + [_num(row["r2"], ".4f"), _num(row["n_points"], "g"), _note(row["note"])])
         headers = ["group", "exponent", f"{pct} CI", "ideal",
                    *(["assessment", "regime", "curvature"] if has_verdict else []), "r²", "n", "note"]
         out += [_md_table(headers, table), ""]
@@ -229,11 +234,13 @@ def _efficiency_section(efficiency: pd.DataFrame, fits: pd.DataFrame) -> list[st
     else:
         common = []
     table = []
-    for _, r in efficiency.iterrows():
-        fit = verdicts.get(_key(r, common)) if common else None
+    labels = [_group_label(r, shown) for _, r in efficiency.iterrows()]
+    last = {label: i for i, label in enumerate(labels)}  # the verdict goes on each group's largest count
+    for i, (_, r) in enumerate(efficiency.iterrows()):
+        fit = verdicts.get(_key(r, common)) if common and last[labels[i]] == i else None
         verdict = "" if fit is None else _text(fit["assessment"])
         b = "" if fit is None or pd.isna(fit["exponent"]) else f"{fit['exponent']:+.3f}"
-        table.append([_group_label(r, shown), _num(r["n_devices"], "g"), _num(r["base_n_devices"], "g"),
+        table.append([labels[i], _num(r["n_devices"], "g"), _num(r["base_n_devices"], "g"),
                       _num(r["tokens_per_s"]), _num(r["tokens_per_s_per_device"]), _num(r["efficiency"], ".3f"),
                       b, verdict])
     bases = sorted({int(b) for b in efficiency["base_n_devices"].dropna()})
@@ -257,7 +264,7 @@ def _usl_section(usl: pd.DataFrame, pct: str) -> list[str]:
             return "" if pd.isna(r.get(name)) else (f"{r[name]:.3g} [{r[name + '_ci_low']:.3g}, "
                                                     f"{r[name + '_ci_high']:.3g}]")
         table.append([f"{r['y']}", _group_label(r, columns), ci("sigma"), ci("kappa"), _num(r.get("peak_n")),
-                      _num(r["n_points"], "g"), _text(r["note"])])
+                      _num(r["n_points"], "g"), _note(r["note"])])
     return ["## Knees: Universal Scalability Law", "",
             "X(N) = λN / (1 + σ(N−1) + κN(N−1)) fitted to throughput against device count (least squares on "
             f"log X); σ is contention, κ coherency (crosstalk), each with its {pct} interval (Wald, n − 3 dof). "
@@ -278,13 +285,28 @@ def _predictions_section(predictions: pd.DataFrame, pct: str) -> list[str]:
         errors = back["error"].abs()
         out += [f"Backtests: {int(inside.sum())} of {len(back)} measurements inside their prediction interval; "
                 f"median |error| {errors.median():.1%}, largest {errors.max():.1%}.", ""]
+
+    def cell(r) -> str:
+        return f"{_num(r['predicted'])} [{_num(r['pi_low'])}, {_num(r['pi_high'])}]"
+
     table = []
-    for _, r in predictions.iterrows():
-        table.append([r["y"], _group_label(r, columns), r["method"], r["kind"], _num(r["x_value"], "g"),
-                      _num(r["predicted"]), f"[{_num(r['pi_low'])}, {_num(r['pi_high'])}]", _num(r["measured"]),
-                      "" if pd.isna(r["error"]) else f"{r['error']:+.1%}", _text(r["note"])])
-    out += [_md_table(["y", "group", "method", "kind", "devices", "predicted", f"{pct} PI", "measured", "error",
-                       "note"], table), ""]
+    keys = ["y", "method", *columns]
+    for _, rows in predictions.groupby(keys, sort=False, dropna=False):
+        first = rows.iloc[0]
+        ext = rows[rows["kind"] == "extrapolate"].sort_values("x_value")
+        cells = [first["y"], _group_label(first, columns), first["method"]]
+        cells += [f"{_num(r['x_value'], 'g')}: {cell(r)}" for _, r in ext.iterrows()][:2]
+        cells += [""] * (5 - len(cells))
+        bt = rows[rows["kind"] == "backtest"]
+        if len(bt):
+            r = bt.iloc[0]
+            cells += [f"{_num(r['x_value'], 'g')}: {cell(r)}", _num(r["measured"]), f"{r['error']:+.1%}",
+                      "yes" if bool(r["within_interval"]) else "no"]
+        else:
+            cells += ["", "", "", ""]
+        table.append(cells + [_note(first["note"])])
+    out += [_md_table(["y", "group", "method", "2× devices", "4× devices", "backtest (predicted)", "measured",
+                       "error", "inside", "note"], table), ""]
     return out
 
 
