@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -486,6 +487,12 @@ def _split_series(rows: pd.DataFrame) -> tuple[list[str], list[str], str]:
     varying, fixed = _group_columns(rows)
     series = [c for c in _SERIES_PREFERENCE if c in varying][:1] or varying[-1:]
     panels = [c for c in varying if c not in series]
+    # A column that follows the series and the other panel columns (the mesh shape follows the device count
+    # and the strategy) would give every series a panel of its own.
+    for column in list(panels):
+        rest = [c for c in panels if c != column] + series
+        if rest and rows.groupby(rest, dropna=False)[column].nunique(dropna=False).max() <= 1:
+            panels.remove(column)
     return panels, series, fixed
 
 
@@ -536,8 +543,9 @@ def _plot_one(runs: pd.DataFrame | None, rows: pd.DataFrame, y: str, family: str
             if pd.notna(row["exponent"]):
                 fit = PowerLawFit.from_row(row)
                 grid = np.geomspace(fit.x_min, fit.x_max, 64)
-                low, high = fit.mean_band(grid)
-                ax.fill_between(grid, low, high, color=color, alpha=0.12, linewidth=0)
+                if fit.dof >= 2:  # with one degree of freedom the band covers the whole panel
+                    low, high = fit.mean_band(grid)
+                    ax.fill_between(grid, low, high, color=color, alpha=0.12, linewidth=0)
                 style = "--" if _text(row.get("assessment", "")) in ("inconclusive", "not applicable") else "-"
                 ax.plot(grid, fit.predict(grid), color=color, linewidth=1.5, linestyle=style)
                 seen += [float(v) for v in fit.predict(grid[[0, -1]])]
@@ -590,9 +598,10 @@ def _plot_one(runs: pd.DataFrame | None, rows: pd.DataFrame, y: str, family: str
     tail = ", dotted: USL" if usl is not None and y == "tokens_per_s" else ""
     fig.suptitle(f"{axis_label(y)} vs {axis_label(x)}" + (f"  [{family}]" if family else "") +
                  f"\npoints: measured; solid: fit y = a·x^b (dashed: inconclusive or not applicable), band: {pct} "
-                 f"confidence; fine dashes: ideal slope through the first point{tail}" +
-                 (f"\n{fixed}" if fixed else ""), fontsize=8)
-    fig.subplots_adjust(hspace=0.3, wspace=0.08, top=1 - 0.55 / fig.get_figheight())
+                 f"confidence (2+ dof); fine dashes: ideal slope through the first point{tail}", fontsize=8)
+    fig.subplots_adjust(hspace=0.3, wspace=0.08, top=1 - 0.8 / fig.get_figheight(), bottom=0.9 / fig.get_figheight())
+    if fixed:
+        fig.text(0.01, 0.01, textwrap.fill(f"fixed: {fixed}", 180), fontsize=6.5, color="0.35", va="bottom")
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return True
