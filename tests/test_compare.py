@@ -244,8 +244,11 @@ def test_runtime_diff_names_what_changed():
                           "peak": {"tflops": 197.0}}],
                         [{"jax_version": "0.10.2", "device_kind": "TPU v5 lite", "process_index": 3,
                           "peak": {"tflops": 197.0}, "libtpu_version": "0.0.42"}])
-    assert diff.to_dict("records") == [{"field": "jax_version", "base": "0.10.1", "new": "0.10.2"},
-                                       {"field": "libtpu_version", "base": "(absent)", "new": "0.0.42"}]
+    assert diff.to_dict("records") == [
+        {"field": "jax_version", "base": "0.10.1", "new": "0.10.2", "main": True},
+        {"field": "libtpu_version", "base": "(absent)", "new": "0.0.42", "main": True}]
+    other = runtime_diff([{"jax_version": "0.10.2", "planned_at": "t1"}], [{"jax_version": "0.10.2"}])
+    assert other.to_dict("records") == [{"field": "planned_at", "base": "t1", "new": "(absent)", "main": False}]
 
 
 # ------------------------------------------------------------------ the command

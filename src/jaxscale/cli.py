@@ -427,10 +427,11 @@ def cmd_compare(args) -> int:
     first = Path(new_paths[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else first.resolve().parent) / "compare"
     paths = cmp.write_compare(out, table, diff, base.sources, new.sources)
-    if diff.empty:
-        print("runtime: the same versions, devices, processes and flags")
+    main = diff[diff["main"]] if len(diff) else diff
+    if main.empty:
+        print("runtime: the same versions, devices, processes, flags and peak")
     else:
-        print("runtime: " + "; ".join(f"{r.field} {r.base} -> {r.new}" for r in diff.itertuples()))
+        print("runtime: " + "; ".join(f"{r.field} {r.base} -> {r.new}" for r in main.itertuples()))
     tally = cmp.counts(table)
     print(cmp.method_line(table))
     print(f"{cmp.matched(table)} points matched: "

@@ -64,8 +64,8 @@ COLLECTIVE_COLUMNS = ("all_reduce_bytes", "all_gather_bytes", "reduce_scatter_by
                       "collective_permute_bytes")
 # runtime.json fields (and runs.csv columns) worth a line in the diff, in this order.
 RUNTIME_FIELDS = ("jax_version", "jaxlib_version", "flax_version", "libtpu_version", "cuda_version",
-                  "cudnn_version", "backend", "device_kind", "process_count", "global_devices", "local_devices",
-                  "xla_flags", "host")
+                  "cudnn_version", "backend", "device_kind", "topology", "process_count", "global_devices",
+                  "local_devices", "xla_flags", "host", "peak.tflops", "peak.source")
 # runtime.json fields that differ between any two runs and say nothing about the runtime.
 RUNTIME_IGNORED = ("process_index",)
 TIMING_VERDICTS = ("faster", "slower", "same", "noisy")
@@ -691,10 +691,11 @@ def matched(table: pd.DataFrame) -> int:
 
 
 def runtime_diff(base_runtimes, new_runtimes) -> pd.DataFrame:
-    """The runtime fields that differ between the sides: columns field, base, new.
+    """The runtime fields that differ between the sides: columns field, base, new, main.
 
-    The fields of RUNTIME_FIELDS first, then any other scalar field of
-    runtime.json that differs (the peak's figures included, as ``peak.tflops``).
+    The fields of RUNTIME_FIELDS first (``main`` true: versions, devices,
+    processes, flags, the peak), then any other scalar field of runtime.json
+    that differs, nested ones named with dots (``peak.hbm_gbytes_per_s``).
     With several reports on a side, its distinct values are joined by ", ".
     """
     def values(runtimes) -> dict[str, str]:
@@ -712,8 +713,9 @@ def runtime_diff(base_runtimes, new_runtimes) -> pd.DataFrame:
     b, n = values(base_runtimes), values(new_runtimes)
     fields = [f for f in RUNTIME_FIELDS if f in b or f in n]
     fields += sorted((set(b) | set(n)) - set(fields) - set(RUNTIME_IGNORED))
-    rows = [(f, b.get(f, "(absent)"), n.get(f, "(absent)")) for f in fields if b.get(f) != n.get(f)]
-    return pd.DataFrame(rows, columns=["field", "base", "new"])
+    rows = [(f, b.get(f, "(absent)"), n.get(f, "(absent)"), f in RUNTIME_FIELDS) for f in fields
+            if b.get(f) != n.get(f)]
+    return pd.DataFrame(rows, columns=["field", "base", "new", "main"])
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
@@ -784,6 +786,9 @@ def method_line(table: pd.DataFrame) -> str:
     confidence = table.attrs.get("confidence", 0.95)
     level = table.attrs.get("point_confidence", confidence)
     threshold = table.attrs.get("threshold", 0.05)
+    if not table["interval_over"].notna().any():
+        return (f"ratio = new / base step time, threshold ±{threshold:.1%}; no intervals: "
+                "no point has measured samples on both sides")
     text = (f"ratio = new / base step time (Hodges–Lehmann), Moses (Mann–Whitney) intervals {confidence:.0%} "
             f"for all points together ({level:.2%} each), threshold ±{threshold:.1%}")
     if (table["interval_over"] == "runs").any():
@@ -807,12 +812,16 @@ def format_markdown(table: pd.DataFrame, diff: pd.DataFrame, base_sources=(), ne
         lines.append(f"- new: {', '.join(map(str, new_sources))}")
     lines += [f"- {method_line(table)}", ""]
     lines += ["## Runtime", ""]
-    if diff.empty:
-        lines += ["The runtimes agree in every field recorded (versions, devices, processes, flags).", ""]
+    main = diff[diff["main"]] if len(diff) else diff
+    if main.empty:
+        lines += ["Versions, devices, processes, flags and peak agree.", ""]
     else:
         lines += ["| field | base | new |", "| --- | --- | --- |"]
-        lines += [f"| {r.field} | {r.base} | {r.new} |" for r in diff.itertuples()]
+        lines += [f"| {r.field} | {r.base} | {r.new} |" for r in main.itertuples()]
         lines.append("")
+    if len(diff) > len(main):
+        lines += ["Other runtime.json fields that differ: "
+                  + ", ".join(f"`{f}`" for f in diff.loc[~diff["main"], "field"]) + ".", ""]
     tally = counts(table)
     lines += ["## Verdicts", "", " · ".join(f"{v}: {c}" for v, c in tally.items()), ""]
     left_out = table.attrs.get("left_out", ())
@@ -821,10 +830,11 @@ def format_markdown(table: pd.DataFrame, diff: pd.DataFrame, base_sources=(), ne
     extra = varying_key_columns(table)
     timed = table[table["verdict"].isin(TIMING_VERDICTS)]
     if len(timed):
+        memory = pd.to_numeric(timed["memory_ratio"], errors="coerce").notna().any()  # a plan against a run
         lines += ["## Points, largest change first", "",
                   "| point | compared | base step s | new step s | ratio | interval | verdict | MFU Δ | compiled Δ | "
-                  "runtime peak Δ | collective Δ |",
-                  "| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+                  "runtime peak Δ | collective Δ |" + (" memory measured / planned |" if memory else ""),
+                  "| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if memory else "")]
         for _, r in timed.iterrows():
             interval = (f"{r['ratio_ci_low']:.3f}–{r['ratio_ci_high']:.3f} ({r['ci_level']:.1%})"
                         if pd.notna(r["ratio_ci_low"]) else "none")
@@ -832,7 +842,8 @@ def format_markdown(table: pd.DataFrame, diff: pd.DataFrame, base_sources=(), ne
                          f"{_num(r['step_time_s_new'], '{:.4g}')} | {_num(r['ratio'], '{:.3f}')} | {interval} | "
                          f"**{r['verdict']}** | {_num(r['mfu_delta'], '{:+.2%}')} | "
                          f"{_bytes(r['compiled_total_bytes_delta'])} | {_bytes(r['peak_bytes_in_use_delta'])} | "
-                         f"{_bytes(r['collective_bytes_delta'])} |")
+                         f"{_bytes(r['collective_bytes_delta'])} |" + (f" {_num(r['memory_ratio'], '{:.3f}')} |"
+                                                                       if memory else ""))
         lines.append("")
         notes = sorted({str(n) for n in timed["note"].dropna() if str(n)})
         if notes:
