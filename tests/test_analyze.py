@@ -727,3 +727,20 @@ def test_plan_vs_measured_ratios():
     np.testing.assert_allclose(out["memory_ratio"], 1.1 / 0.9)
     assert (out["plan_source"] == "planned:v5e:4x4").all()
     assert plan_vs_measured(measured).empty
+
+
+def test_step_time_against_tokens_where_a_point_ran_several_batches():
+    runs = make_runs()
+    strong = runs[(runs["batch_mode"] == "strong") & (runs["status"] == "ok")]
+    batches = []
+    for batch, slowdown in ((16, 1.0), (32, 2.0), (64, 4.1)):  # step time ∝ tokens, 2.5% off at 64
+        batches.append(strong.assign(global_batch=batch, tokens_per_step=batch * 128,
+                                     step_time_s=strong["step_time_s"] * slowdown))
+    fits = default_fits(pd.concat(batches, ignore_index=True))
+    tokens = fits[fits["family"] == "tokens"]
+    assert len(tokens) == len(strong) and (tokens["n_points"] == 3).all()  # one fit per point of the grid
+    assert (tokens["ideal_exponent"] == 1).all()
+    np.testing.assert_allclose(tokens["exponent"], math.log(4.1) / math.log(4), rtol=1e-6)
+    assert (tokens["assessment"] == "inconclusive").all()  # 3 batches, 1 dof: the bend at 64 is not resolved
+    devices = fits[fits["family"] == "devices"]
+    assert sorted(set(devices["global_batch"])) == [16, 32, 64]  # and each batch keeps its own device fits

@@ -54,7 +54,7 @@ CONFIG_COLUMNS = ("row_source", "backend", "device_kind", "n_processes", "jax_ve
                   "remat", "attention", "scan_layers", "xla_flags", "isolation", "attention_flops", "topology")
 # Columns that follow x within a family; they must take one value per x (else the analyzer refuses).
 X_LINKED = {
-    "n_devices": ("mesh_shape", "hosts", "global_batch", "tokens_per_step"),
+    "n_devices": ("mesh_shape", "hosts"),
     "params": ("size_name", "d_model", "n_layers", "n_heads", "d_ff", "vocab"),
     "tokens_per_step": ("global_batch", "per_device_batch"),
 }
