@@ -20,7 +20,7 @@ import jaxscale
 from helpers import TINY_SETS, jaxscale as run_cli, sets
 from jaxscale import cli
 from jaxscale.compare import (CompareError, estimate_run_drift, mann_whitney_null_cdf, ratio_interval, read_side,
-                              runtime_diff, verdict)
+                              run_ratio_interval, runtime_diff, verdict)
 from jaxscale.records import COLUMNS, RowWriter, read_rows
 
 STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp")
@@ -112,6 +112,19 @@ def test_interval_covers_a_planted_ratio_at_its_level(n, m, shape):
     se = math.sqrt(level * (1 - level) / trials)
     assert hits / trials >= level - 3 * se, (hits, level)
     assert hits / trials <= min(1.0, level + 3 * se + 0.01), (hits, level)
+
+
+def test_interval_over_runs_covers_a_planted_ratio():
+    """Welch's interval on run medians: 3 to 6 runs a side, each run's median off by a 5% drift."""
+    rng = np.random.default_rng(21)
+    for k in (3, 6):
+        hits = 0
+        for _ in range(400):
+            base = 0.02 * np.exp(rng.normal(0, 0.05, k))
+            new = 1.3 * 0.02 * np.exp(rng.normal(0, 0.05, k))
+            est = run_ratio_interval(base, new, confidence=0.95)
+            hits += est.ci_low <= 1.3 <= est.ci_high
+        assert 0.95 - 3 * math.sqrt(0.95 * 0.05 / 400) <= hits / 400 <= 0.99, (k, hits)
 
 
 def test_few_samples_give_the_level_they_can():

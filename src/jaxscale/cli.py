@@ -605,11 +605,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "where it ran before), 2 for bad input.")
     cmp.add_argument("reports", nargs="*", metavar="BASE NEW", help="report folders or runs.csv files")
     cmp.add_argument("--base", action="append", default=[], metavar="PATH",
-                     help="a base report folder or runs.csv (repeat for several; their samples are pooled)")
+                     help="a base report folder or runs.csv; repeat for several runs (with 3 or more a side, "
+                          "the interval is taken over the runs)")
     cmp.add_argument("--new", action="append", default=[], metavar="PATH", help="a new report folder or runs.csv")
     cmp.add_argument("--threshold", type=float, default=0.05,
                      help="relative change in step time that matters (default 0.05: 5%%)")
-    cmp.add_argument("--confidence", type=float, default=0.95, help="coverage of the ratio intervals")
+    cmp.add_argument("--confidence", type=float, default=0.95,
+                     help="coverage of all the ratio intervals together (default 0.95)")
     cmp.add_argument("--out", help="output folder (default: NEW/compare)")
     cmp.set_defaults(func=cmd_compare)
     return parser
