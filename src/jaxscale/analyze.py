@@ -465,6 +465,10 @@ def prepare_rows(runs: pd.DataFrame) -> pd.DataFrame:
     if MEMORY_COLUMN in runs.columns and "model_axis" in runs.columns:
         return runs
     out = add_memory_columns(runs)
+    for column in ("scan_layers",):
+        if column in out.columns:
+            # runs.csv writes booleans as true/false, a CSV saved by pandas as True/False: one value either way.
+            out[column] = out[column].map(lambda v: str(v).lower() if isinstance(v, (bool, np.bool_, str)) else v)
     if {"global_batch", "n_devices", "batch_mode"} <= set(out.columns):
         weak = out["batch_mode"].astype(str) == "weak"
         out["per_device_batch"] = (_numeric(out, "global_batch") / _numeric(out, "n_devices")).where(weak)

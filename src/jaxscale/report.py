@@ -426,7 +426,9 @@ def fits_console_table(fits: pd.DataFrame) -> Table:
     for header, justify in (("family", "left"), ("y", "left"), ("x", "left"), ("group", "left"),
                             ("exponent", "right"), ("CI", "right"), ("ideal", "right"), ("assessment", "left"),
                             ("regime", "left"), ("curve", "left"), ("n", "right"), ("note", "left")):
-        table.add_column(header, justify=justify)
+        long = header in ("note", "group")
+        table.add_column(header, justify=justify, no_wrap=long, overflow="ellipsis" if long else "fold",
+                         max_width=48 if long else None)
     for family, _, rows in _sections(fits):
         columns = _group_columns(rows)[0]
         for _, row in rows.iterrows():
@@ -436,7 +438,7 @@ def fits_console_table(fits: pd.DataFrame) -> Table:
             table.add_row(family or "", row["y"], row["x"], _group_label(row, columns), b, ci,
                           _num(row["ideal_exponent"], "g"), f"[{style}]{verdict}[/]" if style else verdict,
                           _text(row["regime"]), _text(row.get("curvature", "")), _num(row["n_points"], "g"),
-                          _text(row["note"]))
+                          _note(row["note"]))
     return table
 
 
