@@ -531,7 +531,7 @@ def test_every_row_column_is_classified():
 
 @pytest.mark.parametrize("column, values", [
     ("backend", ("cpu", "gpu")), ("device_kind", ("cpu", "NVIDIA H100")), ("remat", ("none", "full")),
-    ("attention", ("xla", "cudnn")), ("xla_flags", ("", "--xla_foo")), ("scan_layers", (True, False)),
+    ("attention", ("xla", "cudnn")), ("xla_flags", ("", "--xla_foo")), ("scan_layers", ("true", "false")),
     ("row_source", ("measured", "planned:v5e:4x4")), ("seq_len", (128, 256)),
 ])
 def test_a_column_that_differs_splits_the_family(column, values):
