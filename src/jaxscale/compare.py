@@ -910,9 +910,12 @@ def plot_ratios(table: pd.DataFrame, path: Path) -> Path | None:
     axes[0][0].set_yscale("log")
     y_low, y_high = math.exp(-span * 1.15), math.exp(span * 1.15)
     axes[0][0].set_ylim(y_low, y_high)
-    fine = (0.95, 1.05) if y_high < 1.3 else ()  # next to 1 they only crowd a wide axis
-    ticks = [t for t in (0.1, 0.2, 0.25, 0.5, 0.67, 0.8, 0.9, *fine, 1.0, 1.1, 1.25, 1.5, 2, 4, 5, 10)
-             if y_low <= t <= y_high]
+    if y_high / y_low > 30:  # decades, and 2 and 5 between them
+        candidates = [m * 10.0 ** e for e in range(-4, 5) for m in (1, 2, 5)]
+    else:
+        fine = (0.95, 1.05) if y_high < 1.3 else ()  # next to 1 they only crowd a wide axis
+        candidates = [0.1, 0.2, 0.25, 0.5, 0.67, 0.8, 0.9, *fine, 1.0, 1.1, 1.25, 1.5, 2, 4, 5, 10]
+    ticks = [t for t in candidates if y_low <= t <= y_high]
     if len(ticks) > 9:  # keep 1 and thin out the rest
         ticks = sorted({1.0, *ticks[::2]})
     axes[0][0].yaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
