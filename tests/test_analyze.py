@@ -744,3 +744,21 @@ def test_step_time_against_tokens_where_a_point_ran_several_batches():
     assert (tokens["assessment"] == "inconclusive").all()  # 3 batches, 1 dof: the bend at 64 is not resolved
     devices = fits[fits["family"] == "devices"]
     assert sorted(set(devices["global_batch"])) == [16, 32, 64]  # and each batch keeps its own device fits
+
+
+@pytest.mark.parametrize("mode", ["strong", "weak"])
+def test_fsdp_tp_memory_ideals(mode):
+    # fsdp_tp on meshes (n/2, 2): state sharded over all n devices, the batch over the n/2 data rows.
+    rows = []
+    for n in (2, 4, 8, 16):
+        batch = 32 if mode == "strong" else 4 * n
+        state, act = 1.2e8 / n, 5e5 * batch / (n // 2)
+        rows.append({"status": "ok", "backend": "gpu", "size_name": "m", "strategy": "fsdp_tp", "n_devices": n,
+                     "mesh_shape": f"data:{n // 2},model:2", "global_batch": batch, "batch_mode": mode,
+                     "params": 1e7, "param_bytes": state / 3, "opt_state_bytes": 2 * state / 3,
+                     "compiled_total_bytes": state + act, "step_time_s": 1.0})
+    fits = default_fits(pd.DataFrame(rows)).set_index("y")
+    assert fits.loc["state_bytes", "ideal_exponent"] == -1
+    assert fits.loc["activation_bytes", "ideal_exponent"] == {"strong": -1, "weak": 0}[mode]
+    assert (fits.loc[["state_bytes", "activation_bytes"], "assessment"] == "as ideal").all()
+    assert fits.loc["state_bytes", "model_axis"] == 2
