@@ -673,7 +673,11 @@ def _family_fits(rows: pd.DataFrame, family: Family, confidence: float, toleranc
         return None
     part = fit_table(frame, family.x, present, by, family.ideal, confidence, tolerance)
     ok = _status_ok(frame).to_numpy()
-    all_failed = [not ok[positions].any() for _, positions in _group_positions(frame, by) for _ in present]
+    positions_by_group = [positions for _, positions in _group_positions(frame, by)]
+    all_failed = [not ok[positions].any() for positions in positions_by_group for _ in present]
+    if family.name == "communication":
+        # One device issues no collective: a zero there is a measurement, not a dropped row.
+        part["n_dropped"] = [int((~ok[positions]).sum()) for positions in positions_by_group for _ in present]
     # A y that a group's successful rows never have (collectives dp never issues, measured columns of planned
     # rows) is no failed fit; a group whose every point failed is reported.
     part = part[(part["n_points"] > 0).to_numpy() | np.array(all_failed, dtype=bool)]

@@ -344,7 +344,7 @@ def _joint_section(joint: pd.DataFrame, pct: str) -> list[str]:
             verdict = _text(r.get(f"assessment_{x}"))
             cells.append(", ".join(filter(None, [text, f"ideal {_num(ideal, 'g')}" if pd.notna(ideal) else "",
                                                  verdict])))
-        table.append(cells + [_num(r["r2"], ".4f"), _num(r["n_points"], "g"), _text(r["note"])])
+        table.append(cells + [_num(r["r2"], ".4f"), _num(r["n_points"], "g"), _note(r["note"])])
     return ["## Joint fit", "",
             f"log y = log a + Σ b_x log x, least squares per group, {pct} t intervals, graded as above.", "",
             _md_table(["y", "group", *[f"b_{x} {pct} CI" for x in xs], "r²", "n", "note"], table), ""]
