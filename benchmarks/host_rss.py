@@ -53,8 +53,8 @@ def main() -> None:
     d, layers, vocab = args.d_model, args.n_layers, args.vocab
     params = param_count(d, layers, vocab, 4 * d)
     state = 12 * params
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    # one CPU device: the memory budget of a point is then the whole host's, not an eighth of it
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     idle, _, _ = peak_rss_of([sys.executable, "-c", "import jax, flax.nnx, optax, pandas; jax.devices()"], env)
     print(f"model: d_model {d}, {layers} layers, vocab {vocab}: {params / 1e6:.0f}M parameters, float32 state "
           f"(params + AdamW moments) {state / 2**30:.2f} GiB; an idle JAX process: {idle / 2**30:.2f} GiB")
@@ -69,7 +69,8 @@ def main() -> None:
                 cmd += ["--set", item]
             rss, wall, result = peak_rss_of(cmd, env)
             if result.returncode != 0:
-                print(f"isolation {isolation}: the run failed (exit {result.returncode}):\n{result.stderr}")
+                print(f"isolation {isolation}: the run failed (exit {result.returncode}):\n{result.stdout}\n"
+                      f"{result.stderr}")
                 continue
             print(f"isolation {isolation:>7}: peak RSS {rss / 2**30:.2f} GiB = {rss / state:.2f} x the state "
                   f"({(rss - idle) / state:.2f} x above an idle JAX process); wall {wall:.0f} s")

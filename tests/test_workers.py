@@ -91,3 +91,26 @@ def test_a_killed_worker_is_a_crashed_row_and_resume_completes_the_grid(tmp_path
     points, _ = build_grid(load_profile("smoke", grid), 8)
     assert sorted(row_key(r) for _, r in after.iterrows()) == sorted(p.key for p in points)
     assert (after["status"] == "ok").all()
+
+
+def test_accelerator_check_runs_end_to_end_on_the_cpu(tmp_path):
+    """The accelerator check's whole pipeline at tiny sizes: grid, memory table, an oversized
+    point that comes back as a row, and the plain-JAX step timed against jaxscale's."""
+    import csv
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "accelerator_check.py"
+    spec = importlib.util.spec_from_file_location("accelerator_check", path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    out = tmp_path / "check"
+    assert check.main(["--cpu-smoke", "--out", str(out), "--rounds", "2", "--steps", "2"]) == 0
+    assert (read_rows(out / "sweep" / "runs.csv")["status"] == "ok").all()
+    (big,) = read_rows(out / "oversized" / "runs.csv").to_dict("records")
+    assert big["status"] == "over_budget" and big["compiled_total_bytes"] > 12 * big["params"]
+    with open(out / "step_comparison.csv") as f:
+        rounds = list(csv.DictReader(f))
+    assert len(rounds) == 2 and all(float(r["jaxscale_step_s"]) > 0 and float(r["plain_step_s"]) > 0 for r in rounds)
+    assert {r["d_model"] for r in rounds} == {str(max(s["d_model"] for s in check.SMOKE_SIZES))}
+    assert "ratio" in (out / "summary.md").read_text()

@@ -294,11 +294,15 @@ class WorkerRuntime:
         self.lead = self.owners is None or self.owners.process_id == 0
         self._tmp = Path(tempfile.mkdtemp(prefix="jaxscale-workers-"))
         self._count = 0
-        ended = self._run_everywhere("probe", {"task": "probe", "dtype": profile.run.dtype,
-                                               "fraction": profile.run.max_memory_fraction})
-        if ended.result is None:
-            raise WorkerError(f"the worker that inspects the devices failed: {ended.describe()}")
-        info = ended.result
+        self._zygote = _Zygote.start()
+        probe = {"task": "probe", "dtype": profile.run.dtype, "fraction": profile.run.max_memory_fraction}
+        if self.owners is None and not accelerator_present():
+            info = _do_task(probe)  # only the CPU here: the owner may open it itself, and save a worker's start
+        else:
+            ended = self._run_everywhere("probe", probe)
+            if ended.result is None:
+                raise WorkerError(f"the worker that inspects the devices failed: {ended.describe()}")
+            info = ended.result
         self.device_count, self.process_count = info["device_count"], info["process_count"]
         self.describe, self.columns = info["describe"], info["columns"]
         self.peak = devinfo.PeakInfo(**info["peak"])
@@ -339,6 +343,9 @@ class WorkerRuntime:
     def close(self) -> None:
         import shutil
 
+        if self._zygote is not None:
+            self._zygote.close()
+            self._zygote = None
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     # -- workers
@@ -380,34 +387,189 @@ class WorkerRuntime:
         self._count += 1
         stem = self._tmp / f"w{self._count}"
         spec_path, result_path, log_path = (stem.with_suffix(s) for s in (".json", ".result.json", ".log"))
-        spec_path.write_text(json.dumps({**spec, "result": str(result_path), "compile_cache": self.compile_cache}))
-        env = {**os.environ, SUPERVISED_ENV: "", "XLA_FLAGS": f"{self.base_xla_flags} {xla_flags}".strip()}
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "jaxscale.workers", str(spec_path)], env=env,
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True,  # a terminal's Ctrl-C goes to the owner only
-                                    preexec_fn=die_with_parent)
-            peer_failure = ""
-            try:
-                while proc.poll() is None:
-                    if peer_crashed is not None:
-                        peer_failure = peer_crashed()
-                        if peer_failure:
-                            proc.kill()
-                            proc.wait()
-                            break
-                    time.sleep(_POLL_S)
-            except BaseException:  # a second Ctrl-C: the worker must not outlive the owner's loop
-                proc.kill()
-                proc.wait()
-                raise
+        env = {SUPERVISED_ENV: "", "XLA_FLAGS": f"{self.base_xla_flags} {xla_flags}".strip()}
+        if self._zygote is not None and not self._zygote.alive():
+            self._zygote = _Zygote.start()
+        parent = self._zygote.pid if self._zygote is not None else os.getpid()
+        spec_path.write_text(json.dumps({**spec, "result": str(result_path), "compile_cache": self.compile_cache,
+                                         "owner_pid": parent}))
+        if self._zygote is not None:
+            proc = self._zygote.fork(spec_path, log_path, env)
+        else:
+            proc = _Spawned(spec_path, log_path, env)
+        peer_failure = ""
+        try:
+            while proc.poll() is None:
+                if peer_crashed is not None:
+                    peer_failure = peer_crashed()
+                    if peer_failure:
+                        proc.kill()
+                        break
+                time.sleep(_POLL_S)
+        except BaseException:  # a second Ctrl-C: the worker must not outlive the owner's loop
+            proc.kill()
+            raise
         result = None
         if not peer_failure and result_path.exists():
             result = json.loads(result_path.read_text())
-        tail = log_path.read_bytes()[-4 * STDERR_TAIL_CHARS:].decode(errors="replace")
+        tail = log_path.read_bytes()[-4 * STDERR_TAIL_CHARS:].decode(errors="replace") if log_path.exists() else ""
         for path in (spec_path, result_path, log_path):
             path.unlink(missing_ok=True)
         return Ended(result=result, returncode=proc.returncode, stderr_tail=tail, peer_failure=peer_failure)
+
+
+class _Spawned:
+    """A worker started as a new interpreter (when no zygote could be started)."""
+
+    def __init__(self, spec_path: Path, log_path: Path, env: dict):
+        with open(log_path, "wb") as log:
+            self._proc = subprocess.Popen([sys.executable, "-m", "jaxscale.workers", str(spec_path)],
+                                          env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT,
+                                          start_new_session=True)  # a terminal's Ctrl-C goes to the owner only
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    def poll(self) -> int | None:
+        return self._proc.poll()
+
+    def kill(self) -> None:
+        self._proc.kill()
+        self._proc.wait()
+
+
+class _Zygote:
+    """A process that has imported JAX, Flax, optax and jaxscale but opened no device, forking a worker per task.
+
+    A fork skips what a new interpreter pays before the point's own work (about
+    2 s of imports on 2 cores); each worker still initializes its backend, with
+    its own XLA_FLAGS, after the fork. No JAX backend, hence none of its
+    threads, exists in the zygote, so forking it is safe. Requests and replies
+    are JSON lines: {"spec", "log", "env"} in; {"pid"} then {"exit"} out.
+    """
+
+    def __init__(self, proc: subprocess.Popen):
+        self._proc = proc
+        self._buffer = b""
+        self.pid = proc.pid
+
+    @classmethod
+    def start(cls) -> "_Zygote | None":
+        proc = subprocess.Popen([sys.executable, "-m", "jaxscale.workers", "--zygote", str(os.getpid())],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        zygote = cls(proc)
+        if zygote.read(timeout=300) != {"ready": True}:
+            proc.kill()
+            proc.wait()
+            return None
+        return zygote
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def read(self, timeout: float | None) -> dict | None:
+        """The next reply, waiting up to timeout seconds (None: no reply yet; {} : the zygote is gone)."""
+        import select
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fd = self._proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return {}
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def fork(self, spec_path: Path, log_path: Path, env: dict) -> "_Forked":
+        self._proc.stdin.write(json.dumps({"spec": str(spec_path), "log": str(log_path), "env": env}).encode() + b"\n")
+        self._proc.stdin.flush()
+        reply = self.read(timeout=60)
+        if not reply or "pid" not in reply:
+            raise WorkerError("the zygote that forks jaxscale's workers stopped answering")
+        return _Forked(self, reply["pid"])
+
+    def close(self) -> None:
+        self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+class _Forked:
+    """A worker forked by the zygote; the zygote reports its exit status."""
+
+    def __init__(self, zygote: _Zygote, pid: int):
+        self._zygote, self.pid, self.returncode = zygote, pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            reply = self._zygote.read(timeout=0)
+            if reply == {}:  # the zygote died, and its worker with it (PR_SET_PDEATHSIG)
+                self.returncode = -signal.SIGKILL
+            elif reply is not None:
+                self.returncode = reply["exit"]
+        return self.returncode
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        while self.poll() is None:
+            time.sleep(0.01)
+
+
+def zygote_main(owner_pid: int) -> int:
+    """The zygote: import everything a worker needs, then fork one worker per request on stdin."""
+    die_with_parent()
+    if os.getppid() != owner_pid:
+        return 1
+    import traceback
+
+    import jax  # noqa: F401  (imported here once, for every forked worker)
+
+    from jaxscale import sweep  # noqa: F401
+
+    out = sys.stdout.buffer
+
+    def reply(message: dict) -> None:
+        out.write(json.dumps(message).encode() + b"\n")
+        out.flush()
+
+    reply({"ready": True})
+    for line in sys.stdin.buffer:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.setsid()
+                log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(log, 1)
+                os.dup2(log, 2)
+                os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+                os.environ.update(request["env"])
+                code = worker_main(request["spec"])
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code or 1)
+        reply({"pid": pid})
+        _, status = os.waitpid(pid, 0)
+        reply({"exit": -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)})
+    return 0
 
 
 def _free_port() -> int:
@@ -426,6 +588,29 @@ def _point_from_dict(d: dict):
     return Point(**{**d, "model": ModelSpec(**d["model"])})
 
 
+def _do_task(spec: dict) -> dict:
+    """``probe``: the devices, runtime columns, peak and memory budget; ``point``: the point's row."""
+    import jax
+
+    from jaxscale import devices as devinfo
+    from jaxscale import sweep
+
+    if spec["task"] == "probe":
+        peak = devinfo.resolve_peak(spec["dtype"])
+        budget, _ = sweep.memory_budget(peak, spec["fraction"])
+        return {"device_count": jax.device_count(), "process_count": jax.process_count(),
+                "describe": devinfo.describe(), "columns": sweep.runtime_columns(),
+                "peak": dataclasses.asdict(peak), "budget": budget}
+    from jaxscale.config import build_profile
+
+    profile = build_profile(spec["profile"], spec["source"])
+    point = _point_from_dict(spec["point"])
+    peak = devinfo.resolve_peak(profile.run.dtype)
+    budget, _ = sweep.memory_budget(peak, profile.run.max_memory_fraction)
+    trace_dir = Path(spec["trace_dir"]) if spec.get("trace_dir") else None
+    return {"row": sweep.measure_point(point, profile, peak, trace_dir, budget)}
+
+
 def worker_main(spec_path: str) -> int:
     """A worker: set up JAX, do one task (``probe`` or ``point``), write the result file, exit.
 
@@ -433,30 +618,16 @@ def worker_main(spec_path: str) -> int:
     the owner sees a whole result or none.
     """
     spec = json.loads(Path(spec_path).read_text())
+    die_with_parent()  # here rather than in a preexec_fn: the owner may hold JAX's threads, and fork with them
+    if os.getppid() != spec["owner_pid"]:
+        return 1  # the owner died before the line above ran
     import jax
 
     configure_compile_cache(spec.get("compile_cache", True))
     dist = spec.get("distributed")
     if dist:
         init_distributed(Distributed(**dist, auto=False))
-    from jaxscale import devices as devinfo
-    from jaxscale import sweep
-
-    if spec["task"] == "probe":
-        peak = devinfo.resolve_peak(spec["dtype"])
-        budget, _ = sweep.memory_budget(peak, spec["fraction"])
-        result = {"device_count": jax.device_count(), "process_count": jax.process_count(),
-                  "describe": devinfo.describe(), "columns": sweep.runtime_columns(),
-                  "peak": dataclasses.asdict(peak), "budget": budget}
-    else:
-        from jaxscale.config import build_profile
-
-        profile = build_profile(spec["profile"], spec["source"])
-        point = _point_from_dict(spec["point"])
-        peak = devinfo.resolve_peak(profile.run.dtype)
-        budget, _ = sweep.memory_budget(peak, profile.run.max_memory_fraction)
-        trace_dir = Path(spec["trace_dir"]) if spec.get("trace_dir") else None
-        result = {"row": sweep.measure_point(point, profile, peak, trace_dir, budget)}
+    result = _do_task(spec)
     path = Path(spec["result"])
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, default=_jsonable))
@@ -479,4 +650,6 @@ def _jsonable(value):
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--zygote":
+        sys.exit(zygote_main(int(sys.argv[2])))
     sys.exit(worker_main(sys.argv[1]))
