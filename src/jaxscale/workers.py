@@ -161,7 +161,7 @@ def init_distributed(dist: Distributed, collectives: bool = True) -> None:
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
         jax.distributed.initialize(**kwargs, initialization_timeout=dist.timeout,
-                                   heartbeat_timeout_seconds=dist.timeout)
+                                   heartbeat_timeout_seconds=dist.timeout, shutdown_timeout_seconds=dist.timeout)
     except Exception as e:  # jax raises XlaRuntimeError / RuntimeError / ValueError here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         pid = dist.process_id if dist.process_id is not None else "?"
