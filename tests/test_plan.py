@@ -140,3 +140,30 @@ def test_libtpu_stays_quiet_where_no_tpu_is_attached(tmp_path):
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "cpu"
     assert "TPU" not in out.stderr and "libtpu" not in out.stderr, out.stderr
+
+
+def test_gpu_clusters_rent_whole_hosts():
+    h100 = targets.parse_target("h100:4x8")
+    assert (h100.platform, h100.n_chips) == ("gpu", 32)
+    assert [h100.slice_for(n) for n in (1, 4, 8, 16, 32)] == ["h100:1x1", "h100:1x4", "h100:1x8", "h100:2x8",
+                                                             "h100:4x8"]
+    with pytest.raises(targets.TargetError):
+        h100.slice_for(12)  # a host and a half
+    with pytest.raises(targets.TargetError):
+        targets.parse_target("h100:2x16")
+
+
+@pytest.mark.skipif(targets.cuda_plugin_version() is None, reason="XLA's GPU compiler (jax[cuda12-local]) is not installed")
+def test_gpu_plan_compiles_for_h100s_it_does_not_have(tmp_path):
+    """Two hosts of eight H100s: fsdp's data axis spans both, so it crosses InfiniBand."""
+    profile = _profile([16], ["fsdp"])
+    row = plan_point(build_grid(profile, 16)[0][0], profile, targets.parse_target("h100:2x8"))
+    assert row["status"] == "planned", row["error"]
+    assert row["device_kind"] == "NVIDIA H100 80GB HBM3" and row["backend"] == "gpu"
+    assert row["n_processes"] == 2 and row["topology"] == "h100:2x8"
+    assert "InfiniBand" in row["comm_link_data"] and "crosses hosts" in row["comm_link_data"]
+    # no cost analysis without a GPU: the HLO's matmuls give the FLOPs, which the analytic count checks
+    analytic = flops.train_flops(128, 2, 64, 256, 32, 512, causal=False)
+    assert row["xla_flops_per_step"] == pytest.approx(analytic, rel=0.02)
+    assert row["predicted_memory_s"] is None and "no cost analysis" in row["flops_note"]
+    assert row["compiled_argument_bytes"] > 0 and row["peak_tflops_per_device"] == pytest.approx(989.5)

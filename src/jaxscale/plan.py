@@ -1,8 +1,8 @@
-"""Plan a sweep for a TPU slice: compile every point for the target, predict its step.
+"""Plan a sweep for a TPU slice or a GPU cluster: compile every point for the target, predict its step.
 
 Nothing runs and nothing is allocated: each point is traced from abstract
 shapes (step.build_step) and compiled by the TPU compiler for the slice a user
-would rent for its chip count (targets.Target). Its row has the runs.csv
+would rent for its chip count (targets.Target; GPU clusters likewise). Its row has the runs.csv
 schema with ``row_source = planned:<target>``, the slice it compiled for in
 ``topology``, and status ``planned`` (compiled
 and within the chip's HBM), ``over_budget`` (the compiler found it does not fit,
@@ -40,7 +40,7 @@ from jaxscale import flops
 from jaxscale.config import Profile, ProfileError
 from jaxscale.grid import Point, build_grid
 from jaxscale.records import SCHEMA_VERSION, RowWriter, read_rows
-from jaxscale.targets import Target, TargetError, libtpu_version, slice_devices
+from jaxscale.targets import Target, TargetError, cuda_plugin_version, libtpu_version, slice_devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,14 +80,14 @@ def predict_step(flops_per_chip: float | None, bytes_per_chip: float | None, com
     return Prediction(compute, memory, comm_s, step, mfu)
 
 
-def _runtime_columns(device_kind: str, n_processes: int) -> dict:
+def _runtime_columns(target: Target, device_kind: str, n_processes: int) -> dict:
     import flax
     import jax
     import jaxlib
 
-    return {"backend": "tpu", "device_kind": device_kind, "jax_version": jax.__version__,
+    return {"backend": target.platform, "device_kind": device_kind, "jax_version": jax.__version__,
             "jaxlib_version": jaxlib.__version__, "flax_version": flax.__version__,
-            "libtpu_version": libtpu_version(), "n_processes": n_processes}
+            "libtpu_version": libtpu_version() if target.platform == "tpu" else None, "n_processes": n_processes}
 
 
 def _short(exc: BaseException, limit: int = 600) -> str:
@@ -105,10 +105,10 @@ def plan_point(point: Point, profile: Profile, target: Target) -> dict:
     devices = target.devices_for(point.n_devices)
     kind = devices[0].device_kind
     n_hosts = len({d.process_index for d in slice_devices(slice_name)})
-    row = sweep.base_row(point, profile, _runtime_columns(kind, n_hosts))
+    row = sweep.base_row(point, profile, _runtime_columns(target, kind, n_hosts))
     row.update(row_source=f"planned:{target.name}", topology=slice_name, status="planned",
                hosts=";".join(f"p{p}" for p in sorted({d.process_index for d in devices})))
-    peak = devinfo.spec_peak(kind, "tpu", run.dtype)
+    peak = devinfo.spec_peak(kind, target.platform, run.dtype)
     hbm = peak.memory_bytes if peak else None
     row["device_memory_bytes"] = hbm
     if peak:
@@ -117,7 +117,7 @@ def plan_point(point: Point, profile: Profile, target: Target) -> dict:
     try:
         program = build_step(point, run, devices)
         _, compile_s, cost, memory, text = compile_program(program)
-    except Exception as exc:  # the TPU compiler reports what does not fit as RESOURCE_EXHAUSTED
+    except Exception as exc:  # the compilers report what does not fit as RESOURCE_EXHAUSTED
         message = _short(exc)
         row.update(status="over_budget" if "RESOURCE_EXHAUSTED" in message else "compile_error", error=message)
         return row
@@ -130,7 +130,7 @@ def plan_point(point: Point, profile: Profile, target: Target) -> dict:
                                                f"{run.max_memory_fraction} of the {hbm} bytes of HBM")
     n = point.n_devices
     matmul = hlo.total_matmul_flops(text)
-    per_chip_flops = cost.get("flops")
+    per_chip_flops = cost.get("flops")  # deviceless GPU compiles have no cost analysis: the HLO's matmuls stand in
     row["xla_flops_per_step"] = per_chip_flops * n if per_chip_flops else None
     bytes_accessed = cost.get("bytes accessed")
     row["xla_bytes_accessed_per_device"] = bytes_accessed
@@ -154,6 +154,9 @@ def plan_point(point: Point, profile: Profile, target: Target) -> dict:
         row["bound"] = "compute" if row["arithmetic_intensity"] >= row["ridge_point"] else "memory"
     if peak and peak.tflops is None:
         notes.append(peak.note)
+    if "xla_flops_one_trip" in cost and cost["xla_flops_one_trip"] is None:  # no cost analysis (deviceless GPU)
+        notes.append("the compiler gave no cost analysis for this target: FLOPs are the HLO's matmuls and "
+                     "predicted_memory_s is left empty")
     local = peak.local_link if peak else None
     row["comm_bandwidth_gbytes_per_s"] = local.gbytes_per_s if local else None
     row["comm_bandwidth_source"] = f"{local.name}: {local.source}" if local and local.gbytes_per_s else None
@@ -206,7 +209,8 @@ def run_plan(profile: Profile, target: Target, report_dir: Path,
     (report_dir / "profile.toml").write_text(profile.to_toml())
     first = slice_devices(target.name)[0]
     (report_dir / "runtime.json").write_text(json.dumps({
-        **_runtime_columns(first.device_kind, len({d.process_index for d in slice_devices(target.name)})),
+        **_runtime_columns(target, first.device_kind, len({d.process_index for d in slice_devices(target.name)})),
+        "cuda_plugin_version": cuda_plugin_version() if target.platform == "gpu" else None,
         "row_source": f"planned:{target.name}", "topology": target.name,
         "slices": {str(n): target.slice_for(n) for n in sorted({p.n_devices for p in points})},
         "planned_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -1,4 +1,4 @@
-"""Where a point compiles: the local devices, or a TPU slice it only compiles for.
+"""Where a point compiles: the local devices, or a target it only compiles for.
 
 ``jaxscale plan --topology v5e:16x16`` compiles every grid point for the slice a
 user would rent for its chip count, with the real TPU compiler (libtpu) on a
@@ -12,6 +12,13 @@ A point of n chips compiles for the smallest standard slice of the generation
 with at least n chips (4 → v5e:2x2, 8 → v5e:2x4, 16 → v5e:4x4); below the
 smallest slice, it takes the first n chips of one host of that slice (a mesh
 spread over several hosts of a larger slice fails inside the TPU compiler).
+
+GPU clusters work the same way (``--topology h100:4x8``, hosts × GPUs per
+host): XLA's GPU compiler compiles for a GPU it does not have from a target
+description (GPU_TARGETS, written from each part's published properties), with
+the CUDA plugin installed (``pip install 'jaxscale[gpu-plan]'``, about 0.5 GB:
+the plugin and PJRT only, no CUDA libraries, since nothing runs). n GPUs take
+one host when they fit on one, else n / GPUs-per-host hosts.
 """
 
 from __future__ import annotations
@@ -30,6 +37,46 @@ SLICE_SHAPES: dict[str, tuple[str, ...]] = {
     "v5p": ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x16", "8x16x16"),
 }
 _TOPOLOGY = re.compile(r"^(v5e|v6e|v5p):(\d+(?:x\d+){1,2})$")
+_GPU_TOPOLOGY = re.compile(r"^(h100|a100):(\d+)x(\d+)$")
+
+# GPU target descriptions (stream_executor GpuTargetConfigProto, text format), from
+# the parts' published properties. H100 SXM5 (NVIDIA H100 datasheet and Hopper
+# tuning guide): compute capability 9.0, 132 SMs, 128 FP32 lanes and 228 KiB of
+# shared memory per SM (227 KiB per block opt-in), 50 MiB L2, 1.98 GHz boost,
+# 3.35 TB/s of HBM3, 80 GiB. A100 SXM4 80GB (A100 datasheet and Ampere tuning
+# guide): compute capability 8.0, 108 SMs, 64 FP32 lanes and 164 KiB of shared
+# memory per SM (163 KiB per block opt-in), 40 MiB L2, 1.41 GHz boost, 2.039 TB/s
+# of HBM2e, 80 GiB.
+_GPU_INFO = """gpu_device_info {{
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: {smem_block}
+  shared_memory_per_core: {smem_sm}
+  threads_per_core_limit: 2048
+  core_count: {sms}
+  fpus_per_core: {fpus}
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {bandwidth}
+  l2_cache_size: {l2}
+  clock_rate_ghz: {clock}
+  device_memory_size: {memory}
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 patch: 0 }}
+device_description_str: "{kind}"
+"""
+GPU_TARGETS: dict[str, str] = {
+    "h100": _GPU_INFO.format(major=9, minor=0, smem_block=232448, smem_sm=233472, sms=132, fpus=128,
+                             bandwidth=3352000000000, l2=52428800, clock=1.98, memory=85899345920,
+                             kind="NVIDIA H100 80GB HBM3"),
+    "a100": _GPU_INFO.format(major=8, minor=0, smem_block=166912, smem_sm=167936, sms=108, fpus=64,
+                             bandwidth=2039000000000, l2=41943040, clock=1.41, memory=85899345920,
+                             kind="NVIDIA A100-SXM4-80GB"),
+}
 
 
 class TargetError(ValueError):
@@ -58,13 +105,21 @@ class Target:
     generation: str
     shape: str
     n_chips: int
+    gpus_per_host: int = 0  # GPU targets only
 
     @property
     def platform(self) -> str:
-        return "tpu"
+        return "gpu" if self.generation in GPU_TARGETS else "tpu"
 
     def slice_for(self, n: int) -> str:
-        """The topology a user would rent for n chips: the smallest standard slice with ≥ n."""
+        """The topology a user would rent for n chips: the smallest standard slice with ≥ n
+        (GPUs: one host when n fits on one, else n / GPUs-per-host hosts)."""
+        if self.platform == "gpu":
+            if n <= self.gpus_per_host:
+                return f"{self.generation}:1x{n}"
+            if n % self.gpus_per_host:
+                raise TargetError(f"{n} GPUs do not fill whole hosts of {self.gpus_per_host}")
+            return f"{self.generation}:{n // self.gpus_per_host}x{self.gpus_per_host}"
         for shape in SLICE_SHAPES[self.generation]:
             if chips(shape) >= n:
                 return f"{self.generation}:{shape}"
@@ -85,12 +140,20 @@ class Target:
 
 
 def parse_target(text: str) -> Target:
-    """``v5e:16x16`` → Target; a TargetError names what is accepted."""
+    """``v5e:16x16`` or ``h100:4x8`` → Target; a TargetError names what is accepted."""
+    gpu = _GPU_TOPOLOGY.match(text.strip().lower())
+    if gpu:
+        name, hosts, per_host = gpu.group(1), int(gpu.group(2)), int(gpu.group(3))
+        if not hosts or not per_host or per_host > 8:
+            raise TargetError(f"--topology {text!r}: expected HOSTSxGPUS with 1 to 8 GPUs per host, e.g. h100:4x8")
+        return Target(name=f"{name}:{hosts}x{per_host}", generation=name, shape=f"{hosts}x{per_host}",
+                      n_chips=hosts * per_host, gpus_per_host=per_host)
     m = _TOPOLOGY.match(text.strip().lower())
     if not m:
         shapes = "; ".join(f"{g}: {', '.join(s)}" for g, s in SLICE_SHAPES.items())
         raise TargetError(f"--topology {text!r}: expected GENERATION:SHAPE with a standard slice shape ({shapes}), "
-                          "e.g. v5e:16x16 or v5p:4x4x4")
+                          f"e.g. v5e:16x16 or v5p:4x4x4, or a GPU cluster as HOSTSxGPUS of "
+                          f"{' or '.join(GPU_TARGETS)}, e.g. h100:4x8")
     generation, shape = m.groups()
     if shape not in SLICE_SHAPES[generation]:
         raise TargetError(f"--topology {text!r}: {shape} is not a standard {generation} slice; use one of "
@@ -108,10 +171,28 @@ def libtpu_version() -> str | None:
     return None
 
 
+def cuda_plugin_version() -> str | None:
+    """The installed JAX CUDA plugin's version, or None."""
+    try:
+        return importlib.metadata.version("jax-cuda12-plugin")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def require_libtpu() -> None:
     if libtpu_version() is None:
         raise TargetError("planning for a TPU needs the TPU compiler, which is not installed: "
                           "pip install 'jaxscale[tpu]' (or pip install 'jax[tpu]')")
+
+
+def require_compiler(target: Target) -> None:
+    """A TargetError saying what to install when the target's compiler is missing."""
+    if target.platform == "tpu":
+        require_libtpu()
+    elif cuda_plugin_version() is None:
+        raise TargetError(f"planning for {target.generation.upper()} GPUs needs XLA's GPU compiler, which is not "
+                          "installed: pip install 'jaxscale[gpu-plan]' (or pip install jax-cuda12-plugin "
+                          "jax-cuda12-pjrt matching your jax)")
 
 
 def quiet_tpu_runtime() -> None:
@@ -133,6 +214,23 @@ def quiet_tpu_runtime() -> None:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
+def quiet_plugins() -> None:
+    """Keep compile-only plugins from changing a run where their hardware is absent.
+
+    libtpu: see quiet_tpu_runtime. The CUDA plugin (installed to plan for GPUs)
+    on a machine with no NVIDIA driver would make JAX try CUDA at start-up and
+    print that it cannot load it; there, unless JAX_PLATFORMS says otherwise,
+    JAX is told to use the TPU (where attached) and the CPU. Call before JAX
+    initializes its backends.
+    """
+    quiet_tpu_runtime()
+    if cuda_plugin_version() is None or os.environ.get("JAX_PLATFORMS"):
+        return
+    if any(os.path.exists(p) for p in ("/dev/nvidiactl", "/proc/driver/nvidia/version")):
+        return
+    os.environ["JAX_PLATFORMS"] = "tpu,cpu" if libtpu_version() and _tpu_chips_attached() else "cpu"
+
+
 def _tpu_chips_attached() -> bool:
     try:
         from jax._src import hardware_utils
@@ -144,9 +242,14 @@ def _tpu_chips_attached() -> bool:
 
 @functools.lru_cache(maxsize=32)
 def slice_devices(topology: str) -> tuple:
-    """The compile-only devices of a TPU topology (cached: each load costs libtpu time)."""
+    """The compile-only devices of a TPU topology or a GPU cluster (cached: each load costs time)."""
     from jax.experimental import topologies
 
+    generation, shape = topology.split(":")
+    if generation in GPU_TARGETS:
+        hosts, per_host = shape.split("x")
+        return tuple(topologies.get_topology_desc(platform="cuda", target_config=GPU_TARGETS[generation],
+                                                  topology=f"1x{hosts}x{per_host}").devices)
     require_libtpu()
     quiet_tpu_runtime()
     return tuple(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
