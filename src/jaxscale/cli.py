@@ -1,4 +1,4 @@
-"""`jaxscale run | analyze | devices | calibrate`: parse, call the library, print.
+"""`jaxscale run | plan | analyze | compare | devices | calibrate`: parse, call the library, print.
 
 Exit codes: 0 all points ok, 1 some points failed (listed), 2 bad input.
 """
@@ -23,6 +23,9 @@ def _prepare_runtime(compile_cache: bool = True) -> None:
     """
     if "XLA_FLAGS" not in os.environ:
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={HOST_DEVICES}"
+    from jaxscale.targets import quiet_plugins
+
+    quiet_plugins()
     import jax
 
     if compile_cache and os.environ.get("JAXSCALE_COMPILE_CACHE", "1") != "0":
@@ -448,7 +451,7 @@ def cmd_compare(args) -> int:
 
 def cmd_plan(args) -> int:
     from jaxscale.config import ProfileError, load_profile
-    from jaxscale.targets import TargetError, parse_target, require_libtpu
+    from jaxscale.targets import TargetError, parse_target, require_compiler
 
     try:
         profile = load_profile(args.profile or "smoke", args.set or [])
@@ -456,9 +459,12 @@ def cmd_plan(args) -> int:
         if not topology:
             raise TargetError(f"{profile.source}: no target: give --topology (e.g. v5e:16x16) or [mesh] topology")
         target = parse_target(topology)
-        require_libtpu()
+        require_compiler(target)
     except (ProfileError, TargetError) as e:
         return _fail(str(e))
+    # Planning compiles for the target only: no local accelerator is initialized (and the
+    # CUDA plugin then skips its check for CUDA libraries it does not need to compile).
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     _prepare_runtime(not args.no_compile_cache)
     import datetime as dt
 
@@ -591,8 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Exit 0 when every point compiled (planned or over budget), 1 when one failed "
                                     "to compile, 2 for bad input.")
     pl.add_argument("profile", nargs="?", help="shipped profile name or path (default: smoke)")
-    pl.add_argument("--topology", help="the TPU slice to plan for, e.g. v5e:16x16 or v5p:4x4x4 "
-                                       "(default: the profile's [mesh] topology)")
+    pl.add_argument("--topology", help="the target: a TPU slice (v5e:16x16, v5p:4x4x4) or a GPU cluster as "
+                                       "HOSTSxGPUS (h100:4x8, a100:1x8); default: the profile's [mesh] topology")
     pl.add_argument("--out", help="parent folder of the report folder (default: reports/)")
     pl.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                     help="override a profile value, TOML syntax: --set run.remat=[\"none\",\"full\"]")
