@@ -64,3 +64,33 @@ def test_resolved_profile_round_trips_through_toml(tmp_path):
     path.write_text(p.to_toml())
     again = load_profile(str(path))
     assert again.models == p.models and again.mesh == p.mesh and again.run == p.run and again.batch == p.batch
+
+
+def test_remat_takes_policies_a_list_or_the_old_booleans():
+    base = {"batch": {"global_batch": 8}}
+    assert build_profile({**base, "run": {"remat": True}}).run.remat == ("full",)
+    assert build_profile({**base, "run": {"remat": False}}).run.remat == ("none",)
+    assert build_profile({**base, "run": {"remat": ["none", "save_dots"]}}).run.remat == ("none", "save_dots")
+    with pytest.raises(ProfileError, match=r"\[run\] remat = 'dots'.*save_dots"):
+        build_profile({**base, "run": {"remat": "dots"}})
+
+
+def test_xla_flag_sets_are_validated_and_normalized():
+    base = {"batch": {"global_batch": 8}}
+    run = build_profile({**base, "run": {"xla_flags": ["", "--xla_a=1   --xla_b=2"]}}).run
+    assert run.xla_flags == ("", "--xla_a=1 --xla_b=2")
+    assert build_profile({**base, "run": {"xla_flags": "--xla_a=1"}}).run.xla_flags == ("--xla_a=1",)
+    with pytest.raises(ProfileError, match="not an XLA flag"):
+        build_profile({**base, "run": {"xla_flags": ["--jax_enable_x64"]}})
+    with pytest.raises(ProfileError, match="host device count"):
+        build_profile({**base, "run": {"xla_flags": ["--xla_force_host_platform_device_count=4"]}})
+
+
+def test_batch_lists_and_topology():
+    p = build_profile({"batch": {"per_device_batch": [1, 2, 4]}, "mesh": {"topology": "v5e:4x4"}})
+    assert p.batch.globals_for(4) == (4, 8, 16) and p.batch.mode == "weak"
+    assert p.mesh.topology == "v5e:4x4"
+    with pytest.raises(ProfileError, match=r"\[mesh\] topology"):
+        build_profile({"batch": {"global_batch": 8}, "mesh": {"topology": 16}})
+    with pytest.raises(ProfileError, match=r"\[batch\] per_device_batch"):
+        build_profile({"batch": {"per_device_batch": []}})

@@ -47,3 +47,21 @@ def test_multi_process_drops_counts_not_divisible_by_processes():
     points, dropped = build_grid(p, 8, n_processes=2)
     assert [pt.n_devices for pt in points] == [2, 4]
     assert any("not a multiple of the 2 processes" in r for r in dropped)
+
+
+def test_remat_batch_and_flag_sets_are_grid_axes_in_the_point_key():
+    profile = build_profile({"run": {"remat": ["none", "full"], "xla_flags": ["", "--xla_x=1"]},
+                             "model": {"d_model": 64, "n_heads": 4, "vocab": 96},
+                             "batch": {"per_device_batch": [1, 3]},
+                             "mesh": {"devices": [2], "strategies": ["dp"]}})
+    points, _ = build_grid(profile, 8)
+    assert len(points) == 2 * 2 * 2
+    assert {(p.global_batch, p.remat, p.xla_flags) for p in points} == {
+        (b, r, f) for b in (2, 6) for r in ("none", "full") for f in ("", "--xla_x=1")}
+    assert len({p.key for p in points}) == len(points)  # resume tells them apart
+
+
+def test_every_global_batch_of_a_list_must_split_over_the_data_axis():
+    with pytest.raises(ProfileError, match=r"global_batch = 12: not divisible by the data-axis size 8"):
+        build_profile({"model": {"d_model": 64, "n_heads": 4, "vocab": 96}, "batch": {"global_batch": [8, 12]},
+                       "mesh": {"devices": [8], "strategies": ["dp", "tp"]}})
