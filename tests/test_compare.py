@@ -19,8 +19,8 @@ from rich.console import Console
 import jaxscale
 from helpers import TINY_SETS, jaxscale as run_cli, sets
 from jaxscale import cli
-from jaxscale.compare import (CompareError, estimate_run_drift, mann_whitney_null_cdf, ratio_interval, read_side,
-                              run_ratio_interval, runtime_diff, verdict)
+from jaxscale.compare import (CompareError, estimate_run_drift, format_markdown, mann_whitney_null_cdf, ratio_interval,
+                              read_side, run_ratio_interval, runtime_diff, verdict)
 from jaxscale.records import COLUMNS, RowWriter, read_rows
 
 STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp")
@@ -250,6 +250,19 @@ def test_plan_against_a_run_compares_predictions_without_an_interval():
                                        / 0.004)
     assert r["memory_ratio"] == pytest.approx(2_000_000 / 1_000_000)
     assert r["verdict"] == ("slower" if r["ratio"] > 1.05 else "faster" if r["ratio"] < 0.95 else "same")
+
+
+def test_remat_policies_are_points_of_their_own():
+    rng = np.random.default_rng(14)
+    base = pd.concat([synthetic_run(rng, remat="none"), synthetic_run(rng, remat="full")], ignore_index=True)
+    new = pd.concat([synthetic_run(rng, remat="none"), synthetic_run(rng, remat="full", scale={("dp", 2): 1.5})],
+                    ignore_index=True)
+    table = jaxscale.compare(base, new)
+    assert len(table) == 32
+    slow = table[table["verdict"] == "slower"]
+    assert list(zip(slow["strategy"], slow["n_devices"], slow["remat"])) == [("dp", 2, "full")]
+    md = format_markdown(table, runtime_diff([], []))
+    assert "| d64-l2 dp n=2 remat=full |" in md and "| d64-l2 dp n=2 remat=none |" in md
 
 
 def test_runtime_diff_names_what_changed():

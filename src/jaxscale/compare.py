@@ -54,7 +54,7 @@ import numpy as np
 import pandas as pd
 
 from jaxscale.grid import KEY_COLUMNS
-from jaxscale.records import FAILURE_STATUSES, SUCCESS_STATUSES, read_rows
+from jaxscale.records import SUCCESS_STATUSES, read_rows
 
 # The point key: the grid key and the other columns that change the compiled program.
 MATCH_COLUMNS: tuple[str, ...] = ("size_name", *KEY_COLUMNS, "batch_mode", "dtype", "attention", "scan_layers")
@@ -731,23 +731,22 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 # ---------------------------------------------------------------- formatting
 
 
-MODEL_COLUMNS = ("d_model", "n_layers", "n_heads", "d_ff", "seq_len", "vocab")
-KEY_LABELS = (("size_name", "size"), ("strategy", "strategy"), ("n_devices", "n"), ("mesh_shape", "mesh"),
-              ("global_batch", "batch"))
+LABEL_COLUMNS = ("size_name", "strategy", "n_devices")
 
 
 def varying_key_columns(table: pd.DataFrame) -> list[str]:
-    """Key columns beyond KEY_LABELS that vary in the table (those that tell its points apart)."""
+    """The key columns that tell apart points sharing a size, strategy and device count (a batch list, remat
+    policies, XLA flag sets): what a point's label needs beyond those three."""
     key = table.attrs.get("key", MATCH_COLUMNS)
-    shown = {c for c, _ in KEY_LABELS}
+    groups = [c for c in LABEL_COLUMNS if c in table.columns]
     out = []
     for c in key:
-        if c in shown or c not in table.columns or table[c].nunique(dropna=False) < 2:
+        if c in LABEL_COLUMNS or c not in table.columns:
             continue
-        if c in MODEL_COLUMNS and "size_name" in table.columns and \
-                (table.groupby("size_name", dropna=False)[c].nunique(dropna=False) < 2).all():
-            continue  # the size name already says it
-        out.append(c)
+        spread = table.groupby(groups, dropna=False)[c].nunique(dropna=False) if groups else \
+            pd.Series([table[c].nunique(dropna=False)])
+        if (spread > 1).any():
+            out.append(c)
     return out
 
 
