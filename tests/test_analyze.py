@@ -11,7 +11,7 @@ from scipy import stats
 
 from jaxscale import analyze
 from jaxscale.analyze import (PowerLawFit, add_memory_column, check_expectation, classify_regime, curvature_test,
-                              default_fits, default_joint_fit, default_usl, fit_points, fit_power_law, fit_table,
+                              default_fits, default_joint_fit, fit_points, fit_power_law, fit_table,
                               fit_usl, grade, joint_fit, parse_expectation, plan_vs_measured, predict_table,
                               scaling_efficiency, usl_table)
 from jaxscale.records import COLUMNS
