@@ -31,7 +31,15 @@ _EXPORTS = {
     "attention_call_flops": "jaxscale.flops",
     # the model and its step
     "Transformer": "jaxscale.model",
+    "build_step": "jaxscale.step",
     "compile_point": "jaxscale.step",
+    # planning for a target (a TPU slice, a GPU cluster) without its hardware
+    "Target": "jaxscale.targets",
+    "parse_target": "jaxscale.targets",
+    "run_plan": "jaxscale.plan",
+    "plan_point": "jaxscale.plan",
+    "predict_step": "jaxscale.plan",
+    "loop_corrected_cost": "jaxscale.hlo",
     # measuring
     "StepProfile": "jaxscale.measure",
     "profile_step": "jaxscale.measure",
@@ -57,6 +65,12 @@ _EXPORTS = {
     "parse_expectation": "jaxscale.analyze",
     "check_expectation": "jaxscale.analyze",
     "default_joint_fit": "jaxscale.analyze",
+    "grade": "jaxscale.analyze",
+    "curvature_test": "jaxscale.analyze",
+    "fit_usl": "jaxscale.analyze",
+    "usl_table": "jaxscale.analyze",
+    "predict_table": "jaxscale.analyze",
+    "plan_vs_measured": "jaxscale.analyze",
     "write_report": "jaxscale.report",
     "compare": "jaxscale.compare",
 }
@@ -77,9 +91,9 @@ def __dir__():
 
 
 if TYPE_CHECKING:
-    from jaxscale.analyze import (PowerLawFit, add_memory_column, check_expectation, default_fits,
-                                  default_joint_fit, fit_power_law, fit_table, joint_fit, parse_expectation,
-                                  scaling_efficiency)
+    from jaxscale.analyze import (PowerLawFit, add_memory_column, check_expectation, curvature_test, default_fits,
+                                  default_joint_fit, fit_power_law, fit_table, fit_usl, grade, joint_fit,
+                                  parse_expectation, plan_vs_measured, predict_table, scaling_efficiency, usl_table)
     from jaxscale.comms import count_collectives, find_collectives
     from jaxscale.compare import compare
     from jaxscale.config import ModelSpec, Profile, ProfileError, build_profile, load_profile
@@ -87,9 +101,12 @@ if TYPE_CHECKING:
     from jaxscale.flops import (CHIPS, DEVICE_KINDS, attention_call_flops, device_peak, matmul_math_mode, mfu,
                                 param_count, train_flops)
     from jaxscale.grid import Point, build_grid
+    from jaxscale.hlo import loop_corrected_cost
     from jaxscale.measure import StepProfile, Timing, profile_step, time_pipelined
     from jaxscale.model import Transformer
+    from jaxscale.plan import plan_point, predict_step, run_plan
     from jaxscale.records import read_rows
     from jaxscale.report import write_report
-    from jaxscale.step import compile_point
+    from jaxscale.step import build_step, compile_point
+    from jaxscale.targets import Target, parse_target
     from jaxscale.sweep import run_profile, run_sweep
