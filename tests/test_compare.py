@@ -179,6 +179,8 @@ def test_planted_slowdown_is_found_with_its_ratio():
     r = slow.iloc[0]
     assert r["ratio"] == pytest.approx(1.3, rel=0.05) and r["ratio_ci_low"] < 1.3 < r["ratio_ci_high"]
     assert table.iloc[0]["strategy"] == "fsdp"  # sorted by effect
+    assert table.attrs["point_confidence"] == pytest.approx(1 - 0.05 / 16)  # Bonferroni over 16 points
+    assert jaxscale.compare(base, new, familywise=False).attrs["point_confidence"] == 0.95
     assert (table["verdict"] != "faster").all()
 
 

@@ -418,7 +418,8 @@ def cmd_compare(args) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             base, new = cmp.read_side(base_paths), cmp.read_side(new_paths)
-            table = cmp.compare(base.runs, new.runs, threshold=args.threshold, confidence=args.confidence)
+            table = cmp.compare(base.runs, new.runs, threshold=args.threshold, confidence=args.confidence,
+                                familywise=not args.per_point)
         if not cmp.matched(table):
             raise cmp.CompareError(f"no point of {', '.join(base_paths)} matches one of {', '.join(new_paths)} "
                                    f"on {', '.join(table.attrs['key'])}")
@@ -618,6 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="relative change in step time that matters (default 0.05: 5%%)")
     cmp.add_argument("--confidence", type=float, default=0.95,
                      help="coverage of all the ratio intervals together (default 0.95)")
+    cmp.add_argument("--per-point", action="store_true",
+                     help="each interval at --confidence on its own, not all together: finds smaller changes, "
+                          "and calls some point of an unchanged grid slower or faster more often")
     cmp.add_argument("--out", help="output folder (default: NEW/compare)")
     cmp.set_defaults(func=cmd_compare)
     return parser

@@ -505,7 +505,7 @@ def compare(base_rows, new_rows, threshold: float = 0.05, confidence: float = 0.
              .sort_values(["_order", "_effect"], ascending=[True, False], kind="stable")
              .drop(columns=["_order", "_effect"]).reset_index(drop=True))
     table.attrs.update(key=key, left_out=left_out, threshold=threshold, confidence=confidence, run_drift=drift,
-                       point_confidence=level)
+                       point_confidence=level, familywise=familywise)
     return table
 
 
@@ -788,8 +788,10 @@ def method_line(table: pd.DataFrame) -> str:
     if not table["interval_over"].notna().any():
         return (f"ratio = new / base step time, threshold ±{threshold:.1%}; no intervals: "
                 "no point has measured samples on both sides")
-    text = (f"ratio = new / base step time (Hodges–Lehmann), Moses (Mann–Whitney) intervals {confidence:.0%} "
-            f"for all points together ({level:.2%} each), threshold ±{threshold:.1%}")
+    together = (f"{confidence:.0%} for all points together ({level:.2%} each)" if table.attrs.get("familywise", True)
+                else f"{confidence:.0%} each, not simultaneous")
+    text = (f"ratio = new / base step time (Hodges–Lehmann), Moses (Mann–Whitney) intervals {together}, "
+            f"threshold ±{threshold:.1%}")
     if (table["interval_over"] == "runs").any():
         text += "; Welch t over the runs' median step times where each side has 3 or more runs"
     drift = table.attrs.get("run_drift")
