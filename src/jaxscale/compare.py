@@ -790,10 +790,12 @@ def method_line(table: pd.DataFrame) -> str:
                 "no point has measured samples on both sides")
     together = (f"{confidence:.0%} for all points together ({level:.2%} each)" if table.attrs.get("familywise", True)
                 else f"{confidence:.0%} each, not simultaneous")
-    text = (f"ratio = new / base step time (Hodges–Lehmann), Moses (Mann–Whitney) intervals {together}, "
-            f"threshold ±{threshold:.1%}")
+    parts = []
+    if (table["interval_over"] == "steps").any():
+        parts.append("over steps: Hodges–Lehmann ratio, Moses (Mann–Whitney) interval")
     if (table["interval_over"] == "runs").any():
-        text += "; Welch t over the runs' median step times where each side has 3 or more runs"
+        parts.append("over 3 or more runs a side: ratio of the geometric means of run medians, Welch t interval")
+    text = f"ratio = new / base step time; {'; '.join(parts)}; intervals {together}; threshold ±{threshold:.1%}"
     drift = table.attrs.get("run_drift")
     if drift is not None:
         if drift.sd == drift.sd:
