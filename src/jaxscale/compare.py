@@ -19,10 +19,10 @@ runs (other load on the host, clocks, placement), which on a shared machine
 is larger. So where each side holds at least three runs of the point, the
 interval is Welch's t over the logs of the runs' median step times
 (interval_over = runs); otherwise it is over the steps, widened by the drift
-estimated from all points of the comparison (run_drift_sd, an empirical null). Intervals are
-simultaneous over the points of a comparison (Bonferroni), so an unchanged
-grid of any size has at most a 1 − confidence chance of a point called slower
-or faster.
+estimated from all points of the comparison (run_drift_sd, an empirical
+null). Intervals are simultaneous over the points of a comparison
+(Bonferroni), so an unchanged grid of any size has at most a 1 − confidence
+chance of a point called slower or faster.
 
 Verdicts, with threshold t:
   slower   the interval lies above 1 and the ratio exceeds 1 + t
@@ -189,9 +189,11 @@ class RatioEstimate:
     """A ratio new/base of two sets of samples with its interval.
 
     Attributes:
-      ratio: exp(Hodges–Lehmann shift of the logs): the median of all pairwise
-        ratios new_j / base_i.
-      ci_low, ci_high: the Moses interval (NaN with fewer than MIN_SAMPLES a side).
+      ratio: from ratio_interval, exp(Hodges–Lehmann shift of the logs), the
+        median of all pairwise ratios new_j / base_i; from run_ratio_interval,
+        the ratio of the geometric means of the run medians.
+      ci_low, ci_high: the Moses or Welch interval (NaN with fewer than
+        MIN_SAMPLES a side).
       level: the interval's coverage: the confidence asked for, or less where
         the sample sizes cannot reach it.
     """
