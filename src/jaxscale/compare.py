@@ -537,11 +537,12 @@ def estimate_run_drift(log_ratios, within_sd) -> RunDrift:
     Most points of a grid do not change, so the spread of their log ratios is
     the noise of a ratio between two runs (Efron's empirical null, for many
     simultaneous tests). Points beyond 3 robust standard deviations of the
-    median (MAD × 1.4826) are taken as really changed and left out; the
-    variance of the rest, less the mean within-run variance the intervals
-    already hold, is the drift's variance. A change common to every point moves
-    the ratios together, not their spread; where many points change by
-    different amounts the spread grows and verdicts err towards ``noisy``.
+    median (MAD × 1.4826) are taken as really changed and left out; the drift
+    is the random-effects SD of the rest beyond their within-run noise
+    (Paule–Mandel, so points with wide within-run intervals count for little).
+    A change common to every point moves the ratios together, not their
+    spread; where many points change by different amounts the spread grows
+    and verdicts err towards ``noisy``.
 
     Args:
       log_ratios: log(ratio) of each point.
@@ -560,10 +561,34 @@ def estimate_run_drift(log_ratios, within_sd) -> RunDrift:
     centre = float(np.median(d))
     robust_sd = 1.4826 * float(np.median(np.abs(d - centre)))
     keep = np.abs(d - centre) <= 3 * robust_sd + 1e-12
-    dk, sk = d[keep], s[keep]
-    variance = float(np.var(dk, ddof=1)) if len(dk) > 1 else 0.0
-    sd = math.sqrt(max(variance - float(np.mean(sk ** 2)), 0.0))
-    return RunDrift(sd, max(len(dk) - 1, 1), len(d), int((~keep).sum()))
+    dk, sk = d[keep], np.maximum(s[keep], 1e-12)
+    return RunDrift(_paule_mandel_sd(dk, sk), max(len(dk) - 1, 1), len(d), int((~keep).sum()))
+
+
+def _paule_mandel_sd(d: np.ndarray, s: np.ndarray) -> float:
+    """The between-run SD τ for which the weighted spread of d about its weighted mean is what k − 1 points give.
+
+    Paule and Mandel's estimator of a random-effects variance: with weights
+    w_i = 1 / (s_i² + τ²), Σ w_i (d_i − d̄_w)² = k − 1. Points whose own
+    within-run noise is large count for little, so a few noisy points cannot
+    hide the drift of the precise ones.
+    """
+    if len(d) < 2:
+        return 0.0
+
+    def q(tau: float) -> float:
+        w = 1.0 / (s ** 2 + tau ** 2)
+        mean = float(np.sum(w * d) / np.sum(w))
+        return float(np.sum(w * (d - mean) ** 2))
+
+    target = len(d) - 1
+    if q(0.0) <= target:
+        return 0.0
+    low, high = 0.0, float(np.ptp(d)) + float(s.max()) + 1e-12
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if q(mid) > target else (low, mid)
+    return high
 
 
 def _widen_for_run_drift(table: pd.DataFrame, threshold: float, confidence: float) -> RunDrift | None:
