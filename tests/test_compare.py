@@ -150,6 +150,12 @@ def test_drift_estimate_recovers_a_planted_spread_and_ignores_changed_points():
     assert drift.sd == pytest.approx(math.sqrt(0.1 ** 2 - 0.02 ** 2), rel=0.1)
     assert drift.n_outliers >= 10
     assert math.isnan(estimate_run_drift(d[:5], np.full(5, 0.02)).sd)
+    # a few points with very wide within-run intervals (single-device steps of a millisecond) do not hide
+    # the drift of the precise ones
+    precise = rng.normal(0.0, 0.1, 300) + rng.normal(0.0, 0.01, 300)
+    noisy = rng.normal(0.0, 0.5, 60)
+    drift = estimate_run_drift(np.concatenate([precise, noisy]), np.r_[np.full(300, 0.01), np.full(60, 0.5)])
+    assert drift.sd == pytest.approx(0.1, rel=0.15)
 
 
 # ------------------------------------------------------------------ verdicts on grids
