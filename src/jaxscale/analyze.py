@@ -1177,7 +1177,8 @@ PLAN_COLUMNS = ("plan_source", "size_name", "strategy", "n_devices", "mesh_shape
 def plan_vs_measured(runs: pd.DataFrame) -> pd.DataFrame:
     """Join planned rows (row_source ``planned:<target>``) with measured rows of the same grid point.
 
-    Points are matched on grid.KEY_COLUMNS plus size_name. Ratios:
+    Points are matched on grid.KEY_COLUMNS plus size_name, dtype and batch_mode
+    (a bfloat16 plan never stands in for a float32 run). Ratios:
     step_time_ratio = predicted_step_time_s / step_time_s; compiled_ratio = the
     plan's compiled_total_bytes / the measured run's; memory_ratio = the plan's
     compiled_total_bytes / the measured peak_bytes_in_use (empty where the
@@ -1195,7 +1196,7 @@ def plan_vs_measured(runs: pd.DataFrame) -> pd.DataFrame:
     measured = runs[(source == "measured") & _status_ok(runs)]
     if planned.empty or measured.empty:
         return pd.DataFrame(columns=list(PLAN_COLUMNS))
-    keys = [c for c in (*KEY_COLUMNS, "size_name") if c in runs.columns]
+    keys = [c for c in (*KEY_COLUMNS, "size_name", "dtype", "batch_mode") if c in runs.columns]
 
     def normalised(frame):
         out = frame.copy()
