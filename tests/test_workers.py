@@ -2,7 +2,6 @@
 
 import json
 import signal
-import uuid
 
 import pytest
 
@@ -42,36 +41,40 @@ def test_flags_with_in_process_isolation_are_refused_with_one_line(tmp_path):
 def test_each_point_has_its_own_peak_and_flag_sets_are_families(tmp_path, monkeypatch):
     """Sizes large → small under a fake allocator whose peak, like a real one's, never goes down
     within a process: with a worker per point every row reports its own peak. Two flag sets
-    reach their workers (one dumps HLO) and give two families of rows and of fits."""
+    give two families of rows and of fits."""
     stats = tmp_path / "stats.json"
     stats.write_text(json.dumps({"bytes_limit": 1 << 40}))
     monkeypatch.setenv(sweep.FAKE_MEMORY_ENV, str(stats))
     monkeypatch.setattr(sweep, "_fake_peak", [0])
-    dump = tmp_path / "dump"
-    sizes = "model.d_model=[64,32,48]"
 
-    in_process = sweep.run_profile(load_profile("smoke", [*ONE_DEVICE, sizes, "run.isolation=none"]),
-                                   tmp_path / "none").rows
-    assert list(in_process["isolation"]) == ["none"] * 3
+    in_process = sweep.run_profile(load_profile("smoke", [*ONE_DEVICE, "model.d_model=[64,32]",
+                                                          "run.isolation=none"]), tmp_path / "none").rows
+    assert list(in_process["isolation"]) == ["none"] * 2
     largest = in_process["compiled_total_bytes"].iloc[0]
     assert (in_process["compiled_total_bytes"].iloc[1:] < largest).all()
     assert (in_process["peak_bytes_in_use"] == largest).all()  # the bug isolation removes
 
-    # --xla_dump_to is not part of a compilation-cache key; disabling a pass that does not exist
-    # changes nothing but the key, so the flagged points compile (and dump) even with a warm cache
-    flags = f"--xla_dump_to={dump} --xla_disable_hlo_passes=jaxscale-test-{uuid.uuid4().hex[:8]}"
-    profile = load_profile("smoke", [*ONE_DEVICE, sizes, f'run.xla_flags=["", "{flags}"]'])
+    flags = "--xla_cpu_enable_fast_math=false"
+    profile = load_profile("smoke", [*ONE_DEVICE, "model.d_model=[64,32,48]", f'run.xla_flags=["", "{flags}"]'])
     rows = sweep.run_profile(profile, tmp_path / "process").rows
     assert len(rows) == 6 and (rows["status"] == "ok").all() and (rows["isolation"] == "process").all()
     assert (rows["peak_bytes_in_use"] == rows["compiled_total_bytes"]).all()
     assert sorted(rows["xla_flags"].fillna("").value_counts().to_dict().items()) == [("", 3), (flags, 3)]
-    assert any(dump.iterdir())  # only the flagged points' workers were given --xla_dump_to
 
     from jaxscale import analyze
 
     fits = analyze.default_fits(rows)
     step = fits[(fits["y"] == "step_time_s") & (fits["x"] == "params")]
     assert sorted(step["xla_flags"].fillna("")) == ["", flags]
+
+
+def test_a_point_s_flags_reach_its_worker_s_xla(tmp_path):
+    """XLA refuses an unknown flag when its backend starts: the worker dies and the row says why."""
+    profile = load_profile("smoke", [*ONE_DEVICE, 'run.xla_flags=["--xla_jaxscale_no_such_flag=1"]'])
+    (row,) = sweep.run_profile(profile, tmp_path / "r").rows.to_dict("records")
+    assert row["status"] == "crashed" and row["xla_flags"] == "--xla_jaxscale_no_such_flag=1"
+    assert "Unknown flag in XLA_FLAGS: --xla_jaxscale_no_such_flag=1" in row["error"]
+    assert "worker killed by SIGABRT" in row["error"] or "worker exited with code" in row["error"]
 
 
 def test_a_killed_worker_is_a_crashed_row_and_resume_completes_the_grid(tmp_path):
