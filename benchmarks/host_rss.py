@@ -3,8 +3,8 @@
 A training state of P parameters is 12·P bytes in float32: the parameters and
 AdamW's two moments. jaxscale creates it sharded on the devices by a jitted
 initializer, so a process should hold about one copy of it (plus the
-gradients, 4·P bytes, and the step's temporaries), not a host copy beside the
-device copy. On the CPU the "devices" are host memory, so the process's peak
+gradients, 4·P bytes, and the step's temporaries: what XLA's memory analysis
+of the step counts), not a host copy beside the device copy. On the CPU the "devices" are host memory, so the process's peak
 resident set shows every copy.
 
 Prints, for one point (dp, 1 device) of one size, run by `jaxscale run` with
@@ -72,8 +72,14 @@ def main() -> None:
                 print(f"isolation {isolation}: the run failed (exit {result.returncode}):\n{result.stdout}\n"
                       f"{result.stderr}")
                 continue
+            (csv,) = (Path(work) / isolation).glob("*/runs.csv")
+            with open(csv, newline="") as f:
+                (row,) = list(__import__("csv").DictReader(f))
+            step = int(row["compiled_total_bytes"])
             print(f"isolation {isolation:>7}: peak RSS {rss / 2**30:.2f} GiB = {rss / state:.2f} x the state "
-                  f"({(rss - idle) / state:.2f} x above an idle JAX process); wall {wall:.0f} s")
+                  f"({(rss - idle) / state:.2f} x above an idle JAX process); the compiled step alone needs "
+                  f"{step / 2**30:.2f} GiB (state, gradients, temporaries); RSS above idle and the step: "
+                  f"{(rss - idle - step) / 2**30:.2f} GiB; wall {wall:.0f} s")
 
 
 if __name__ == "__main__":
