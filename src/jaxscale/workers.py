@@ -66,10 +66,10 @@ def choose_isolation(run) -> str:
 
     ``auto`` means worker processes wherever the backend keeps allocator
     statistics (a GPU or TPU is present), and in-process on the CPU, where
-    there is no allocator peak to protect and a worker's start (interpreter,
-    JAX, compilation-cache load) would cost more than the points themselves.
-    Non-empty XLA flag sets always need workers: XLA reads its flags once per
-    process.
+    there is no allocator peak to protect and a worker still costs its backend
+    start and cache load (about 0.5 s a point on 2 cores, a third more time
+    for the smoke profile with a warm cache). Non-empty XLA flag sets always
+    need workers: XLA reads its flags once per process.
 
     Raises:
       ProfileError: flag sets with ``isolation = "none"``.
@@ -296,13 +296,17 @@ class WorkerRuntime:
         self._count = 0
         self._zygote = _Zygote.start()
         probe = {"task": "probe", "dtype": profile.run.dtype, "fraction": profile.run.max_memory_fraction}
-        if self.owners is None and not accelerator_present():
-            info = _do_task(probe)  # only the CPU here: the owner may open it itself, and save a worker's start
-        else:
-            ended = self._run_everywhere("probe", probe)
-            if ended.result is None:
-                raise WorkerError(f"the worker that inspects the devices failed: {ended.describe()}")
-            info = ended.result
+        try:
+            if self.owners is None and not accelerator_present():
+                info = _do_task(probe)  # only the CPU here: the owner may open it itself, and save a worker
+            else:
+                ended = self._run_everywhere("probe", probe)
+                if ended.result is None:
+                    raise WorkerError(f"the worker that inspects the devices failed: {ended.describe()}")
+                info = ended.result
+        except BaseException:
+            self.close()
+            raise
         self.device_count, self.process_count = info["device_count"], info["process_count"]
         self.describe, self.columns = info["describe"], info["columns"]
         self.peak = devinfo.PeakInfo(**info["peak"])
