@@ -403,13 +403,12 @@ class WorkerRuntime:
             proc = _Spawned(spec_path, log_path, env)
         peer_failure = ""
         try:
-            while proc.poll() is None:
+            while proc.wait(_POLL_S) is None:  # returns as soon as the worker ends
                 if peer_crashed is not None:
                     peer_failure = peer_crashed()
                     if peer_failure:
                         proc.kill()
                         break
-                time.sleep(_POLL_S)
         except BaseException:  # a second Ctrl-C: the worker must not outlive the owner's loop
             proc.kill()
             raise
@@ -436,8 +435,12 @@ class _Spawned:
     def returncode(self) -> int | None:
         return self._proc.returncode
 
-    def poll(self) -> int | None:
-        return self._proc.poll()
+    def wait(self, timeout: float) -> int | None:
+        """The exit code, waiting up to timeout seconds for it (None: still running)."""
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
     def kill(self) -> None:
         self._proc.kill()
@@ -515,9 +518,10 @@ class _Forked:
     def __init__(self, zygote: _Zygote, pid: int):
         self._zygote, self.pid, self.returncode = zygote, pid, None
 
-    def poll(self) -> int | None:
+    def wait(self, timeout: float | None) -> int | None:
+        """The exit code, waiting up to timeout seconds for it (None: still running)."""
         if self.returncode is None:
-            reply = self._zygote.read(timeout=0)
+            reply = self._zygote.read(timeout=timeout)
             if reply == {}:  # the zygote died, and its worker with it (PR_SET_PDEATHSIG)
                 self.returncode = -signal.SIGKILL
             elif reply is not None:
@@ -529,8 +533,7 @@ class _Forked:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        while self.poll() is None:
-            time.sleep(0.01)
+        self.wait(timeout=None)
 
 
 def zygote_main(owner_pid: int) -> int:
