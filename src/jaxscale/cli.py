@@ -377,7 +377,12 @@ def cmd_devices(args) -> int:
     peak = devinfo.resolve_peak(args.dtype)
     for key, value in info.items():
         print(f"{key:>24}: {value}")
-    print(f"{'peak_tflops_per_device':>24}: {peak.tflops:.4g} ({peak.dtype}, {peak.source})")
+    if peak.tflops:
+        print(f"{'peak_tflops_per_device':>24}: {peak.tflops:.4g} ({peak.dtype}, {peak.source})")
+    else:
+        print(f"{'peak_tflops_per_device':>24}: none ({peak.note})")
+    if peak.precision:
+        print(f"{'peak_precision':>24}: {peak.precision}")
     print(f"{'peak_reference':>24}: {peak.reference}")
     if peak.hbm_gbytes_per_s:
         print(f"{'memory_gbytes_per_s':>24}: {peak.hbm_gbytes_per_s:.4g}")

@@ -43,8 +43,9 @@ class CompiledStep:
       mesh: the device mesh the step runs on.
       compiled: ``(params, opt_state, tokens) -> (params, opt_state, loss)``;
         params and opt_state are donated.
-      init_state: ``() -> (params, opt_state)``, created sharded on the devices
-        from the run's seed.
+      init_state: ``() -> (params, opt_state)``, sharded, from the run's seed:
+        created on the devices, or for states up to HOST_INIT_MAX_BYTES placed
+        from one host copy per model size.
       make_batch: ``(step_index) -> tokens`` of shape (global_batch, seq_len + 1).
       compile_s: wall time of lower + compile.
       cost: XLA's cost analysis of the per-device program (dict).
@@ -151,6 +152,33 @@ class StepProgram:
     opt_state_bytes: int
 
 
+def _init_state(spec, dtype: str, attention: str, scan_layers: bool, seed: int):
+    """Parameters and AdamW state from the seed (traced inside jit). The same seed gives the
+    same weights under every sharding: JAX's partitionable threefry makes random bits
+    independent of the layout, so every point of a size starts from identical weights."""
+    model = _model(spec, dtype, attention, "none", scan_layers, seed)
+    params = nnx.to_pure_dict(nnx.split(model)[1])
+    return params, optimizer().init(params)
+
+
+# Below this many bytes of float32 parameters and optimizer state, a size's state is
+# computed once on the host and each point places its shards from that copy: one
+# initializer compile per size instead of one per point (about 2 s each on a CPU).
+# Above it, every point runs the sharded initializer on its devices, so no host ever
+# holds a large model's whole state.
+HOST_INIT_MAX_BYTES = 1 << 30
+
+
+@functools.lru_cache(maxsize=1)
+def _host_state(spec, dtype: str, attention: str, scan_layers: bool, seed: int):
+    """A size's whole initial state as host numpy arrays (the same function as on devices)."""
+    cpu = jax.local_devices(backend="cpu")[0]
+    fn = jax.jit(lambda: _init_state(spec, dtype, attention, scan_layers, seed))
+    with jax.default_device(cpu):
+        state = fn()
+    return jax.tree.map(np.asarray, state)
+
+
 def build_step(point: Point, run: RunSpec, devices=None) -> StepProgram:
     """Build the model, optimizer and shardings of a point, from abstract shapes only.
 
@@ -182,11 +210,7 @@ def build_step(point: Point, run: RunSpec, devices=None) -> StepProgram:
         return optax.apply_updates(params, updates), opt_state, loss
 
     def init():
-        # The same seed gives the same weights under every sharding: JAX's
-        # partitionable threefry makes random bits independent of the layout.
-        model = _model(spec, run.dtype, run.attention, point.remat, run.scan_layers, run.seed)
-        params = nnx.to_pure_dict(nnx.split(model)[1])
-        return params, tx.init(params)
+        return _init_state(spec, run.dtype, run.attention, run.scan_layers, run.seed)
 
     step = jax.jit(train_step, in_shardings=(param_sh, opt_sh, batch_sh),
                    out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 1))
@@ -254,8 +278,17 @@ def compile_point(point: Point, run: RunSpec, devices=None) -> CompiledStep:
     def batch_fn(step_index: int) -> jax.Array:
         return place(tokens[step_index % len(tokens)], program.batch_sharding)
 
+    init_state = program.initializer
+    state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(program.abstract_args[:2]))
+    if state_bytes <= HOST_INIT_MAX_BYTES:
+        shardings = jax.tree.map(lambda a: a.sharding, program.initializer.eval_shape())
+
+        def init_state():
+            host = _host_state(spec, run.dtype, run.attention, run.scan_layers, run.seed)
+            return jax.tree.map(place, host, shardings)
+
     return CompiledStep(
-        point=point, mesh=program.mesh, compiled=compiled, init_state=program.initializer, make_batch=batch_fn,
+        point=point, mesh=program.mesh, compiled=compiled, init_state=init_state, make_batch=batch_fn,
         compile_s=compile_s, cost=cost, memory=memory, hlo_text=hlo, params=program.params,
         param_bytes=program.param_bytes, opt_state_bytes=program.opt_state_bytes,
     )

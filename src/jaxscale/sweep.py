@@ -87,10 +87,28 @@ def runtime_columns() -> dict:
     import flax
     import jaxlib
 
+    from jaxscale.targets import libtpu_version
+
     d = jax.local_devices()[0]
     return {"backend": d.platform, "device_kind": d.device_kind, "jax_version": jax.__version__,
             "jaxlib_version": jaxlib.__version__, "flax_version": flax.__version__,
-            "n_processes": jax.process_count()}
+            "libtpu_version": libtpu_version(), "n_processes": jax.process_count()}
+
+
+def toolchain_versions() -> dict:
+    """What else decides a step's speed: libtpu, the CUDA plugin and runtime, cuDNN, and XLA_FLAGS."""
+    import importlib.metadata
+
+    from jaxscale.targets import cuda_plugin_version, libtpu_version
+
+    out = {"libtpu_version": libtpu_version(), "cuda_plugin_version": cuda_plugin_version(),
+           "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    for field, package in (("cuda_version", "nvidia-cuda-runtime-cu12"), ("cudnn_version", "nvidia-cudnn-cu12")):
+        try:
+            out[field] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[field] = None
+    return out
 
 
 def memory_budget(peak: devinfo.PeakInfo, fraction: float) -> tuple[int | None, str]:
@@ -421,6 +439,7 @@ def _run_points(profile, report_dir, runtime, *, resume, retry_failed, trace, on
         report_dir.mkdir(parents=True, exist_ok=True)
         (report_dir / "profile.toml").write_text(profile.to_toml())
         (report_dir / "runtime.json").write_text(json.dumps({**runtime.describe, **runtime.columns,
+                                                             **toolchain_versions(),
                                                              "isolation": runtime.isolation,
                                                              "peak": dataclasses.asdict(runtime.peak),
                                                              "memory_budget_bytes": runtime.budget}, indent=1))
