@@ -110,3 +110,22 @@ def test_named_profiles_resolve_outside_the_source_tree(tmp_path):
     proc = jaxscale("run", "smoke", "--out", tmp_path, "--no-analyze",
                     *sets(*TINY_SETS, "mesh.devices=[1]", "mesh.strategies=dp"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_tables_off_a_terminal_keep_every_cell_whole():
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from jaxscale.cli import print_table
+
+    table = Table(title="fits")
+    table.add_column("group", justify="left", max_width=10, overflow="ellipsis")
+    table.add_column("exponent", justify="right")
+    long = "d256-l2 fsdp_tp model_axis=2 with a long note"
+    table.add_row(f"[yellow]{long}[/]", "-0.994 ± 0.006")
+    out = io.StringIO()
+    print_table(Console(file=out, width=40), table)
+    text = out.getvalue()
+    assert long in text and "-0.994 ± 0.006" in text and "…" not in text and "[yellow]" not in text

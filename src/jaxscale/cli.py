@@ -187,6 +187,21 @@ def _runs_cells(rows) -> tuple[list[str], list[list[str]]]:
     return headers + extra, cells
 
 
+def print_table(console, table) -> None:
+    """A rich Table on a terminal; off one, the same cells as plain full-width text a log keeps whole."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.text import Text
+
+    headers = [str(c.header) for c in table.columns]
+    columns = [[Text.from_markup(str(cell)).plain for cell in c.cells] for c in table.columns]
+    left = {str(c.header) for c in table.columns if c.justify == "left"}
+    if table.title:
+        print(table.title, file=console.file)
+    print(_plain_table(headers, [list(r) for r in zip(*columns)], left), file=console.file, flush=True)
+
+
 def _plain_table(headers: list[str], cells: list[list[str]], left: set[str]) -> str:
     """Columns padded to their widest cell, two spaces apart, nothing cut."""
     widths = [max([len(h)] + [len(line[i]) for line in cells]) for i, h in enumerate(headers)]
@@ -245,7 +260,7 @@ def _analyze_into(console, rows, out_dir: Path, expectations=(), confidence: flo
         checks = pd.concat(frames, ignore_index=True)
     report.write_report(out_dir, fits, runs=rows, efficiency=efficiency, joint=joint, expectations=checks, usl=usl,
                         predictions=predictions, plan=plan if len(plan) else None)
-    console.print(report.fits_console_table(fits))
+    print_table(console, report.fits_console_table(fits))
     console.print(f"fits: {out_dir / 'fits.csv'}, summary: {out_dir / 'summary.md'}, plots: {out_dir / 'plots'}")
 
 
@@ -350,7 +365,7 @@ def cmd_analyze(args) -> int:
                                                               confidence=args.confidence, tolerance=args.tolerance)
                                     for y, x, b in expectations], ignore_index=True)
             report.write_report(out, fits, runs=rows, expectations=checks, usl=usl, predictions=predictions)
-            console.print(report.fits_console_table(fits))
+            print_table(console, report.fits_console_table(fits))
             console.print(f"fits: {out / 'fits.csv'}, summary: {out / 'summary.md'}, plots: {out / 'plots'}")
         else:
             _analyze_into(console, rows, out, [f"{y}:{x}={b}" for y, x, b in expectations], args.confidence,
