@@ -152,19 +152,19 @@ def print_runs(console, rows) -> None:
     columns and cut its cells; the plain table keeps every cell whole.
     """
     headers, cells = _runs_cells(rows)
-    left = {"size", "strategy", "mesh", "status", "remat", "xla_flags"}
-    if console.is_terminal:
-        from rich.table import Table
+    _print_cells(console, "jaxscale runs", headers, cells, {"size", "strategy", "mesh", "status", "remat", "xla_flags"})
 
-        table = Table(title="jaxscale runs")
-        for name in headers:
-            table.add_column(name, justify="left" if name in left else "right")
-        for line in cells:
-            table.add_row(*line)
-        console.print(table)
-        return
-    print("jaxscale runs", file=console.file)
-    print(_plain_table(headers, cells, left), file=console.file, flush=True)
+
+def _print_cells(console, title: str, headers: list[str], cells: list[list[str]], left: set[str]) -> None:
+    """Cells as a rich Table on a terminal, else as plain full-width text."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in headers:
+        table.add_column(name, justify="left" if name in left else "right")
+    for line in cells:
+        table.add_row(*line)
+    print_table(console, table)
 
 
 def _runs_cells(rows) -> tuple[list[str], list[list[str]]]:
@@ -543,19 +543,7 @@ def print_plan(console, rows) -> None:
                       _fmt_bytes(total), share, _fmt(r.get("predicted_compute_s"), "{:.3g}"),
                       _fmt(r.get("predicted_comm_s"), "{:.3g}"), _fmt(r.get("predicted_step_time_s"), "{:.3g}"),
                       _fmt(r.get("predicted_mfu"), "{:.1%}")])
-    left = {"size", "strategy", "slice", "remat", "status"}
-    if console.is_terminal:
-        from rich.table import Table
-
-        table = Table(title="jaxscale plan")
-        for name in headers:
-            table.add_column(name, justify="left" if name in left else "right")
-        for line in cells:
-            table.add_row(*line)
-        console.print(table)
-        return
-    print("jaxscale plan", file=console.file)
-    print(_plain_table(headers, cells, left), file=console.file, flush=True)
+    _print_cells(console, "jaxscale plan", headers, cells, {"size", "strategy", "slice", "remat", "status"})
 
 
 def build_parser() -> argparse.ArgumentParser:
