@@ -174,6 +174,9 @@ def plain_train_step(d_model: int, n_layers: int, n_heads: int, d_ff: int, vocab
 
 def compare_steps(profile_path: Path, rounds: int, steps: int) -> list[dict]:
     """jaxscale's step and the plain step of the largest size, timed in alternating rounds."""
+    from jaxscale.targets import quiet_plugins
+
+    quiet_plugins()  # as the CLI does: no start-up noise from compile-only plugins
     import jax
     import jax.numpy as jnp
     import numpy as np

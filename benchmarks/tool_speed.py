@@ -57,6 +57,9 @@ def agreement(profile_name: str, n_points: int, rounds: int = 3, n: int = 20) ->
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     import statistics
 
+    from jaxscale.targets import quiet_plugins
+
+    quiet_plugins()  # as the CLI does: no start-up noise from compile-only plugins
     import jax
 
     from jaxscale.config import load_profile
