@@ -169,6 +169,8 @@ def _print_cells(console, title: str, headers: list[str], cells: list[list[str]]
 
 def _runs_cells(rows) -> tuple[list[str], list[list[str]]]:
     """Column names and cell texts of the runs table; remat and xla_flags only where they vary."""
+    from jaxscale.report import cell_bytes, cell_number
+
     headers = ["size", "strategy", "n", "mesh", "params", "step_time_s", "cv", "tokens/s", "mfu", "mem/device",
                "status"]
     extra = [c for c in ("remat", "xla_flags") if c in rows.columns and rows[c].astype(str).nunique() > 1]
@@ -179,10 +181,10 @@ def _runs_cells(rows) -> tuple[list[str], list[list[str]]]:
         if mem is None or mem == "" or (isinstance(mem, float) and mem != mem):
             mem = r.get("compiled_total_bytes")
         cells.append([str(r["size_name"]), str(r["strategy"]), str(r["n_devices"]), str(r["mesh_shape"]),
-                      _fmt(r.get("params"), "{:.3g}"), _fmt(r.get("step_time_s"), "{:.4g}") if ok else "",
-                      _fmt(r.get("step_time_cv"), "{:.1%}") if ok else "",
-                      _fmt(r.get("tokens_per_s"), "{:.4g}") if ok else "",
-                      _fmt(r.get("mfu"), "{:.1%}") if ok else "", _fmt_bytes(mem), str(r["status"]),
+                      cell_number(r.get("params"), "{:.3g}"), cell_number(r.get("step_time_s"), "{:.4g}") if ok else "",
+                      cell_number(r.get("step_time_cv"), "{:.1%}") if ok else "",
+                      cell_number(r.get("tokens_per_s"), "{:.4g}") if ok else "",
+                      cell_number(r.get("mfu"), "{:.1%}") if ok else "", cell_bytes(mem), str(r["status"]),
                       *[str(r[c]) if r[c] is not None and r[c] == r[c] else "" for c in extra]])
     return headers + extra, cells
 
@@ -211,28 +213,6 @@ def _plain_table(headers: list[str], cells: list[list[str]], left: set[str]) -> 
                          for t, w, h in zip(texts, widths, headers)).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(c) for c in cells])
-
-
-def _fmt(value, pattern: str) -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return ""
-    return "" if value != value else pattern.format(value)
-
-
-def _fmt_bytes(value) -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return ""
-    if value != value:
-        return ""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.3g} {unit}"
-        value /= 1024
-    return ""
 
 
 def _analyze_into(console, rows, out_dir: Path, expectations=(), confidence: float = 0.95,
@@ -530,19 +510,21 @@ def cmd_plan(args) -> int:
 
 def print_plan(console, rows) -> None:
     """The plan's rows: what fits, predicted step time and MFU, plain text off a terminal."""
+    from jaxscale.report import cell_bytes, cell_number
+
     headers = ["size", "strategy", "n", "slice", "batch", "remat", "status", "state/chip", "total/chip", "of HBM",
                "compute_s", "comm_s", "step_s", "mfu"]
     cells = []
     for _, r in rows.iterrows():
         hbm = r.get("device_memory_bytes")
         total = r.get("compiled_total_bytes")
-        share = _fmt(float(total) / float(hbm), "{:.0%}") if _fmt(total, "{}") and _fmt(hbm, "{}") else ""
+        share = cell_number(float(total) / float(hbm), "{:.0%}") if cell_number(total, "{}") and cell_number(hbm, "{}") else ""
         state = (r.get("param_bytes") or 0) + (r.get("opt_state_bytes") or 0)
         cells.append([str(r["size_name"]), str(r["strategy"]), str(r["n_devices"]), str(r.get("topology") or ""),
-                      str(r["global_batch"]), str(r.get("remat") or ""), str(r["status"]), _fmt_bytes(state or None),
-                      _fmt_bytes(total), share, _fmt(r.get("predicted_compute_s"), "{:.3g}"),
-                      _fmt(r.get("predicted_comm_s"), "{:.3g}"), _fmt(r.get("predicted_step_time_s"), "{:.3g}"),
-                      _fmt(r.get("predicted_mfu"), "{:.1%}")])
+                      str(r["global_batch"]), str(r.get("remat") or ""), str(r["status"]), cell_bytes(state or None),
+                      cell_bytes(total), share, cell_number(r.get("predicted_compute_s"), "{:.3g}"),
+                      cell_number(r.get("predicted_comm_s"), "{:.3g}"), cell_number(r.get("predicted_step_time_s"), "{:.3g}"),
+                      cell_number(r.get("predicted_mfu"), "{:.1%}")])
     _print_cells(console, "jaxscale plan", headers, cells, {"size", "strategy", "slice", "remat", "status"})
 
 

@@ -55,6 +55,7 @@ import pandas as pd
 
 from jaxscale.grid import KEY_COLUMNS
 from jaxscale.records import SUCCESS_STATUSES, read_rows
+from jaxscale.report import cell_bytes, cell_number
 
 # The point key: the grid key and the other columns that change the compiled program.
 MATCH_COLUMNS: tuple[str, ...] = ("size_name", *KEY_COLUMNS, "batch_mode", "dtype", "attention", "scan_layers")
@@ -784,29 +785,6 @@ def point_label(r, extra) -> str:
     return " ".join(parts)
 
 
-def _num(value, pattern: str) -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return ""
-    return "" if value != value else pattern.format(value)
-
-
-def _bytes(value) -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return ""
-    if value != value:
-        return ""
-    sign, value = ("-" if value < 0 else "+"), abs(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{sign}{value:.3g} {unit}" if value else "0"
-        value /= 1024
-    return ""
-
-
 def method_line(table: pd.DataFrame) -> str:
     """One sentence: how the ratios, intervals and verdicts of the table were made."""
     confidence = table.attrs.get("confidence", 0.95)
@@ -868,11 +846,11 @@ def format_markdown(table: pd.DataFrame, diff: pd.DataFrame, base_sources=(), ne
         for _, r in timed.iterrows():
             interval = (f"{r['ratio_ci_low']:.3f}–{r['ratio_ci_high']:.3f} ({r['ci_level']:.1%})"
                         if pd.notna(r["ratio_ci_low"]) else "none")
-            lines.append(f"| {point_label(r, extra)} | {r['compared']} | {_num(r['step_time_s_base'], '{:.4g}')} | "
-                         f"{_num(r['step_time_s_new'], '{:.4g}')} | {_num(r['ratio'], '{:.3f}')} | {interval} | "
-                         f"**{r['verdict']}** | {_num(r['mfu_delta'], '{:+.2%}')} | "
-                         f"{_bytes(r['compiled_total_bytes_delta'])} | {_bytes(r['peak_bytes_in_use_delta'])} | "
-                         f"{_bytes(r['collective_bytes_delta'])} |" + (f" {_num(r['memory_ratio'], '{:.3f}')} |"
+            lines.append(f"| {point_label(r, extra)} | {r['compared']} | {cell_number(r['step_time_s_base'], '{:.4g}')} | "
+                         f"{cell_number(r['step_time_s_new'], '{:.4g}')} | {cell_number(r['ratio'], '{:.3f}')} | {interval} | "
+                         f"**{r['verdict']}** | {cell_number(r['mfu_delta'], '{:+.2%}')} | "
+                         f"{cell_bytes(r['compiled_total_bytes_delta'], signed=True)} | {cell_bytes(r['peak_bytes_in_use_delta'], signed=True)} | "
+                         f"{cell_bytes(r['collective_bytes_delta'], signed=True)} |" + (f" {cell_number(r['memory_ratio'], '{:.3f}')} |"
                                                                        if memory else ""))
         lines.append("")
         notes = sorted({str(n) for n in timed["note"].dropna() if str(n)})

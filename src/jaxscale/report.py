@@ -55,6 +55,34 @@ def axis_label(column: str) -> str:
     return column.replace("_", " ")
 
 
+def cell_number(value, pattern: str) -> str:
+    """``pattern.format(value)`` for a table cell; '' where the value is missing or not a number."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return ""
+    return "" if value != value else pattern.format(value)
+
+
+def cell_bytes(value, signed: bool = False) -> str:
+    """Bytes in binary units for a table cell (``+1.5 MiB`` with ``signed``, for changes); '' where missing."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return ""
+    if value != value:
+        return ""
+    sign = ("-" if value < 0 else "+") if signed else ""
+    value = abs(value) if signed else value
+    if signed and not value:
+        return "0"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{sign}{value:.3g} {unit}"
+        value /= 1024
+    return ""
+
+
 def _num(value, spec: str = ".3g") -> str:
     """A number for a table cell: '' for missing, integers without a decimal point under spec 'g'."""
     if value is None or isinstance(value, str) or pd.isna(value):
