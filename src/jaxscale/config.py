@@ -30,7 +30,7 @@ from typing import Any
 
 STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp")
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 # Activation checkpointing of each layer: nothing saved for the backward pass is
 # recomputed ("none"), everything is ("full"), or only the matmul outputs are kept
 # and the cheap elementwise work is recomputed ("save_dots").
@@ -51,7 +51,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "attention": "auto",
         "causal_flops": True,
         "max_memory_fraction": 0.95,
-        "scan_layers": True,
+        "scan_layers": False,
         "isolation": "auto",
         "xla_flags": [""],
     },
@@ -106,7 +106,7 @@ class RunSpec:
     attention: str
     causal_flops: bool
     max_memory_fraction: float
-    scan_layers: bool = True
+    scan_layers: bool = False
     isolation: str = "auto"
     xla_flags: tuple[str, ...] = ("",)
 

@@ -10,10 +10,23 @@ strategy maps those names to mesh axes (sharding.py). Activations are
 constrained through ``constrain(x, names)``, which the step supplies.
 Parameters are stored in float32; matmuls run in the spec's compute dtype.
 
-With ``scan_layers`` (the default) the layers are one Block whose parameters
-have a leading ``layers`` axis, run by ``nnx.scan``: XLA compiles a loop over
-one layer instead of n_layers copies, so compile time hardly grows with depth
-(MaxText's scan_layers). No strategy shards the ``layers`` axis.
+The layers' parameters are always stacked: one Block whose parameters have a
+leading ``layers`` axis, created by one vmapped initializer (so building a deep
+model compiles one small initializer, not n_layers copies of it). No strategy
+shards the ``layers`` axis. Two layer forms run them:
+
+- unrolled (``scan_layers = False``, the default): a Python loop over static
+  slices ``layers[i]``. XLA sees n_layers copies of the layer, as in a plain
+  JAX step, and fuses and schedules across layer boundaries; compile time grows
+  with depth.
+- scanned (``scan_layers = True``): ``nnx.scan`` over the ``layers`` axis, one
+  compiled loop body (MaxText's scan_layers): compile time hardly grows with
+  depth, but the backward pass reads the forward activations back from
+  per-layer stacks and XLA cannot recompute across the loop boundary, so a
+  step moves more bytes (benchmarks/compile_depth.py measures both).
+
+Attention goes through an ``attend(q, k, v)`` function that the step supplies
+(attention.py: XLA's, cuDNN's fused kernel, or the TPU's Pallas splash kernel).
 """
 
 from __future__ import annotations
@@ -27,10 +40,16 @@ from flax import nnx
 from jaxscale.config import ModelSpec
 
 Constrain = Callable[[jax.Array, tuple], jax.Array]
+Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def _no_constraint(x: jax.Array, names: tuple) -> jax.Array:
     return x
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal attention over (batch, seq, heads, head_dim), XLA's implementation."""
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, logical: tuple[str, ...]) -> nnx.Param:
@@ -61,10 +80,9 @@ def rope(x: jax.Array) -> jax.Array:
 
 
 class Block(nnx.Module):
-    def __init__(self, spec: ModelSpec, dtype: jnp.dtype, attention: str, rngs: nnx.Rngs):
+    def __init__(self, spec: ModelSpec, dtype: jnp.dtype, rngs: nnx.Rngs):
         d, h, k, f = spec.d_model, spec.n_heads, spec.head_dim, spec.d_ff
         self.dtype = dtype
-        self.attention = attention
         self.attn_norm = RMSNorm(d)
         self.wq = _param(rngs, (d, h, k), d, ("embed", "heads", "kv"))
         self.wk = _param(rngs, (d, h, k), d, ("embed", "heads", "kv"))
@@ -74,15 +92,13 @@ class Block(nnx.Module):
         self.w_in = _param(rngs, (d, f), d, ("embed", "mlp"))
         self.w_out = _param(rngs, (f, d), f, ("mlp", "embed"))
 
-    def __call__(self, x: jax.Array, constrain: Constrain) -> jax.Array:
+    def __call__(self, x: jax.Array, constrain: Constrain, attend: Attend) -> jax.Array:
         dt = self.dtype
         h = self.attn_norm(x)
         q = constrain(jnp.einsum("btd,dhk->bthk", h, self.wq[...].astype(dt)), ("batch", "seq", "heads", "kv"))
         k = constrain(jnp.einsum("btd,dhk->bthk", h, self.wk[...].astype(dt)), ("batch", "seq", "heads", "kv"))
         v = constrain(jnp.einsum("btd,dhk->bthk", h, self.wv[...].astype(dt)), ("batch", "seq", "heads", "kv"))
-        impl = None if self.attention == "auto" else self.attention
-        a = jax.nn.dot_product_attention(rope(q), rope(k), v, is_causal=True, implementation=impl)
-        a = constrain(a, ("batch", "seq", "heads", "kv"))
+        a = constrain(attend(rope(q), rope(k), v), ("batch", "seq", "heads", "kv"))
         x = x + constrain(jnp.einsum("bthk,hkd->btd", a, self.wo[...].astype(dt)), ("batch", "seq", None))
         h = self.mlp_norm(x)
         u = constrain(jax.nn.gelu(jnp.einsum("btd,df->btf", h, self.w_in[...].astype(dt))), ("batch", "seq", "mlp"))
@@ -96,37 +112,35 @@ class Transformer(nnx.Module):
     Args:
       spec: the model size.
       dtype: compute dtype of the matmuls (parameters stay float32).
-      attention: ``jax.nn.dot_product_attention`` implementation (auto, xla, cudnn).
       remat: a config.REMAT_POLICIES name, applied to every layer.
-      scan_layers: one scanned layer with stacked parameters (``layers``), or
-        ``n_layers`` unrolled ones (``blocks``).
+      scan_layers: run the stacked layers as one scanned layer, or unrolled
+        over static slices (the parameters are stacked either way).
     """
 
-    def __init__(self, spec: ModelSpec, *, dtype: str = "float32", attention: str = "auto", remat: str = "none",
-                 scan_layers: bool = False, rngs: nnx.Rngs):
+    def __init__(self, spec: ModelSpec, *, dtype: str = "float32", remat: str = "none", scan_layers: bool = False,
+                 rngs: nnx.Rngs):
         self.spec = spec
         self.dtype = jnp.dtype(dtype)
         self.remat = remat
         self.scan_layers = scan_layers
         self.embed = _param(rngs, (spec.vocab, spec.d_model), 1, ("vocab", "embed"))
-        if scan_layers:
-            @nnx.split_rngs(splits=spec.n_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
-            def stacked(layer_rngs: nnx.Rngs) -> Block:
-                return Block(spec, self.dtype, attention, layer_rngs)
 
-            self.layers = stacked(rngs)
-        else:
-            self.blocks = nnx.List([Block(spec, self.dtype, attention, rngs) for _ in range(spec.n_layers)])
+        @nnx.split_rngs(splits=spec.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked(layer_rngs: nnx.Rngs) -> Block:
+            return Block(spec, self.dtype, layer_rngs)
+
+        self.layers = stacked(rngs)
         self.final_norm = RMSNorm(spec.d_model)
         self.head = _param(rngs, (spec.d_model, spec.vocab), spec.d_model, ("embed", "vocab"))
 
-    def __call__(self, tokens: jax.Array, constrain: Constrain = _no_constraint) -> jax.Array:
+    def __call__(self, tokens: jax.Array, constrain: Constrain = _no_constraint,
+                 attend: Attend = xla_attention) -> jax.Array:
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "seq", None))
 
         def layer(block: Block, y: jax.Array) -> jax.Array:
-            return block(y, constrain)
+            return block(y, constrain, attend)
 
         if self.remat != "none":
             layer = nnx.remat(layer, policy=remat_policy(self.remat))
@@ -136,11 +150,36 @@ class Transformer(nnx.Module):
 
             x = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.layers)
         else:
-            for block in self.blocks:
-                x = layer(block, x)
+            graphdef, stacked = nnx.split(self.layers)
+            leaves, tree = jax.tree.flatten(stacked)
+            per_leaf = [unstack(leaf) for leaf in leaves]
+            for i in range(self.spec.n_layers):
+                x = layer(nnx.merge(graphdef, jax.tree.unflatten(tree, [p[i] for p in per_leaf])), x)
         x = self.final_norm(x)
         logits = jnp.einsum("btd,dv->btv", x, self.head[...].astype(self.dtype))
         return constrain(logits, ("batch", "seq", "vocab")).astype(jnp.float32)
+
+
+@jax.custom_vjp
+def unstack(x: jax.Array) -> tuple[jax.Array, ...]:
+    """The slices ``x[0], x[1], ...`` along the leading axis, whose gradient is one stack.
+
+    Differentiating n separate ``x[i]`` would give n zero-padded arrays of x's
+    full shape, summed: work XLA simplifies away, but at a compile-time cost
+    that grows with n². Stacking the n slice gradients is what it amounts to.
+    """
+    return tuple(x[i] for i in range(x.shape[0]))
+
+
+def _unstack_fwd(x: jax.Array):
+    return unstack(x), None
+
+
+def _unstack_bwd(_, grads: tuple[jax.Array, ...]):
+    return (jnp.stack(grads),)
+
+
+unstack.defvjp(_unstack_fwd, _unstack_bwd)
 
 
 def remat_policy(name: str):
@@ -152,9 +191,10 @@ def remat_policy(name: str):
     raise ValueError(f"no remat policy {name!r}")
 
 
-def next_token_loss(model: Transformer, tokens: jax.Array, constrain: Constrain = _no_constraint) -> jax.Array:
+def next_token_loss(model: Transformer, tokens: jax.Array, constrain: Constrain = _no_constraint,
+                    attend: Attend = xla_attention) -> jax.Array:
     """Mean next-token cross-entropy; ``tokens`` has seq_len + 1 positions."""
-    logits = model(tokens[:, :-1], constrain)
+    logits = model(tokens[:, :-1], constrain, attend)
     targets = tokens[:, 1:]
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]

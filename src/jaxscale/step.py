@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from jaxscale import attention as attn
 from jaxscale import hlo
 from jaxscale import sharding as shd
 from jaxscale.config import RunSpec
@@ -54,6 +55,7 @@ class CompiledStep:
       params: parameter count read from the abstract model.
       param_bytes: parameter bytes held by one device.
       opt_state_bytes: optimizer-state bytes held by one device.
+      attention: the attention kernel that was compiled (attention.AttentionChoice).
     """
 
     point: Point
@@ -68,25 +70,25 @@ class CompiledStep:
     params: int
     param_bytes: int
     opt_state_bytes: int
+    attention: attn.AttentionChoice | None = None
 
 
 def abstract_model(point: Point, run: RunSpec, seed: int = 0):
     """(graphdef, abstract param dict, logical-name dict) without allocating anything.
 
-    Stacked layer parameters (``scan_layers``) get a leading ``layers`` axis,
-    which no strategy shards.
+    The layers' parameters are stacked, with a leading ``layers`` axis that no
+    strategy shards, whichever layer form runs them.
     """
-    return _abstract_model(point.model, run.dtype, run.attention, point.remat, run.scan_layers, seed)
+    return _abstract_model(point.model, run.dtype, point.remat, run.scan_layers, seed)
 
 
-def _model(spec, dtype: str, attention: str, remat: str, scan_layers: bool, seed: int) -> Transformer:
-    return Transformer(spec, dtype=dtype, attention=attention, remat=remat, scan_layers=scan_layers,
-                       rngs=nnx.Rngs(seed))
+def _model(spec, dtype: str, remat: str, scan_layers: bool, seed: int) -> Transformer:
+    return Transformer(spec, dtype=dtype, remat=remat, scan_layers=scan_layers, rngs=nnx.Rngs(seed))
 
 
 @functools.lru_cache(maxsize=16)
-def _abstract_model(spec, dtype: str, attention: str, remat: str, scan_layers: bool, seed: int):
-    model = nnx.eval_shape(lambda: _model(spec, dtype, attention, remat, scan_layers, seed))
+def _abstract_model(spec, dtype: str, remat: str, scan_layers: bool, seed: int):
+    model = nnx.eval_shape(lambda: _model(spec, dtype, remat, scan_layers, seed))
     graphdef, state = nnx.split(model)
     abstract = nnx.to_pure_dict(state)
 
@@ -139,6 +141,7 @@ class StepProgram:
       batch_sharding: the sharding of a token batch.
       params, param_bytes, opt_state_bytes: parameter count and the state bytes
         one device holds.
+      attention: the attention kernel the step calls, and why.
     """
 
     point: Point
@@ -150,13 +153,16 @@ class StepProgram:
     params: int
     param_bytes: int
     opt_state_bytes: int
+    attention: attn.AttentionChoice
 
 
-def _init_state(spec, dtype: str, attention: str, scan_layers: bool, seed: int):
+def _init_state(spec, seed: int):
     """Parameters and AdamW state from the seed (traced inside jit). The same seed gives the
-    same weights under every sharding: JAX's partitionable threefry makes random bits
-    independent of the layout, so every point of a size starts from identical weights."""
-    model = _model(spec, dtype, attention, "none", scan_layers, seed)
+    same weights under every sharding, dtype and layer form: JAX's partitionable threefry
+    makes random bits independent of the layout, and the parameters are float32 and
+    stacked whatever the model computes in, so every point of a size starts from
+    identical weights."""
+    model = _model(spec, "float32", "none", False, seed)
     params = nnx.to_pure_dict(nnx.split(model)[1])
     return params, optimizer().init(params)
 
@@ -170,16 +176,17 @@ HOST_INIT_MAX_BYTES = 1 << 30
 
 
 @functools.lru_cache(maxsize=1)
-def _host_state(spec, dtype: str, attention: str, scan_layers: bool, seed: int):
+def _host_state(spec, seed: int):
     """A size's whole initial state as host numpy arrays (the same function as on devices)."""
     cpu = jax.local_devices(backend="cpu")[0]
-    fn = jax.jit(lambda: _init_state(spec, dtype, attention, scan_layers, seed))
+    fn = jax.jit(lambda: _init_state(spec, seed))
     with jax.default_device(cpu):
         state = fn()
     return jax.tree.map(np.asarray, state)
 
 
-def build_step(point: Point, run: RunSpec, devices=None) -> StepProgram:
+def build_step(point: Point, run: RunSpec, devices=None, attention: attn.AttentionChoice | None = None
+               ) -> StepProgram:
     """Build the model, optimizer and shardings of a point, from abstract shapes only.
 
     Args:
@@ -187,8 +194,13 @@ def build_step(point: Point, run: RunSpec, devices=None) -> StepProgram:
       run: dtype, seed, attention and scan_layers settings.
       devices: devices to draw the mesh from (default: all, grouped by process);
         a target's devices (jax.experimental.topologies) work too.
+      attention: the attention kernel to call (default: attention.choose for
+        the run's setting on these devices).
     """
     mesh = shd.make_mesh(point.data_axis, point.model_axis, devices)
+    if attention is None:
+        attention = attn.choose(run.attention, list(mesh.devices.flat), run.dtype, point.model)
+    attend = attn.make_attend(attention.impl, mesh, point.strategy)
     strategy = point.strategy
     graphdef, abstract_params, logical = abstract_model(point, run, run.seed)
     param_sh = shd.tree_shardings(logical, mesh, strategy)
@@ -203,14 +215,14 @@ def build_step(point: Point, run: RunSpec, devices=None) -> StepProgram:
 
     def train_step(params, opt_state, tokens):
         def loss_fn(p):
-            return next_token_loss(nnx.merge(graphdef, p), tokens, constrain)
+            return next_token_loss(nnx.merge(graphdef, p), tokens, constrain, attend)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     def init():
-        return _init_state(spec, run.dtype, run.attention, run.scan_layers, run.seed)
+        return _init_state(spec, run.seed)
 
     step = jax.jit(train_step, in_shardings=(param_sh, opt_sh, batch_sh),
                    out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 1))
@@ -220,7 +232,7 @@ def build_step(point: Point, run: RunSpec, devices=None) -> StepProgram:
         initializer=jax.jit(init, out_shardings=(param_sh, opt_sh)), batch_sharding=batch_sh,
         params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params)),
         param_bytes=shd.sharded_bytes_per_device(abstract_params, param_sh),
-        opt_state_bytes=shd.sharded_bytes_per_device(abstract_opt, opt_sh),
+        opt_state_bytes=shd.sharded_bytes_per_device(abstract_opt, opt_sh), attention=attention,
     )
 
 
@@ -233,7 +245,9 @@ def compile_program(program: StepProgram):
     and ``xla_bytes_accessed_one_trip``.
     """
     start = time.perf_counter()
-    compiled = program.jitted.lower(*program.abstract_args).compile()
+    with attn.target_cudnn(list(program.mesh.devices.flat)):
+        lowered = program.jitted.lower(*program.abstract_args)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     try:
         memory = compiled.memory_analysis()
@@ -241,6 +255,24 @@ def compile_program(program: StepProgram):
         memory = None
     text = compiled.as_text() or ""
     return compiled, compile_s, corrected_cost(cost_dict(compiled), text), memory, text
+
+
+def compile_step(program: StepProgram, run: RunSpec):
+    """compile_program, with XLA's attention in place of an auto-chosen kernel that fails to compile.
+
+    Returns:
+      (the StepProgram that compiled, compiled, compile_s, cost, memory, HLO
+      text); the program's ``attention`` says which kernel it calls and why.
+      A kernel asked for by name that fails raises, as any compile error does.
+    """
+    try:
+        return (program, *compile_program(program))
+    except Exception as exc:
+        if not program.attention.may_fall_back:
+            raise
+        choice = attn.fallback(program.attention, exc)
+    program = build_step(program.point, run, list(program.mesh.devices.flat), attention=choice)
+    return (program, *compile_program(program))
 
 
 def corrected_cost(cost: dict, hlo_text: str) -> dict:
@@ -270,8 +302,7 @@ def compile_point(point: Point, run: RunSpec, devices=None) -> CompiledStep:
       when ``init_state`` and ``make_batch`` are called. Compilation errors
       propagate as raised by XLA.
     """
-    program = build_step(point, run, devices)
-    compiled, compile_s, cost, memory, hlo = compile_program(program)
+    program, compiled, compile_s, cost, memory, hlo = compile_step(build_step(point, run, devices), run)
     spec = point.model
     tokens = synthetic_tokens(point.global_batch, spec.seq_len, spec.vocab, run.seed)
 
@@ -284,11 +315,11 @@ def compile_point(point: Point, run: RunSpec, devices=None) -> CompiledStep:
         shardings = jax.tree.map(lambda a: a.sharding, program.initializer.eval_shape())
 
         def init_state():
-            host = _host_state(spec, run.dtype, run.attention, run.scan_layers, run.seed)
+            host = _host_state(spec, run.seed)
             return jax.tree.map(place, host, shardings)
 
     return CompiledStep(
         point=point, mesh=program.mesh, compiled=compiled, init_state=init_state, make_batch=batch_fn,
         compile_s=compile_s, cost=cost, memory=memory, hlo_text=hlo, params=program.params,
-        param_bytes=program.param_bytes, opt_state_bytes=program.opt_state_bytes,
+        param_bytes=program.param_bytes, opt_state_bytes=program.opt_state_bytes, attention=program.attention,
     )

@@ -88,6 +88,59 @@ def choose_isolation(run) -> str:
     return "process" if accelerator_present() else "none"
 
 
+# ------------------------------------------------------ device memory
+
+# What decides how much device memory JAX's GPU allocator may take. The user's
+# setting of any of them wins over max_memory_fraction.
+ALLOCATOR_ENV = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
+                 "XLA_PYTHON_CLIENT_ALLOCATOR")
+# JAX's own default share of a GPU's memory (docs: GPU memory allocation).
+JAX_DEFAULT_MEM_FRACTION = 0.75
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocator:
+    """How a point's process sets up JAX's GPU allocator (no effect on a CPU or TPU).
+
+    Attributes:
+      env: variables to set before the backend starts ({} where the user's own win).
+      memory_fraction: the share of the device's memory the allocator may take,
+        where it is known (None: the user chose an allocator whose limit is not a fraction).
+      set_by: ``jaxscale`` (from ``max_memory_fraction``) or ``user`` (their environment).
+      settings: the allocator variables in effect, as set.
+    """
+
+    env: dict
+    memory_fraction: float | None
+    set_by: str
+    settings: dict
+
+    def describe(self) -> dict:
+        return {"memory_fraction": self.memory_fraction, "set_by": self.set_by, "env": self.settings}
+
+
+def allocator_for(max_memory_fraction: float, environ=None) -> Allocator:
+    """JAX's GPU allocator limit from ``[run] max_memory_fraction``, unless the user set it up themselves.
+
+    JAX's allocator takes 75% of a GPU by default, so without this a step that
+    needs 80% would fail on a device that has room for it, and the budget would
+    be a fraction of a fraction. Where the user has set any of ALLOCATOR_ENV,
+    nothing is changed and their setting is recorded.
+    """
+    environ = os.environ if environ is None else environ
+    user = {k: environ[k] for k in ALLOCATOR_ENV if environ.get(k)}
+    if not user:
+        value = f"{max_memory_fraction:g}"
+        return Allocator({"XLA_PYTHON_CLIENT_MEM_FRACTION": value}, max_memory_fraction, "jaxscale",
+                         {"XLA_PYTHON_CLIENT_MEM_FRACTION": value})
+    fraction = user.get("XLA_CLIENT_MEM_FRACTION") or user.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    if user.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default").lower() == "platform":
+        known = None  # allocates on demand from the driver: no fixed limit
+    else:
+        known = float(fraction) if fraction else JAX_DEFAULT_MEM_FRACTION
+    return Allocator({}, known, "user", user)
+
+
 # ------------------------------------------------------ jax.distributed
 
 
@@ -289,6 +342,7 @@ class WorkerRuntime:
         self.profile = profile
         self.compile_cache = compile_cache
         self.base_xla_flags = os.environ.get("XLA_FLAGS", "")
+        self.allocator = allocator_for(profile.run.max_memory_fraction)
         self.dist = dist if dist is not None and dist.wanted else None
         self.owners = _Owners(self.dist) if self.dist else None
         self.lead = self.owners is None or self.owners.process_id == 0
@@ -391,7 +445,7 @@ class WorkerRuntime:
         self._count += 1
         stem = self._tmp / f"w{self._count}"
         spec_path, result_path, log_path = (stem.with_suffix(s) for s in (".json", ".result.json", ".log"))
-        env = {SUPERVISED_ENV: "", "XLA_FLAGS": f"{self.base_xla_flags} {xla_flags}".strip()}
+        env = {SUPERVISED_ENV: "", "XLA_FLAGS": f"{self.base_xla_flags} {xla_flags}".strip(), **self.allocator.env}
         if self._zygote is not None and not self._zygote.alive():
             self._zygote = _Zygote.start()
         parent = self._zygote.pid if self._zygote is not None else os.getpid()
