@@ -1,25 +1,28 @@
 """The first thing to run on a GPU or TPU: does jaxscale measure this accelerator right?
 
-One command, one folder (by default profiles/results/<device>-accelerator-check/):
+One command, one folder (by default profiles/results/<device>-accelerator-check/,
+with the command that made it in command.txt):
 
-1. sweep/: the gpu-1x grid (its sizes on one device; named tpu-1x on a TPU),
-   run by `jaxscale run` as a user would (worker process per point).
+1. sweep/: the gpu-1x grid at its shipped defaults (its sizes on one device;
+   named tpu-1x on a TPU), run by `jaxscale run` as a user would (a worker
+   process per point).
 2. memory.csv: per point, the compiled step's memory (XLA's memory analysis)
    against the runtime peak of the device allocator, and their ratio.
-3. step_comparison.csv: a plain-JAX transformer train step, written here
-   independently of jaxscale's model, with the dims of the largest size, timed
-   in alternating rounds with jaxscale's step for the same point; the ratio
-   jaxscale / plain is printed (near 1 means jaxscale measures a step a JAX user
-   would write).
+3. step_comparison.csv: jaxscale's step of the largest size against a plain
+   JAX step of the same model (tests/plain_step.py, written without jaxscale's
+   code, the same attention kernel), timed in alternating rounds in one
+   process, for each layer form; the ratio jaxscale / plain (near 1 means
+   jaxscale measures a step a careful JAX user would write) and the MFU of both.
 4. oversized/: one point far beyond the device's memory, which must come back
    as an ``oom`` or ``over_budget`` row, not a crash.
-5. summary.md: the figures above.
+5. device.json: the device's allocator statistics and the allocator settings.
+6. summary.md: the figures above.
 
-On one H100 or TPU v5e it should finish within 9 minutes. ``--cpu-smoke``
-runs the same pipeline with tiny sizes on the CPU (tests use it).
+It finishes within 5 minutes on one H100 or H200. ``--cpu-smoke`` runs the
+same pipeline with tiny sizes on the CPU (tests use it).
 
 Usage:
-  python benchmarks/accelerator_check.py                 # on a GPU or TPU
+  PYTHONPATH=src python benchmarks/accelerator_check.py                 # on a GPU or TPU
   python benchmarks/accelerator_check.py --cpu-smoke --out /tmp/check
 """
 
@@ -39,6 +42,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # peer_step, which takes the plain step from tests/
 
 # The oversized point: about 26B parameters (309 GB of float32 state), beyond any one device.
 OVERSIZED = {"name": "26b", "d_model": 8192, "n_layers": 32, "n_heads": 64}
@@ -103,124 +107,56 @@ def jaxscale_run(profile: Path, out: Path, extra_env: dict | None = None) -> tup
     return proc.returncode, reports[0]
 
 
-# ------------------------------------------------- an independent train step
+# ------------------------------------------------- jaxscale's step against a plain one
 
 
-def plain_train_step(d_model: int, n_layers: int, n_heads: int, d_ff: int, vocab: int, dtype):
-    """A decoder-only transformer train step in plain JAX: (init(key), step(state, tokens)).
+def compare_steps(grid: dict, source: str, rounds: int, steps: int, forms: list[str]) -> list[dict]:
+    """jaxscale's step of the grid's largest size against the plain step, per layer form (peer_step.compare)."""
+    from jaxscale import flops
+    from jaxscale.config import build_profile
+    from jaxscale.devices import resolve_peak
+    from peer_step import compare
 
-    Pre-norm blocks (RMSNorm, causal attention with rotary positions, GELU MLP),
-    untied embedding and head, float32 parameters, matmuls in ``dtype``, AdamW
-    (optax) with the same hyper-parameters as jaxscale. Written without
-    jaxscale's code, so that the two steps can be timed against each other.
-    """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    head_dim = d_model // n_heads
-
-    def init(key):
-        keys = iter(jax.random.split(key, 2 + 6 * n_layers))
-
-        def normal(shape, fan_in):
-            return jax.random.normal(next(keys), shape, jnp.float32) * fan_in ** -0.5
-
-        layers = [{"ln1": jnp.ones((d_model,)), "ln2": jnp.ones((d_model,)),
-                   "wqkv": jnp.stack([normal((d_model, n_heads, head_dim), d_model) for _ in range(3)]),
-                   "wo": normal((n_heads, head_dim, d_model), d_model),
-                   "w1": normal((d_model, d_ff), d_model), "w2": normal((d_ff, d_model), d_ff)}
-                  for _ in range(n_layers)]
-        params = {"embed": normal((vocab, d_model), 1), "layers": layers, "ln_f": jnp.ones((d_model,)),
-                  "head": normal((d_model, vocab), d_model)}
-        return params, tx.init(params)
-
-    def norm(x, scale):
-        x32 = x.astype(jnp.float32)
-        return (x32 * jax.lax.rsqrt(jnp.mean(x32 ** 2, -1, keepdims=True) + 1e-6) * scale).astype(dtype)
-
-    def rotary(x):
-        t, half = x.shape[1], head_dim // 2
-        inv = 1.0 / 10000.0 ** (jnp.arange(half) / half)
-        ang = jnp.arange(t)[:, None] * inv[None]
-        cos, sin = jnp.cos(ang)[None, :, None], jnp.sin(ang)[None, :, None]
-        a, b = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-        return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], -1).astype(dtype)
-
-    def forward(params, tokens):
-        x = params["embed"][tokens].astype(dtype)
-        for p in params["layers"]:
-            h = norm(x, p["ln1"])
-            q, k, v = (jnp.einsum("btd,dhk->bthk", h, w.astype(dtype)) for w in p["wqkv"])
-            a = jax.nn.dot_product_attention(rotary(q), rotary(k), v, is_causal=True)
-            x = x + jnp.einsum("bthk,hkd->btd", a, p["wo"].astype(dtype))
-            h = norm(x, p["ln2"])
-            x = x + jax.nn.gelu(h @ p["w1"].astype(dtype)) @ p["w2"].astype(dtype)
-        return (norm(x, params["ln_f"]) @ params["head"].astype(dtype)).astype(jnp.float32)
-
-    def loss_fn(params, tokens):
-        logits = forward(params, tokens[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-    tx = optax.adamw(3e-4, weight_decay=0.1)
-
-    def step(params, opt_state, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return jax.jit(init), jax.jit(step, donate_argnums=(0, 1))
-
-
-def compare_steps(profile_path: Path, rounds: int, steps: int) -> list[dict]:
-    """jaxscale's step and the plain step of the largest size, timed in alternating rounds."""
-    from jaxscale.targets import quiet_plugins
-
-    quiet_plugins()  # as the CLI does: no start-up noise from compile-only plugins
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from jaxscale.config import load_profile
-    from jaxscale.grid import build_grid
-    from jaxscale.step import compile_point
-
-    profile = load_profile(str(profile_path))
-    points, _ = build_grid(profile, jax.device_count())
-    point = max(points, key=lambda p: p.model.d_model * p.model.n_layers)
-    m = point.model
-    ours = compile_point(point, profile.run)
-    state = dict(zip(("params", "opt"), ours.init_state()))
-    batch = ours.make_batch(0)
-
-    def run_ours():
-        for _ in range(steps):
-            state["params"], state["opt"], loss = ours.compiled(state["params"], state["opt"], batch)
-        return loss
-
-    init, step = plain_train_step(m.d_model, m.n_layers, m.n_heads, m.d_ff, m.vocab, jnp.dtype(profile.run.dtype))
-    plain = dict(zip(("params", "opt"), init(jax.random.key(0))))
-    tokens = jax.device_put(np.asarray(jax.device_get(batch)), jax.local_devices()[0])
-
-    def run_plain():
-        for _ in range(steps):
-            plain["params"], plain["opt"], loss = step(plain["params"], plain["opt"], tokens)
-        return loss
-
-    jax.block_until_ready(run_ours())  # warm up: compile and first executions
-    jax.block_until_ready(run_plain())
-    samples = {"jaxscale": [], "plain": []}
-    for _ in range(rounds):
-        for name, fn in (("jaxscale", run_ours), ("plain", run_plain)):
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            samples[name].append((time.perf_counter() - start) / steps)
+    raw = json.loads(json.dumps(grid))
+    largest = max(raw["model"]["sizes"], key=lambda size: size["d_model"] * size["n_layers"])
+    raw["model"]["sizes"] = [largest]
     out = []
-    for r in range(rounds):
-        out.append({"round": r, "size_name": m.size_name, "d_model": m.d_model, "n_layers": m.n_layers,
-                    "global_batch": point.global_batch, "seq_len": m.seq_len, "dtype": profile.run.dtype,
-                    "jaxscale_step_s": samples["jaxscale"][r], "plain_step_s": samples["plain"][r]})
+    for form in forms:
+        raw["run"]["scan_layers"] = form == "scan"
+        profile = build_profile(raw, source)
+        result = compare(profile, rounds, steps)
+        point, m = result["point"], result["point"].model
+        peak = resolve_peak(profile.run.dtype)
+        model_flops = flops.train_flops(m.d_model, m.n_layers, m.seq_len, m.vocab, point.global_batch, m.d_ff,
+                                        causal=profile.run.causal_flops)
+
+        def mfu(seconds: float) -> float | None:
+            return model_flops / seconds / (peak.tflops * 1e12) if peak.tflops else None
+
+        for r in range(rounds):
+            ours, plain = result["samples"]["jaxscale"][r], result["samples"]["plain"][r]
+            out.append({"layer_form": form, "round": r, "size_name": m.name, "d_model": m.d_model,
+                        "n_layers": m.n_layers, "global_batch": point.global_batch, "seq_len": m.seq_len,
+                        "dtype": profile.run.dtype, "attention_impl": result["attention"],
+                        "jaxscale_step_s": ours, "plain_step_s": plain, "jaxscale_mfu": mfu(ours),
+                        "plain_mfu": mfu(plain), "model_flops_per_step": model_flops,
+                        "peak_tflops_per_device": peak.tflops, "peak_source": peak.source,
+                        "jaxscale_compile_s": result["jaxscale_compile_s"],
+                        "plain_compile_s": result["plain_compile_s"]})
     return out
+
+
+def device_facts() -> dict:
+    """The local device's allocator statistics (bytes_limit and the rest), as the backend reports them."""
+    import jax
+
+    d = jax.local_devices()[0]
+    try:
+        stats = d.memory_stats() or {}
+    except Exception as exc:  # the CPU keeps none
+        stats = {"unavailable": str(exc)}
+    return {"device_kind": d.device_kind, "platform": d.platform, "memory_stats": stats,
+            "jax_version": jax.__version__}
 
 
 # ------------------------------------------------------------- the report
@@ -256,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU: the pipeline end to end")
     parser.add_argument("--rounds", type=int, default=5, help="alternating timing rounds (default 5)")
     parser.add_argument("--steps", type=int, default=10, help="steps per round (default 10)")
+    parser.add_argument("--forms", nargs="+", default=["unrolled", "scan"], choices=["unrolled", "scan"],
+                        help="layer forms to time against the plain step (default both)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     hint = "cpu" if args.cpu_smoke else backend_hint()
@@ -264,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out) if args.out else ROOT / "profiles" / "results" / f"accelerator-check-{os.getpid()}"
     out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python", "benchmarks/accelerator_check.py", *(argv if argv is not None else sys.argv[1:])])
+    (out / "command.txt").write_text(command + "\n")
     grid, oversized = check_profiles(args.cpu_smoke, hint)
     (out / "grid.toml").write_text(dump_profile(grid))
     (out / "oversized.toml").write_text(dump_profile(oversized))
@@ -273,14 +213,22 @@ def main(argv: list[str] | None = None) -> int:
     report.rename(out / "sweep")
     shutil.rmtree(out / ".sweep")
     runtime = json.loads((out / "sweep" / "runtime.json").read_text())
-    print(f"sweep: {runtime['device_kind']} ({runtime['backend']}), exit {code}, rows in {out / 'sweep' / 'runs.csv'}")
+    print(f"sweep: {runtime['device_kind']} ({runtime['backend']}), exit {code}, rows in {out / 'sweep' / 'runs.csv'} "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    with open(out / "sweep" / "runs.csv", newline="") as f:
+        swept = list(csv.DictReader(f))
+    for r in swept:
+        mfu = f"{float(r['mfu']):.1%}" if r.get("mfu") else "-"
+        step = f"{float(r['step_time_s']) * 1e3:.1f} ms" if r.get("step_time_s") else "-"
+        print(f"  {r['size_name']:>6} {r['status']:<12} step {step:>10}  MFU {mfu:>6}  "
+              f"attention {r.get('attention_impl') or r.get('attention')}", flush=True)
 
     memory = memory_table(out / "sweep" / "runs.csv")
     write_csv(out / "memory.csv", memory)
     for r in memory:
         ratio = f"{r['peak_over_compiled']:.3f}" if r["peak_over_compiled"] else "n/a (no allocator statistics)"
-        print(f"  {r['size_name']:>6} {r['status']:<10} compiled {r['compiled_total_bytes'] or 0:>14,.0f} B  "
-              f"runtime peak {r['peak_bytes_in_use'] or 0:>14,.0f} B  peak/compiled {ratio}")
+        print(f"  {r['size_name']:>6} {r['status']:<12} compiled {r['compiled_total_bytes'] or 0:>14,.0f} B  "
+              f"runtime peak {r['peak_bytes_in_use'] or 0:>14,.0f} B  peak/compiled {ratio}", flush=True)
 
     big_code, big_report = jaxscale_run(out / "oversized.toml", out / ".oversized")
     shutil.rmtree(out / "oversized", ignore_errors=True)
@@ -290,29 +238,48 @@ def main(argv: list[str] | None = None) -> int:
         (big,) = list(csv.DictReader(f))
     big_ok = big["status"] in ("oom", "over_budget")
     print(f"oversized point ({OVERSIZED['name']}): status {big['status']} "
-          f"({'as expected' if big_ok else 'EXPECTED oom or over_budget'}): {big['error'][:200]}")
+          f"({'as expected' if big_ok else 'EXPECTED oom or over_budget'}): {big['error'][:200]} "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
 
-    comparison = compare_steps(out / "grid.toml", args.rounds, args.steps)
+    if not args.cpu_smoke:  # this process opens the device now: give its allocator what the workers had
+        from jaxscale.workers import allocator_for
+
+        os.environ.update(allocator_for(grid["run"].get("max_memory_fraction", 0.95)).env)
+    comparison = compare_steps(grid, str(out / "grid.toml"), args.rounds, args.steps, args.forms)
     write_csv(out / "step_comparison.csv", comparison)
-    ours = statistics.median(r["jaxscale_step_s"] for r in comparison)
-    plain = statistics.median(r["plain_step_s"] for r in comparison)
-    c0 = comparison[0]
-    print(f"step {c0['size_name']} (d_model {c0['d_model']}, {c0['n_layers']} layers, batch {c0['global_batch']}, "
-          f"seq {c0['seq_len']}, {c0['dtype']}): jaxscale {ours * 1e3:.2f} ms, plain JAX {plain * 1e3:.2f} ms, "
-          f"ratio {ours / plain:.3f} (median of {args.rounds} alternating rounds of {args.steps} steps)")
+    (out / "device.json").write_text(json.dumps(device_facts(), indent=1, default=str) + "\n")
+    lines = []
+    for form in args.forms:
+        rows = [r for r in comparison if r["layer_form"] == form]
+        ours = statistics.median(r["jaxscale_step_s"] for r in rows)
+        plain = statistics.median(r["plain_step_s"] for r in rows)
+        c0 = rows[0]
+        mfu = (f"; MFU {c0['model_flops_per_step'] / ours / (c0['peak_tflops_per_device'] * 1e12):.1%} vs "
+               f"{c0['model_flops_per_step'] / plain / (c0['peak_tflops_per_device'] * 1e12):.1%}"
+               if c0["peak_tflops_per_device"] else "")
+        lines.append(f"step of {c0['size_name']} ({form} layers; d_model {c0['d_model']}, {c0['n_layers']} layers, "
+                     f"batch {c0['global_batch']}, seq {c0['seq_len']}, {c0['dtype']}, attention "
+                     f"{c0['attention_impl']}): jaxscale {ours * 1e3:.2f} ms, plain JAX {plain * 1e3:.2f} ms, ratio "
+                     f"{ours / plain:.3f}{mfu} (median of {args.rounds} alternating rounds of {args.steps} steps)")
+        print(lines[-1], flush=True)
 
     wall = time.perf_counter() - start
     summary = [f"# Accelerator check: {runtime['device_kind']} ({runtime['backend']})", "",
-               f"- jax {runtime.get('jax_version')}, {runtime.get('local_devices')} local device(s); wall {wall:.0f} s",
-               f"- sweep: `{out.name}/sweep/runs.csv`, exit code {code}",
+               f"- command: `{command}`",
+               f"- jax {runtime.get('jax_version')}, flax {runtime.get('flax_version')}, "
+               f"{runtime.get('local_devices')} local device(s); wall {wall:.0f} s",
+               f"- sweep: `sweep/runs.csv`, exit code {code}",
                f"- oversized point {OVERSIZED['name']}: `{big['status']}` ({'ok' if big_ok else 'FAILED'})",
-               f"- step of {c0['size_name']}: jaxscale {ours * 1e3:.3f} ms, plain JAX {plain * 1e3:.3f} ms, "
-               f"ratio {ours / plain:.3f}", "", "| size | status | compiled bytes | runtime peak bytes | peak/compiled |",
-               "| --- | --- | ---: | ---: | ---: |"]
-    for r in memory:
-        summary.append(f"| {r['size_name']} | {r['status']} | {r['compiled_total_bytes'] or ''} | "
-                       f"{r['peak_bytes_in_use'] or ''} | "
-                       f"{'' if not r['peak_over_compiled'] else format(r['peak_over_compiled'], '.3f')} |")
+               *(f"- {line}" for line in lines), "",
+               "| size | status | step ms | MFU | attention | compiled bytes | runtime peak bytes | peak/compiled |",
+               "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for r, m in zip(swept, memory):
+        summary.append(f"| {r['size_name']} | {r['status']} | "
+                       f"{format(float(r['step_time_s']) * 1e3, '.1f') if r.get('step_time_s') else ''} | "
+                       f"{format(float(r['mfu']), '.1%') if r.get('mfu') else ''} | "
+                       f"{r.get('attention_impl') or r.get('attention')} | {m['compiled_total_bytes'] or ''} | "
+                       f"{m['peak_bytes_in_use'] or ''} | "
+                       f"{'' if not m['peak_over_compiled'] else format(m['peak_over_compiled'], '.3f')} |")
     (out / "summary.md").write_text("\n".join(summary) + "\n")
     if not args.out:
         final = out.parent / f"{slug(runtime['device_kind'])}-accelerator-check"

@@ -114,6 +114,10 @@ def test_accelerator_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert big["status"] == "over_budget" and big["compiled_total_bytes"] > 12 * big["params"]
     with open(out / "step_comparison.csv") as f:
         rounds = list(csv.DictReader(f))
-    assert len(rounds) == 2 and all(float(r["jaxscale_step_s"]) > 0 and float(r["plain_step_s"]) > 0 for r in rounds)
+    assert len(rounds) == 4 and all(float(r["jaxscale_step_s"]) > 0 and float(r["plain_step_s"]) > 0 for r in rounds)
+    assert sorted(r["layer_form"] for r in rounds) == ["scan", "scan", "unrolled", "unrolled"]
+    assert {r["attention_impl"] for r in rounds} == {"xla"}  # the only attention on a CPU, for both steps
     assert {r["d_model"] for r in rounds} == {str(max(s["d_model"] for s in check.SMOKE_SIZES))}
     assert "ratio" in (out / "summary.md").read_text()
+    assert (out / "command.txt").read_text().split()[2:] == ["--cpu-smoke", "--out", str(out), "--rounds", "2",
+                                                              "--steps", "2"]
