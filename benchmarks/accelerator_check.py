@@ -118,7 +118,8 @@ def compare_steps(grid: dict, source: str, rounds: int, steps: int, forms: list[
     from peer_step import compare
 
     raw = json.loads(json.dumps(grid))
-    largest = max(raw["model"]["sizes"], key=lambda size: size["d_model"] * size["n_layers"])
+    model = {k: v for k, v in raw["model"].items() if k != "sizes"}
+    largest = max(raw["model"]["sizes"], key=lambda size: _params({**model, **size}))
     raw["model"]["sizes"] = [largest]
     out = []
     for form in forms:
@@ -144,6 +145,13 @@ def compare_steps(grid: dict, source: str, rounds: int, steps: int, forms: list[
                         "jaxscale_compile_s": result["jaxscale_compile_s"],
                         "plain_compile_s": result["plain_compile_s"]})
     return out
+
+
+def _params(size: dict) -> int:
+    from jaxscale import flops
+
+    d_ff = size.get("d_ff") or size.get("d_ff_ratio", 4) * size["d_model"]
+    return flops.param_count(size["d_model"], size["n_layers"], size["vocab"], d_ff)
 
 
 def device_facts() -> dict:
