@@ -13,50 +13,8 @@ from helpers import TINY_SETS, cli_env, jaxscale, sets
 from jaxscale.records import RowWriter, read_rows, row_key
 
 # ------------------------------------------------------------------ bad input
-
-GOOD = """
-[run]
-steps = 2
-[model]
-d_model = 32
-n_layers = 1
-n_heads = 4
-seq_len = 8
-vocab = 64
-[batch]
-global_batch = 8
-[mesh]
-devices = [1, 2]
-strategies = ["dp"]
-"""
-
-
-def _variant(old: str, new: str) -> str:
-    assert old in GOOD
-    return GOOD.replace(old, new)
-
-
-BAD_PROFILES = {
-    "toml_syntax": (_variant("steps = 2", "steps = = 2"), ["TOML syntax error", "line 3"]),
-    "unknown_key": (_variant("d_model = 32", "d_modle = 32"), ["[model] d_modle", "did you mean 'd_model'"]),
-    "unknown_table": (GOOD + "\n[optimiser]\nlr = 1\n", ["unknown table [optimiser]"]),
-    "wrong_type": (_variant("n_layers = 1", 'n_layers = "two"'), ["n_layers", "'two'", "integer"]),
-    "non_positive": (_variant("vocab = 64", "vocab = 0"), ["vocab = 0", "integer >= 2"]),
-    "non_integer": (_variant("d_model = 32", "d_model = 32.5"), ["d_model = 32.5", "integer"]),
-    "heads_not_dividing": (_variant("n_heads = 4", "n_heads = 5"), ["n_heads = 5", "must divide d_model = 32"]),
-    "model_axis": (_variant('strategies = ["dp"]', 'strategies = ["fsdp_tp"]\nmodel_axis = 3'),
-                   ["model_axis = 3", "must divide n_heads = 4"]),
-    "too_many_devices": (_variant("devices = [1, 2]", "devices = [1, 16]").replace("global_batch = 8", "global_batch = 16"),
-                         ["[16] exceed the 8 devices"]),
-    "batch_not_divisible": (_variant("global_batch = 8", "global_batch = 3"),
-                            ["global_batch = 3", "not divisible by the data-axis size 2"]),
-    "unknown_strategy": (_variant('strategies = ["dp"]', 'strategies = ["fdsp"]'),
-                         ["'fdsp'", "did you mean 'fsdp'"]),
-    "unknown_dtype": (_variant("steps = 2", 'steps = 2\ndtype = "float16"'), ["[run] dtype", "bfloat16"]),
-    "empty_grid": (_variant('strategies = ["dp"]', 'strategies = ["tp"]').replace("devices = [1, 2]", "devices = [8]"),
-                   ["grid is empty", "n_heads=4"]),
-    "both_batches": (_variant("global_batch = 8", "global_batch = 8\nper_device_batch = 2"), ["exactly one of"]),
-}
+# Profiles and --set values are checked where they are read (tests/test_config.py calls the loader itself);
+# here the command line's own path: one line on stderr, exit code 2, nothing written.
 
 
 def _assert_refused(proc, tmp_path, fragments):
@@ -69,24 +27,17 @@ def _assert_refused(proc, tmp_path, fragments):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("case", sorted(BAD_PROFILES))
-def test_bad_profile_is_refused_with_one_line(case, tmp_path):
-    text, fragments = BAD_PROFILES[case]
+def test_bad_profile_is_refused_with_one_line(tmp_path):
     path = tmp_path / "bad.toml"
-    path.write_text(text)
+    path.write_text("[model]\nd_modle = 32\n")
     proc = jaxscale("run", path, "--out", tmp_path / "out", cwd=tmp_path)
-    _assert_refused(proc, tmp_path, [str(path), *fragments] if case != "toml_syntax" else fragments)
+    _assert_refused(proc, tmp_path, [str(path), "[model] d_modle", "did you mean 'd_model'"])
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["does-not-exist.toml"], ["does-not-exist.toml", "no such profile file"]),
-    (["smok"], ["did you mean 'smoke'"]),
-    (["smoke", "--set", "model.d_model=abc"], ["d_model = 'abc'", "integer"]),
-    (["smoke", "--set", "modle.d_model=64"], ["unknown table [modle]", "did you mean 'model'"]),
-    (["smoke", "--set", "d_model"], ["expected section.key=value"]),
-    (["smoke", "--set", "mesh.strategies=[\"dp\",\"zero3\"]"], ["'zero3'", "dp, fsdp, tp, fsdp_tp"]),
     (["smoke", "--trace", "strategy"], ["selector", "column=value"]),
     (["--resume", "nowhere"], ["no profile.toml"]),
+    (["smoke", "--retry-failed"], ["--retry-failed", "--resume REPORT_DIR"]),
 ])
 def test_bad_command_line_is_refused(args, fragments, tmp_path):
     proc = jaxscale("run", *args, "--out", tmp_path / "out", cwd=tmp_path)

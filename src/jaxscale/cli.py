@@ -309,7 +309,7 @@ def print_runs(console, rows) -> None:
     """
     headers, cells = _runs_cells(rows)
     _print_cells(console, "jaxscale runs", headers, cells, {"size", "strategy", "mesh", "status", "remat", "xla_flags"},
-                 optional=("mesh", "params", "tokens/s", "cv", "xla_flags", "remat"))
+                 optional=("mesh", "params", "tokens/s", "cv", "xla_flags", "remat", "mem/device"))
 
 
 def _print_cells(console, title: str, headers: list[str], cells: list[list[str]], left: set[str],

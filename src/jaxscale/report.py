@@ -457,14 +457,15 @@ WRAP_MIN_WIDTH = 24  # a wrapped column (a note, a group) is never squeezed belo
 
 
 def console_table(title: str, headers: list[str], cells: list[list[str]], left=(), wrap=(), optional=(),
-                  width: int | None = None) -> Table:
+                  width: int | None = None, footnote: str | None = None) -> Table:
     """Cells as a rich Table that fits ``width`` terminal columns without cutting a cell.
 
-    Every column keeps each cell on one line except those in ``wrap`` (long
-    text, wrapped at spaces, at least WRAP_MIN_WIDTH wide). Where the table is
-    wider than ``width``, the columns in ``optional`` are left out in that
-    order (least needed first) until it fits, and the caption names them.
-    Cells may hold rich markup.
+    Every column keeps each cell on one line except those in ``wrap`` (text
+    wrapped at spaces, WRAP_MIN_WIDTH wide or as wide as its widest cell if
+    that is narrower). Where the table is wider than ``width``: the columns in
+    ``optional`` are left out in that order (least needed first); then the
+    ``footnote`` column's texts move under the table, numbered, the column
+    keeping their numbers; the caption says both. Cells may hold rich markup.
 
     Args:
       headers, cells: column names and rows of cell texts.
@@ -474,40 +475,68 @@ def console_table(title: str, headers: list[str], cells: list[list[str]], left=(
     from rich import box
     from rich.text import Text
 
-    def build(shown: list[int], measuring: bool) -> Table:
-        table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    def build(shown: list[int], rows: list[list[str]], measuring: bool, fold_all: bool = False) -> Table:
+        table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False, pad_edge=False,
+                      collapse_padding=True)
         for i in shown:
             name = headers[i]
-            wrapped = name in wrap
+            wrapped = name in wrap or fold_all
+            shortest = min(WRAP_MIN_WIDTH, max(_longest(rows, i), len(name))) if wrapped else None
+            if name in wrap and not fold_all:  # a wrapped text keeps its room: never squeezed to its longest word
+                shortest = min(WRAP_MIN_WIDTH, max(_widest(rows, i), len(name)))
             table.add_column(name, justify="left" if name in left else "right", no_wrap=not wrapped,
-                             overflow="fold", max_width=WRAP_MIN_WIDTH if wrapped and measuring else None,
-                             min_width=min(WRAP_MIN_WIDTH, _longest(cells, i)) if wrapped else None)
-        for line in cells:
+                             overflow="fold", max_width=shortest if measuring else None, min_width=shortest)
+        for line in rows:
             table.add_row(*[line[i] for i in shown])
         return table
 
-    def needed(table: Table) -> int:
+    def fits(shown: list[int], rows: list[list[str]]) -> bool:
         import io
 
         from rich.console import Console
 
+        if width is None:
+            return True
         probe = Console(file=io.StringIO(), width=100_000, color_system=None)
-        probe.print(table)
-        return max(Text.from_ansi(line).cell_len for line in probe.file.getvalue().splitlines())
+        probe.print(build(shown, rows, True))
+        return max(Text.from_ansi(line).cell_len for line in probe.file.getvalue().splitlines()) <= width
 
     shown = list(range(len(headers)))
     dropped = []
-    for name in [*optional, None]:
-        if width is None or needed(build(shown, True)) <= width or name is None:
+    for name in optional:
+        if fits(shown, cells):
             break
         if name in headers and headers.index(name) in shown:
             shown.remove(headers.index(name))
             dropped.append(name)
-    table = build(shown, False)
+    notes: list[str] = []
+    if not fits(shown, cells) and footnote in headers and headers.index(footnote) in shown:
+        column = headers.index(footnote)
+        numbered = []
+        for line in cells:
+            text = line[column]
+            if text and text not in notes:
+                notes.append(text)
+            numbered.append([*line[:column], str(notes.index(text) + 1) if text else "", *line[column + 1:]])
+        cells = numbered
+    # Still too wide (a very long name): fold cells onto more lines rather than crop them.
+    table = build(shown, cells, False, fold_all=not fits(shown, cells))
+    caption = []
     if dropped:
-        table.caption = f"left out at {width} columns: {', '.join(dropped)} (all in the CSV)"
+        caption.append(f"left out at {width} columns: {', '.join(dropped)} (all in the CSV)")
+    if notes:
+        caption += [f"{footnote}s:"] + [f"{i}. {text}" for i, text in enumerate(notes, 1)]
+    if caption:
+        table.caption = "\n".join(caption)
         table.caption_justify = "left"
     return table
+
+
+def _widest(cells: list[list[str]], i: int) -> int:
+    """The widest cell of column i, as shown."""
+    from rich.text import Text
+
+    return max((Text.from_markup(line[i]).cell_len for line in cells), default=1)
 
 
 def _longest(cells: list[list[str]], i: int) -> int:
@@ -543,7 +572,8 @@ def fits_console_table(fits: pd.DataFrame, width: int | None = None) -> Table:
                           _escape(_note(row["note"]))])
     return console_table("power-law fits  y = a·x^b", FIT_CONSOLE_HEADERS, cells,
                          left={"family", "y", "x", "group", "assessment", "regime", "curve", "note"},
-                         wrap={"group", "note"}, optional=FIT_CONSOLE_OPTIONAL, width=width)
+                         wrap={"group", "note"}, optional=FIT_CONSOLE_OPTIONAL, width=width,
+                         footnote="note")
 
 
 def _escape(text: str) -> str:
