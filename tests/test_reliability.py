@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,7 +45,9 @@ def test_bad_command_line_is_refused(args, fragments, tmp_path):
     _assert_refused(proc, tmp_path, fragments)
 
 
-def test_analyze_bad_input(tmp_path):
+def test_analyze_bad_input(tmp_path, capsys):
+    from jaxscale import cli
+
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "t.csv").write_text("chips,time,label\n1,2.0,a\n2,abc,b\n4,1.0,c\n")
     cases = [
@@ -56,10 +59,17 @@ def test_analyze_bad_input(tmp_path):
         (["t.csv", "--x", "chips", "--y", "chips", "--by", "lab"], ["no --by column 'lab'"]),
         (["t.csv"], ["not jaxscale rows", "--x COL --y COL"]),
         (["t.csv", "--x", "chips", "--y", "time", "--expect", "time:chips"], ["Y:X=EXPONENT"]),
+        ([str(tmp_path)], ["a folder without runs.csv"]),
     ]
     for args, fragments in cases:
-        proc = jaxscale("analyze", *args, "--out", tmp_path / "out", cwd=tmp_path)
-        _assert_refused(proc, tmp_path, fragments)
+        args = [a if a.startswith(("-", "/")) or a in ("chip", "chips", "time", "label", "lab", "time:chips")
+                else str(tmp_path / a) for a in args]
+        assert cli.main(["analyze", *args, "--out", str(tmp_path / "out")]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith("jaxscale: error:"), err
+        for fragment in fragments:
+            assert fragment in err, (fragment, err)
+        assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------- failures become rows
@@ -183,3 +193,166 @@ def test_resume_retry_failed_reruns_only_failures(tmp_path):
     assert retry.returncode == 0, retry.stdout + retry.stderr
     rows = read_rows(report / "runs.csv")
     assert sorted(rows["n_devices"]) == [1, 2] and (rows["status"] == "ok").all()
+
+
+def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(tmp_path):
+    proc = _start(tmp_path)
+    report = _wait_for_rows(tmp_path, 1, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert f"jaxscale run --resume {report}" in out.splitlines()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no torn or malformed line
+        assert 1 <= len(read_rows(report / "runs.csv")) < len(_expected_keys())
+
+
+def test_ctrl_c_before_any_point_leaves_nothing_behind(tmp_path):
+    proc = _start(tmp_path)
+    deadline = time.time() + 60
+    while not list(tmp_path.iterdir()) and time.time() < deadline:  # the folder is claimed before JAX starts
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err and "nothing was recorded" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ one folder, one run
+
+
+def _popen(*args, cwd, env=None):
+    return subprocess.Popen([sys.executable, "-m", "jaxscale.cli", *map(str, args)], cwd=cwd, env=env or cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _assert_exact(folder):
+    """Every point of the folder's profile once, all of its own run."""
+    from jaxscale.config import load_profile
+    from jaxscale.grid import build_grid
+    from jaxscale.records import read_run_id
+
+    rows = read_rows(folder / "runs.csv")
+    points, _ = build_grid(load_profile(str(folder / "profile.toml")), 8)
+    assert sorted(row_key(r) for _, r in rows.iterrows()) == sorted(p.key for p in points)
+    assert set(rows["run_id"]) == {read_run_id(folder)}
+    return rows
+
+
+def test_concurrent_runs_and_resumes_record_every_point_once_in_its_own_run(tmp_path):
+    """Two runs started together into one --out; then two resumes of one folder started together."""
+    out = tmp_path / "out"
+    tiny = [*TINY_SETS, "mesh.devices=[1,2]", "mesh.strategies=dp"]
+    runs = [_popen("run", "smoke", "--out", out, "--no-analyze", *sets(*tiny, f"model.d_model=[{d}]"), cwd=tmp_path)
+            for d in (64, 32)]
+    for proc in runs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stdout + stderr
+    folders = sorted(out.iterdir())
+    assert len(folders) == 2
+    by_width = {int(_assert_exact(f)["d_model"].iloc[0]): f for f in folders}
+    assert sorted(by_width) == [32, 64] and len({(f / "run_id.txt").read_text() for f in folders}) == 2
+
+    folder = by_width[64]
+    lines = (folder / "runs.csv").read_text().splitlines(keepends=True)
+    (folder / "runs.csv").write_text("".join(lines[:2]))  # as if stopped after its first point
+    resumes = [_popen("run", "--resume", folder, "--no-analyze", cwd=tmp_path) for _ in range(2)]
+    outcomes = []
+    for proc in resumes:
+        stdout, stderr = proc.communicate(timeout=300)
+        outcomes.append((proc.returncode, stderr))
+    codes = sorted(code for code, _ in outcomes)
+    assert codes in ([0, 0], [0, 2]), outcomes  # the later one waits its turn: refused, or finds nothing left
+    refused = [err for code, err in outcomes if code == 2]
+    assert all(err.count("\n") == 1 and f"{folder}: in use by process" in err for err in refused), refused
+    _assert_exact(folder)
+
+
+def test_a_folder_in_use_is_refused_naming_its_holder(tmp_path):
+    from jaxscale.records import ReportDir
+
+    held = ReportDir.create(tmp_path, "r")
+    (held.path / "profile.toml").write_text(_tiny_profile().to_toml())
+    proc = jaxscale("run", "--resume", held.path, "--no-analyze", cwd=tmp_path, env=cli_env(JAX_PLATFORMS="none"))
+    held.release()
+    _assert_refused(proc, tmp_path, [f"jaxscale: error: {held.path}: in use by process {os.getpid()} on "
+                                     f"{socket.gethostname()} since "])
+
+
+def _tiny_profile(*extra):
+    from jaxscale.config import load_profile
+
+    return load_profile("smoke", [*TINY_SETS, "mesh.devices=[1,2]", "mesh.strategies=dp", *extra])
+
+
+def test_resume_refuses_another_profile(tmp_path):
+    """JAX_PLATFORMS=none: any backend start would fail loudly, so each refusal comes before one."""
+    env = cli_env(JAX_PLATFORMS="none")
+    folder = tmp_path / "r"
+    folder.mkdir()
+    (folder / "profile.toml").write_text(_tiny_profile().to_toml())
+    other = tmp_path / "other.toml"
+    other.write_text(_tiny_profile("model.d_model=64", "run.name='other'").to_toml())
+    proc = jaxscale("run", other, "--resume", folder, cwd=tmp_path, env=env)
+    _assert_refused(proc, tmp_path, [f"--resume {folder}", "[model] d_model = 32 there, 64 here"])
+    proc = jaxscale("run", "--resume", folder, *sets("run.steps=4"), cwd=tmp_path, env=env)
+    _assert_refused(proc, tmp_path, ["[run] steps = 3 there, 4 here"])
+    # Without a profile.toml, the rows decide.
+    (folder / "profile.toml").unlink()
+    with RowWriter(folder / "runs.csv") as w:
+        w.append({"profile": "smoke", "status": "ok", "strategy": "dp", "n_devices": 1})
+    proc = jaxscale("run", other, "--resume", folder, cwd=tmp_path, env=env)
+    _assert_refused(proc, tmp_path, ["holds rows of profile 'smoke', not of 'other'"])
+    assert len(read_rows(folder / "runs.csv")) == 1
+
+
+def test_output_path_problems_are_one_line_before_any_backend(tmp_path):
+    env = cli_env(JAX_PLATFORMS="none")
+    (tmp_path / "file").write_text("x")
+    for command in (["run", "smoke"], ["plan", "smoke", "--topology", "v5e:2x2"]):
+        proc = jaxscale(*command, "--out", tmp_path / "file", cwd=tmp_path, env=env)
+        _assert_refused(proc, tmp_path, ["--out", "is a file, not a folder"])
+    if os.path.isdir("/sys") and subprocess.run(["mkdir", "/sys/jaxscale-probe"], capture_output=True).returncode:
+        proc = jaxscale("run", "smoke", "--out", "/sys/jaxscale-out", cwd=tmp_path, env=env)
+        _assert_refused(proc, tmp_path, ["--out /sys/jaxscale-out: cannot write in /sys"])
+    proc = jaxscale("plan", "smoke", "--topology", "v5e:2x2 ", cwd=tmp_path, env=env)
+    _assert_refused(proc, tmp_path, ["--topology 'v5e:2x2 '", "give --topology v5e:2x2"])
+    assert list(tmp_path.iterdir()) == [tmp_path / "file"]
+
+
+def test_a_trace_selector_that_matches_nothing_is_refused(tmp_path):
+    proc = jaxscale("run", "smoke", "--out", tmp_path / "out", "--trace", "strategy=fsdp,n_devices=16",
+                    *sets(*TINY_SETS, "mesh.devices=[1,2]", "mesh.strategies=dp"), cwd=tmp_path)
+    _assert_refused(proc, tmp_path, ["--trace 'strategy=fsdp,n_devices=16' matches none of the 2 points",
+                                     "(their strategy: dp; n_devices: 1, 2)"])
+
+
+def test_plan_counts_every_dropped_point():
+    """smoke on a 4-chip slice: 8 devices drop 12 points (3 sizes x 4 strategies), fsdp_tp at 1 drops 3."""
+    from jaxscale.cli import plan_points
+    from jaxscale.config import load_profile
+    from jaxscale.grid import grid_size
+    from jaxscale.targets import parse_target
+
+    profile = load_profile("smoke")
+    points, dropped = plan_points(profile, parse_target("V5E:2x2"))
+    assert grid_size(profile) == 48 and sum(dropped.values()) == 15 and len(points) == 33
+    assert dropped["8 chips exceed the 4 of v5e:2x2"] == 12
+
+
+def test_ctrl_c_during_a_plan_keeps_its_rows_and_says_how_to_plan_again(tmp_path):
+    cmd = [sys.executable, "-m", "jaxscale.cli", "plan", "smoke", "--topology", "v5e:2x2", "--out", str(tmp_path),
+           "--no-analyze", *sets(*TINY_SETS, "model.d_model=[32,64]", "mesh.devices=[1,2,4]", "mesh.strategies=dp")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    report = _wait_for_rows(tmp_path, 1, proc, timeout=240)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "plan again" in out and "jaxscale plan smoke --topology v5e:2x2" in out
+    assert 1 <= len(read_rows(report / "runs.csv")) < 6

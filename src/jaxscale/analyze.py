@@ -449,6 +449,11 @@ def unusable_values(df: pd.DataFrame, columns: Iterable[str]) -> dict[str, int]:
     return out
 
 
+def succeeded(df: pd.DataFrame) -> pd.Series:
+    """Which rows have a success status (records.SUCCESS_STATUSES; every row of a CSV without a status column)."""
+    return _status_ok(df)
+
+
 def why_no_fits(df: pd.DataFrame) -> str:
     """Why rows give no default fit, in one sentence (for a fits table that came back empty)."""
     if df.empty:

@@ -156,9 +156,9 @@ def _check_trace(selector_text: str, points) -> None:
     values = []
     for key in selector:
         seen = sorted({str(p.grid_columns()[key]) for p in points}, key=lambda v: (len(v), v))
-        values.append(f"{key} in {', '.join(seen)}")
-    raise ProfileError(f"--trace {selector_text!r} matches none of the {len(points)} points, whose "
-                       f"{'; '.join(values)}")
+        values.append(f"{key}: {', '.join(seen)}")
+    raise ProfileError(f"--trace {selector_text!r} matches none of the {len(points)} points (their "
+                       f"{'; '.join(values)})")
 
 
 def _interrupted(console, report, command: list[str], then: str = "continue with") -> int:
@@ -415,9 +415,9 @@ def _analyze_into(console, rows, out_dir: Path, expectations=(), confidence: flo
 def _print_fits(console, fits, rows, out_dir: Path) -> None:
     from jaxscale import analyze, report
 
-    if fits.empty:
+    if fits.empty or not analyze.succeeded(rows).any():
         _note(f"no fits: {analyze.why_no_fits(rows)}")
-    else:
+    if not fits.empty:
         print_table(console, report.fits_console_table(fits, console.width if console.is_terminal else None))
     console.print(f"fits: {out_dir / 'fits.csv'}, summary: {out_dir / 'summary.md'}, plots: {out_dir / 'plots'}",
                   soft_wrap=True)
@@ -706,9 +706,25 @@ def cmd_plan(args) -> int:
         report.discard()  # releases it; removes the folder when no point was planned
 
 
+def plan_points(profile, target):
+    """The points a plan compiles, and the reasons points were dropped, each with the number of points it drops.
+
+    A device count over the target's chips drops every point at that count
+    (sizes x strategies x batches x remat policies x flag sets), not one.
+    """
+    from jaxscale import plan as planner
+    from jaxscale.grid import grid_size
+
+    points, dropped = planner.plan_grid(profile, target)
+    for n in profile.mesh.devices:
+        reason = f"{n} chips exceed the {target.n_chips} of {target.name}"
+        if n > target.n_chips and reason in dropped:
+            dropped[reason] = grid_size(profile, (n,))
+    return points, dropped
+
+
 def _plan(args, profile, target, report_dir: Path, console) -> int:
     from jaxscale.config import ProfileError
-    from jaxscale.grid import grid_size
     from jaxscale.records import os_error_line
 
     # Planning compiles for the target only: no local accelerator is initialized (and the CUDA plugin then
@@ -722,13 +738,9 @@ def _plan(args, profile, target, report_dir: Path, console) -> int:
     from jaxscale import plan as planner
 
     try:
-        points, dropped = planner.plan_grid(profile, target)
+        points, dropped = plan_points(profile, target)
     except ProfileError as e:
         return _fail(str(e))
-    for n in profile.mesh.devices:  # a device count over the target stands for every point at that count
-        reason = f"{n} chips exceed the {target.n_chips} of {target.name}"
-        if n > target.n_chips and reason in dropped:
-            dropped[reason] = grid_size(profile, (n,))
     if dropped:
         _print_dropped(console, dropped, len(points))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

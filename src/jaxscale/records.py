@@ -343,8 +343,9 @@ class ReportDir:
       created: True when this process created the folder.
     """
 
-    def __init__(self, path: Path, run_id: str, created: bool, lock):
+    def __init__(self, path: Path, run_id: str, created: bool, lock, parents: tuple[Path, ...] = ()):
         self.path, self.run_id, self.created, self._lock = path, run_id, created, lock
+        self._parents = parents  # folders above it this process created, innermost first
 
     @classmethod
     def create(cls, parent: Path | str, stem: str, flag: str = "--out") -> "ReportDir":
@@ -355,6 +356,9 @@ class ReportDir:
         """
         parent = Path(parent)
         check_output_dir(parent, flag)
+        existing = _existing_ancestor(parent)
+        made = tuple(p for p in (Path(os.path.abspath(parent)), *Path(os.path.abspath(parent)).parents)
+                     if len(p.parts) > len(existing.parts))
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -374,7 +378,7 @@ class ReportDir:
             except BaseException:
                 shutil.rmtree(path, ignore_errors=True)
                 raise
-            return cls(path, run_id, True, lock)
+            return cls(path, run_id, True, lock, made)
         raise ReportDirError(f"{flag} {parent}: {stem} and 9,998 numbered variants exist already; clean up "
                              "or give another --out")
 
@@ -423,6 +427,11 @@ class ReportDir:
         has_rows = csv_path.exists() and len(csv_path.read_bytes().splitlines()) > 1
         if self.created and not has_rows:
             shutil.rmtree(self.path, ignore_errors=True)
+            for folder in self._parents:  # the --out folders made for it, if nothing else went there since
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
     def __enter__(self):
         return self

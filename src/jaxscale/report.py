@@ -20,7 +20,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator  # noqa: E4
 from rich.table import Table  # noqa: E402
 
 from jaxscale.analyze import (DEFAULT_TOLERANCE, SHARED_HOST_NOTE, PowerLawFit, family_frame,  # noqa: E402
-                              fit_points, prepare_rows, why_no_fits)
+                              fit_points, prepare_rows, succeeded, why_no_fits)
 
 LABELS = {
     "n_devices": "devices",
@@ -427,7 +427,7 @@ def fits_markdown(fits: pd.DataFrame, efficiency: pd.DataFrame | None = None, jo
         out += [f"> **Not graded here:** step time and throughput against device count. The rows ran on virtual "
                 f"CPU devices that share one host's cores, so adding devices cannot make a step faster; those "
                 "fits read *not applicable*. Memory and model-size verdicts still hold.", ""]
-    if fits.empty:
+    if fits.empty or (runs is not None and not succeeded(runs).any()):
         out += [f"No fits: {why_no_fits(runs) if runs is not None else 'the rows have no usable x and y columns'}.",
                 ""]
     out += _glance(fits)
