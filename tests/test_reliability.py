@@ -275,8 +275,7 @@ def test_concurrent_runs_and_resumes_record_every_point_once_in_its_own_run(tmp_
 def test_a_folder_in_use_is_refused_naming_its_holder(tmp_path):
     from jaxscale.records import ReportDir
 
-    held = ReportDir.create(tmp_path, "r")
-    (held.path / "profile.toml").write_text(_tiny_profile().to_toml())
+    held = ReportDir.create(tmp_path, "r")  # as a run holds it before its profile.toml is written
     proc = jaxscale("run", "--resume", held.path, "--no-analyze", cwd=tmp_path, env=cli_env(JAX_PLATFORMS="none"))
     held.release()
     _assert_refused(proc, tmp_path, [f"jaxscale: error: {held.path}: in use by process {os.getpid()} on "
@@ -345,14 +344,20 @@ def test_plan_counts_every_dropped_point():
 
 
 def test_ctrl_c_during_a_plan_keeps_its_rows_and_says_how_to_plan_again(tmp_path):
-    cmd = [sys.executable, "-m", "jaxscale.cli", "plan", "smoke", "--topology", "v5e:2x2", "--out", str(tmp_path),
+    env = cli_env(JAXSCALE_CACHE_DIR=tmp_path / "cache")
+    cmd = [sys.executable, "-m", "jaxscale.cli", "plan", "smoke", "--topology", "v5e:2x2", "--out", str(tmp_path / "a"),
            "--no-analyze", *sets(*TINY_SETS, "model.d_model=[32,64]", "mesh.devices=[1,2,4]", "mesh.strategies=dp")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    report = _wait_for_rows(tmp_path, 1, proc, timeout=240)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    report = _wait_for_rows(tmp_path / "a", 1, proc, timeout=240)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out + err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "plan again" in out and "jaxscale plan smoke --topology v5e:2x2" in out
     assert 1 <= len(read_rows(report / "runs.csv")) < 6
+    # The first point again: JAX's persistent cache cannot load an executable compiled for a TPU it has no
+    # client for (it used to warn on stderr and compile again), so a plan does not use it.
+    again = jaxscale("plan", "smoke", "--topology", "v5e:2x2", "--out", tmp_path / "b", "--no-analyze",
+                     *sets(*TINY_SETS, "model.d_model=[32]", "mesh.devices=[1]", "mesh.strategies=dp"),
+                     cwd=tmp_path, env=env)
+    assert again.returncode == 0 and again.stderr == "", again.stderr

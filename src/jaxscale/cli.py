@@ -83,12 +83,14 @@ def _profile_to_run(args, dist):
     required and the folder's rows must be its own.
     """
     from jaxscale.config import ProfileError, load_profile, profile_difference
+    from jaxscale.records import check_not_in_use
 
     if not args.resume:
         return load_profile(args.profile or "smoke", args.set or []), None
     folder = Path(args.resume)
     if folder.exists() and not folder.is_dir():
         raise ProfileError(f"--resume {folder}: a file, not a report folder; give the folder `jaxscale run` wrote")
+    check_not_in_use(folder)  # a run still writing it is the reason, whatever the folder holds yet
     saved = folder / "profile.toml"
     recorded = _read_recorded(folder / "runs.csv")
     if saved.is_file():
@@ -184,23 +186,23 @@ def cmd_run(args) -> int:
     dist = workers.Distributed.from_args(args)
     if dist.wanted and not workers.supervised():
         return workers.supervise(args.argv, dist)
-    held = []  # the report folder once this process holds it
-    try:
-        if args.retry_failed and not args.resume:
-            raise ProfileError("--retry-failed reruns the failed points of a recorded sweep: give it with "
-                               "--resume REPORT_DIR")
-        profile, recorded = _profile_to_run(args, dist)
-        isolation = workers.choose_isolation(profile.run)
-        if not dist.wanted:  # one process: the folder is its own before any backend starts
-            held.append(_claim_report(args, profile, recorded))
-        elif args.out and not args.resume:
-            check_output_dir(args.out)
-    except (ProfileError, ReportDirError) as e:
-        return _fail(str(e))
     from rich.console import Console
 
     console = Console()
+    held = []  # the report folder once this process holds it
     try:
+        try:
+            if args.retry_failed and not args.resume:
+                raise ProfileError("--retry-failed reruns the failed points of a recorded sweep: give it with "
+                                   "--resume REPORT_DIR")
+            profile, recorded = _profile_to_run(args, dist)
+            isolation = workers.choose_isolation(profile.run)
+            if not dist.wanted:  # one process: the folder is its own before any backend starts
+                held.append(_claim_report(args, profile, recorded))
+            elif args.out and not args.resume:
+                check_output_dir(args.out)
+        except (ProfileError, ReportDirError) as e:
+            return _fail(str(e))
         return _run(args, dist, profile, isolation, recorded, held, console)
     except KeyboardInterrupt:
         folder = held[0].path if held else args.resume
@@ -681,29 +683,32 @@ def cmd_plan(args) -> int:
     from jaxscale.records import ReportDir, ReportDirError, stamped
     from jaxscale.targets import TargetError, parse_target, require_compiler
 
-    try:
-        profile = load_profile(args.profile or "smoke", args.set or [])
-        topology = args.topology or profile.mesh.topology
-        if not topology:
-            raise TargetError(f"{profile.source}: no target: give --topology (e.g. v5e:16x16) or [mesh] topology")
-        if args.topology and args.topology != args.topology.strip():
-            raise TargetError(f"--topology {args.topology!r}: spaces around the target; give "
-                              f"--topology {args.topology.strip()}")
-        target = parse_target(topology)
-        require_compiler(target)
-        report = ReportDir.create(args.out or "reports",
-                                  stamped(f"{profile.run.name}-plan-{target.name.replace(':', '-')}"))
-    except (ProfileError, TargetError, ReportDirError) as e:
-        return _fail(str(e))
     from rich.console import Console
 
     console = Console()
+    held = []
     try:
-        return _plan(args, profile, target, report.path, console)
+        try:
+            profile = load_profile(args.profile or "smoke", args.set or [])
+            topology = args.topology or profile.mesh.topology
+            if not topology:
+                raise TargetError(f"{profile.source}: no target: give --topology (e.g. v5e:16x16) or [mesh] topology")
+            if args.topology and args.topology != args.topology.strip():
+                raise TargetError(f"--topology {args.topology!r}: spaces around the target; give "
+                                  f"--topology {args.topology.strip()}")
+            target = parse_target(topology)
+            require_compiler(target)
+            held.append(ReportDir.create(args.out or "reports",
+                                         stamped(f"{profile.run.name}-plan-{target.name.replace(':', '-')}")))
+        except (ProfileError, TargetError, ReportDirError) as e:
+            return _fail(str(e))
+        return _plan(args, profile, target, held[0].path, console)
     except KeyboardInterrupt:
-        return _interrupted(console, report, ["jaxscale", *args.argv], "plan again (a new folder) with")
+        return _interrupted(console, held[0] if held else None, ["jaxscale", *args.argv],
+                            "plan again (a new folder) with")
     finally:
-        report.discard()  # releases it; removes the folder when no point was planned
+        for report in held:
+            report.discard()  # releases it; removes the folder when no point was planned
 
 
 def plan_points(profile, target):

@@ -466,8 +466,7 @@ def _lock(folder: Path):
     except BlockingIOError:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise ReportDirError(f"{folder}: in use by {holder}; wait for it to end or stop it, or give "
-                             "another folder") from None
+        raise ReportDirError(_in_use(folder, holder)) from None
     except OSError as e:
         if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             os.close(fd)
@@ -478,6 +477,34 @@ def _lock(folder: Path):
     os.ftruncate(fd, 0)
     os.pwrite(fd, text + b"\n", 0)
     return fd
+
+
+def _in_use(folder: Path, holder: str) -> str:
+    return f"{folder}: in use by {holder}; wait for it to end or stop it, or give another folder"
+
+
+def check_not_in_use(folder: Path | str) -> None:
+    """Refuse a report folder another process holds (see ``ReportDir``), without taking it.
+
+    Raises:
+      ReportDirError: naming the holder.
+    """
+    import fcntl
+
+    path = Path(folder) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return  # no lock file: nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ReportDirError(_in_use(Path(folder), os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                                     or "another process")) from None
+    except OSError:
+        pass
+    finally:
+        os.close(fd)  # closing drops the shared lock taken to look
 
 
 def _unlock(fd) -> None:

@@ -345,26 +345,41 @@ def new_report_dir(profile: Profile, out: Path | str | None) -> ReportDir:
 
 
 class _StopFlag:
-    """First Ctrl-C: finish the current point, then stop. Second: abort now."""
+    """First Ctrl-C: finish the current point, then stop. Second: abort now.
+
+    The second raises KeyboardInterrupt wherever Python is; where it cannot be
+    raised (a garbage-collection callback, a finalizer) Python would print it
+    and go on, so that is kept quiet here and ``abort`` makes the sweep raise it
+    once the point returns.
+    """
 
     def __init__(self):
         self.stop = False
+        self.abort = False
         self._previous = None
+        self._hook = None
 
     def __enter__(self):
         if _is_main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     def _handle(self, signum, frame):
         if self.stop:
+            self.abort = True
             raise KeyboardInterrupt
         self.stop = True
         print("\nCtrl-C: stopping after the current point (again to abort now)", file=sys.stderr)
 
+    def _unraisable(self, info):
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            self._hook(info)
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+            sys.unraisablehook = self._hook
 
 
 def _is_main_thread() -> bool:
@@ -518,6 +533,8 @@ def _run_points(profile, report_dir, runtime, *, resume, retry_failed, trace, on
                 row = runtime.measure(point, i, trace_dir)
                 if writer:
                     writer.append(row)
+                if flag.abort:  # a second Ctrl-C that could not be raised where it arrived
+                    raise KeyboardInterrupt
                 if on_row:
                     on_row(row)
                 if runtime.should_stop(i, flag.stop) and i + 1 < len(todo):
