@@ -90,7 +90,8 @@ def _profile_to_run(args, dist):
     folder = Path(args.resume)
     if folder.exists() and not folder.is_dir():
         raise ProfileError(f"--resume {folder}: a file, not a report folder; give the folder `jaxscale run` wrote")
-    check_not_in_use(folder)  # a run still writing it is the reason, whatever the folder holds yet
+    if not dist.wanted:  # (several hosts: process 0 takes the folder once it knows it is process 0)
+        check_not_in_use(folder)  # a run still writing it is the reason, whatever the folder holds yet
     saved = folder / "profile.toml"
     recorded = _read_recorded(folder / "runs.csv")
     if saved.is_file():
