@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
+from scipy import optimize, stats
 
 from jaxscale import analyze
 from jaxscale.analyze import (PowerLawFit, add_memory_column, check_expectation, classify_regime, curvature_test,
@@ -634,6 +635,58 @@ def test_usl_needs_four_device_counts_and_no_peak_without_coherency():
     # A cost is fitted as a rate: step time = 1 / throughput gives the same σ.
     cost = usl_table(pd.DataFrame({"n": n, "step_time_s": 1 / usl_curve(n, 0.1, 0.002)}), "n", "step_time_s")
     assert cost["sigma"].iloc[0] == pytest.approx(0.1, abs=1e-6) and "1/y" in cost["note"].iloc[0]
+
+
+MAXTEXT = Path(__file__).parent / "data" / "maxtext_v5e_128b.csv"
+
+
+def test_amdahl_when_coherency_cannot_be_identified():
+    """The published MaxText v5e 128B table: κ is not identifiable, so Amdahl's law gives σ with its interval."""
+    table = pd.read_csv(MAXTEXT, comment="#")
+    n = table["chips"].to_numpy(dtype=float)
+    x = n * table["tflops_per_chip"].to_numpy(dtype=float)
+    with pytest.raises(ValueError, match="not identifiable"):
+        fit_usl(n, x, model="usl")
+    fit = fit_usl(n, x)
+    assert fit.model == "amdahl" and fit.kappa == 0 and np.isnan(fit.kappa_ci_low) and fit.dof == len(n) - 2
+
+    # An independent fit: scipy's curve_fit of the same model on log X.
+    def log_amdahl(n_, log_lambda, sigma):
+        return log_lambda + np.log(n_) - np.log(1 + sigma * (n_ - 1))
+
+    (log_lambda, sigma), cov = optimize.curve_fit(log_amdahl, n, np.log(x), p0=[math.log(110), 1e-5])
+    half = stats.t.ppf(0.975, len(n) - 2) * math.sqrt(cov[1, 1])
+    assert fit.sigma == pytest.approx(sigma, rel=1e-4) and fit.lambda_ == pytest.approx(math.exp(log_lambda), rel=1e-4)
+    assert (fit.sigma_ci_high - fit.sigma_ci_low) / 2 == pytest.approx(half, rel=1e-3)
+    # Clear contention: 2.68e-5 [2.38e-5, 2.98e-5], within the 2.27e-5 ± 0.46e-5 read off the same table before.
+    assert fit.sigma_ci_low > 0 and abs(fit.sigma - 2.27e-5) <= 0.46e-5
+    row = usl_table(pd.DataFrame({"n_devices": n, "tokens_per_s": x}), "n_devices", "tokens_per_s").iloc[0]
+    assert row["model"] == "amdahl" and row["sigma"] == pytest.approx(fit.sigma) and row["kappa"] == 0
+    assert "Amdahl" in row["note"] and row["dof"] == 4
+
+
+def test_amdahl_recovers_a_planted_contention():
+    n = np.array([1, 2, 4, 8, 16, 32, 64], dtype=float)
+    y = usl_curve(n, 0.03, 0.0) * np.exp(np.random.default_rng(3).normal(0, 0.01, n.size))
+    fit = fit_usl(n, y, model="amdahl")
+    assert fit.model == "amdahl" and fit.sigma_ci_low <= 0.03 <= fit.sigma_ci_high
+    low, high = fit.prediction_interval([128.0])
+    assert low[0] < usl_curve([128.0], 0.03, 0.0)[0] < high[0]
+
+
+def test_unusable_values_are_counted_per_column():
+    rows = pd.DataFrame({"status": ["ok", "ok", "ok", "error", "ok"], "step_time_s": [0.1, 0.0, np.inf, -1, None],
+                         "n_devices": [1, 2, 4, 8, -2]})
+    assert analyze.unusable_values(rows, ["step_time_s", "n_devices", "absent"]) == {"step_time_s": 2,
+                                                                                   "n_devices": 1}
+
+
+def test_why_no_fits_says_what_is_the_case():
+    failed = pd.DataFrame({"status": ["oom", "oom", "compile_error"], "n_devices": [1, 2, 4]})
+    assert analyze.why_no_fits(failed) == ("every one of the 3 rows failed (2 oom, 1 compile_error), so there is "
+                                           "nothing to fit")
+    one = pd.DataFrame({"status": ["ok"], "n_devices": [1]})
+    assert analyze.why_no_fits(one).startswith("1 of the 1 rows succeeded; a fit needs at least 3 points")
 
 
 def test_pure_power_laws_are_not_flagged_curved():

@@ -129,3 +129,96 @@ def test_tables_off_a_terminal_keep_every_cell_whole():
     print_table(Console(file=out, width=40), table)
     text = out.getvalue()
     assert long in text and "-0.994 ± 0.006" in text and "…" not in text and "[yellow]" not in text
+
+
+# ------------------------------------------------------------------ what a run records about itself
+
+
+def test_rows_carry_the_run_id_and_runtime_json_the_users_flags(smoke_report):
+    import json
+
+    from jaxscale.records import read_run_id
+
+    report, proc = smoke_report
+    rows = read_rows(report / "runs.csv")
+    assert set(rows["run_id"]) == {read_run_id(report)} and rows["run_id"].iloc[0]
+    runtime = json.loads((report / "runtime.json").read_text())
+    assert runtime["xla_flags"] == ""  # the environment set none (helpers.cli_env drops XLA_FLAGS)
+    assert runtime["xla_flags_added"] == "--xla_force_host_platform_device_count=8"
+    assert {"cuda_version", "cudnn_version", "cuda_driver_version"} <= set(runtime)
+    # paths are printed whole off a terminal, however long
+    closing = [line for line in proc.stdout.splitlines() if line.startswith("fits: ")]
+    assert closing == [f"fits: {report / 'fits.csv'}, summary: {report / 'summary.md'}, plots: {report / 'plots'}"]
+
+
+def test_profiles_lists_every_shipped_profile_on_one_line(capsys):
+    from jaxscale import cli
+    from jaxscale.config import shipped_profiles
+
+    assert cli.main(["profiles"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(shipped_profiles())
+    assert [line.split()[1] for line in lines if line.startswith("tpu-v5e-256-plan")] == ["plan"]
+    assert any(line.startswith("smoke ") and "The default profile" in line for line in lines)
+
+
+# ------------------------------------------------------------------ analyze: what it says about its input
+
+
+def test_analyze_takes_a_report_folder_and_reads_a_file_given_twice_once(smoke_report, tmp_path, capsys):
+    from jaxscale import cli
+
+    report, _ = smoke_report
+    assert cli.main(["analyze", str(report), str(report / "runs.csv"), "--out", str(tmp_path / "a")]) == 0
+    assert f"{report / 'runs.csv'} holds the same rows as {report}; read once" in capsys.readouterr().err
+    once = pd.read_csv(report / "fits.csv")  # the run's own analysis of the same rows
+    again = pd.read_csv(tmp_path / "a" / "fits.csv")
+    assert again["n_points"].tolist() == once["n_points"].tolist()
+    assert again["exponent"].to_numpy() == pytest.approx(once["exponent"].to_numpy(), nan_ok=True)
+
+
+def test_analyze_drops_rows_of_one_run_recorded_twice(smoke_report, tmp_path, capsys):
+    from jaxscale import cli
+
+    report, _ = smoke_report
+    lines = (report / "runs.csv").read_text().splitlines()
+    doubled = tmp_path / "doubled.csv"
+    doubled.write_text("\n".join(lines + lines[1:]) + "\n")  # what two resumes of one folder used to write
+    assert cli.main(["analyze", str(doubled), "--out", str(tmp_path / "d")]) == 0
+    assert f"dropped {len(lines) - 1} duplicate row(s)" in capsys.readouterr().err
+    assert (pd.read_csv(tmp_path / "d" / "fits.csv")["n_points"].to_numpy()
+            == pd.read_csv(report / "fits.csv")["n_points"].to_numpy()).all()
+
+
+def test_analyze_says_why_there_is_no_fit_and_what_it_left_out(smoke_report, tmp_path, capsys):
+    from jaxscale import cli
+
+    report, _ = smoke_report
+    rows = read_rows(report / "runs.csv")
+    one = tmp_path / "one.csv"
+    rows.iloc[:1].to_csv(one, index=False)
+    assert cli.main(["analyze", str(one), "--out", str(tmp_path / "one")]) == 0
+    err = capsys.readouterr().err
+    assert "no fits: 1 of the 1 rows succeeded; a fit needs at least 3 points" in err
+    assert "1 of the 1 rows succeeded" in (tmp_path / "one" / "summary.md").read_text()
+    few = rows[(rows["strategy"] == "dp") & (rows["d_model"] == 32)]  # 4 device counts: small and quick to fit
+    failed = tmp_path / "failed.csv"
+    few.assign(status=["oom", "oom", "error", "oom"], step_time_s=None).to_csv(failed, index=False)
+    assert cli.main(["analyze", str(failed), "--out", str(tmp_path / "failed")]) == 0
+    assert "no fits: every one of the 4 rows failed (3 oom, 1 error)" in capsys.readouterr().err
+    assert "every one of the 4 rows failed" in (tmp_path / "failed" / "summary.md").read_text()
+    bad = tmp_path / "bad.csv"
+    few.assign(step_time_s=[0.0, float("inf"), -1.0, 0.5]).to_csv(bad, index=False)
+    assert cli.main(["analyze", str(bad), "--out", str(tmp_path / "bad")]) == 0
+    assert "step_time_s: 3 row(s) with a value <= 0 or infinite left out of the fits" in capsys.readouterr().err
+
+
+def test_analyze_output_path_problems_are_one_line(smoke_report, tmp_path, capsys):
+    from jaxscale import cli
+
+    report, _ = smoke_report
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        assert cli.main(["analyze", str(report), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("jaxscale: error: --out") and "is a file, not a folder" in err and "\n" not in err

@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import shutil
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -424,4 +425,90 @@ def test_run_table_off_a_terminal_is_plain_and_whole():
 def test_run_table_on_a_terminal_stays_rich():
     buffer = io.StringIO()
     cli.print_runs(Console(file=buffer, width=200, force_terminal=True), _runs_rows())
-    assert "jaxscale runs" in buffer.getvalue() and "┃" in buffer.getvalue()
+    text = buffer.getvalue()
+    assert "jaxscale runs" in text and "\x1b[" in text  # styled for the terminal, not the plain log table
+
+
+def _visible(text: str) -> list[str]:
+    from rich.text import Text
+
+    return [Text.from_ansi(line).plain for line in text.splitlines()]
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_run_table_on_a_terminal_fits_its_width_without_cutting_a_cell(width):
+    rows = _runs_rows()
+    buffer = io.StringIO()
+    cli.print_runs(Console(file=buffer, width=width, force_terminal=True), rows)
+    lines = _visible(buffer.getvalue())
+    assert max(map(len, lines)) <= width and not any("…" in line for line in lines)
+    text = "\n".join(lines)
+    for _, r in rows.iterrows():  # the cells that are shown are shown whole
+        assert "d1024-l24-seq2048-long-name" in text and f"{r['step_time_s']:.4g}" in text
+    if width == 80:
+        assert "left out at 80 columns: mesh" in text  # what did not fit is named, not cut
+    else:
+        assert "left out" not in text and "--xla_cpu_use_thunk_runtime=false" in text and "data:8,model:1" in text
+
+
+# ------------------------------------------------------------------ runs, duplicates and the same run twice
+
+
+def test_two_runs_in_one_file_are_two_runs(tmp_path):
+    rng = np.random.default_rng(5)
+    first, second = synthetic_run(rng, run_id="run-a"), synthetic_run(rng, run_id="run-b")
+    both = pd.concat([first, second], ignore_index=True)
+    table = jaxscale.compare([first, second], both)
+    assert (table["n_runs_base"] == 2).all() and (table["n_runs_new"] == 2).all()
+    assert (table["ratio"] == 1.0).all()
+
+
+def test_a_run_recorded_twice_counts_once(tmp_path):
+    """Two concurrent resumes of one folder used to record its points twice: one run, one row per point."""
+    rng = np.random.default_rng(6)
+    base = synthetic_run(rng, run_id="base")
+    new = synthetic_run(rng, run_id="new", scale={("dp", 8): 1.4})
+    doubled = pd.concat([new, new], ignore_index=True)
+    with pytest.warns(UserWarning, match="new: dropped 16 duplicate row"):
+        table = jaxscale.compare(base, doubled)
+    assert (table["n_runs_new"] == 1).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reference = jaxscale.compare(base, new)
+    assert table["ratio"].tolist() == reference["ratio"].tolist()
+
+
+def test_cli_says_when_both_sides_are_the_same_run(tmp_path, capsys):
+    rng = np.random.default_rng(7)
+    report = write_report(tmp_path / "r", synthetic_run(rng))
+    copy = tmp_path / "copy"
+    shutil.copytree(report, copy)
+    assert cli.main(["compare", str(report), str(copy), "--out", str(tmp_path / "cmp")]) == 0
+    err = capsys.readouterr().err
+    assert "base and new hold the same run" in err and read_rows(report / "runs.csv")["run_id"].iloc[0] in err
+    assert cli.main(["compare", "--base", str(report), "--base", str(report / "runs.csv"), "--new", str(copy),
+                     "--out", str(tmp_path / "cmp2")]) == 0
+    assert "holds the same rows as" in capsys.readouterr().err
+
+
+def test_cli_output_path_problems_are_one_line(tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    base = write_report(tmp_path / "base", synthetic_run(rng))
+    new = write_report(tmp_path / "new", synthetic_run(rng))
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["compare", str(base), str(new), "--out", str(tmp_path / "file")]) == 2
+    assert "is a file, not a folder" in _one_line_error(capsys)
+    assert not (new / "compare").exists()
+
+
+def test_plot_caption_says_what_hollow_marks(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from jaxscale.compare import plot_ratios
+
+    titles = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: titles.append(fig._suptitle.get_text()))
+    rng = np.random.default_rng(9)
+    plot_ratios(jaxscale.compare(synthetic_run(rng), synthetic_run(rng)), tmp_path / "c.png")
+    assert "hollow: a plan against a run" in titles[0]

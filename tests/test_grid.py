@@ -65,3 +65,17 @@ def test_every_global_batch_of_a_list_must_split_over_the_data_axis():
     with pytest.raises(ProfileError, match=r"global_batch = 12: not divisible by the data-axis size 8"):
         build_profile({"model": {"d_model": 64, "n_heads": 4, "vocab": 96}, "batch": {"global_batch": [8, 12]},
                        "mesh": {"devices": [8], "strategies": ["dp", "tp"]}})
+
+
+def test_a_dropped_combination_counts_every_point_it_stands_for():
+    """fsdp_tp at 1 device, with 2 batches, 2 remat policies and 2 flag sets, is 8 points, not 1."""
+    from jaxscale.grid import grid_size
+
+    profile = build_profile({"run": {"remat": ["none", "full"], "xla_flags": ["", "--xla_x=1"]},
+                             "model": {"d_model": 64, "n_heads": 4, "vocab": 96},
+                             "batch": {"global_batch": [2, 4]},
+                             "mesh": {"devices": [1, 2], "strategies": ["dp", "fsdp_tp"]}})
+    points, dropped = build_grid(profile, 8)
+    assert grid_size(profile) == 2 * 2 * 2 * 2 * 2 == 32  # counts x strategies x batches x remat x flags
+    assert len(points) == 3 * 8  # dp at 1 and 2, fsdp_tp at 2
+    assert sum(dropped.values()) == 8 and len(points) + sum(dropped.values()) == grid_size(profile)

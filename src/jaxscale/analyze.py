@@ -61,7 +61,7 @@ X_LINKED = {
 # Columns of runs.csv that never split a fit: measurements, things derived from
 # the config columns, and bookkeeping.
 NON_CONFIG_COLUMNS = frozenset({
-    "schema_version", "timestamp_utc", "profile", "status", "error", "model_flops_per_step", "xla_flops_per_step",
+    "schema_version", "run_id", "timestamp_utc", "profile", "status", "error", "model_flops_per_step", "xla_flops_per_step",
     "xla_over_model_flops", "flops_note", "compile_s", "warmup_s", "step_time_s", "step_time_p10_s",
     "step_time_p90_s", "step_time_cv", "step_time_mean_s", "n_timed_steps", "step_time_samples_s", "tokens_per_s",
     "predicted_compute_s", "predicted_memory_s", "predicted_step_time_s", "predicted_mfu",
@@ -86,7 +86,7 @@ FIT_COLUMNS = ("by", "x", "y", "exponent", "stderr", "ci_low", "ci_high", "coeff
                "n_points", "n_dropped", "dof", "confidence", "ideal_exponent", "tolerance", "direction",
                "assessment", "regime", "curvature", "slope_change", "curvature_p", "note", "log_x_mean", "x_min",
                "x_max")
-USL_COLUMNS = ("by", "x", "y", "lambda_", "sigma", "sigma_ci_low", "sigma_ci_high", "kappa", "kappa_ci_low",
+USL_COLUMNS = ("by", "x", "y", "model", "lambda_", "sigma", "sigma_ci_low", "sigma_ci_high", "kappa", "kappa_ci_low",
                "kappa_ci_high", "peak_n", "peak_y", "residual_std", "n_points", "n_x_values", "dof", "confidence",
                "note")
 PREDICTION_COLUMNS = ("by", "kind", "method", "y", "x", "x_value", "predicted", "pi_low", "pi_high", "confidence",
@@ -425,6 +425,50 @@ def _ideal_fn(ideal: float | IdealFn | None) -> IdealFn:
         return ideal
     value = 1.0 if ideal is None else float(ideal)
     return lambda key, x, y: value
+
+
+# The x and y columns of the default fits a row must hold a positive, finite value in to count.
+DEFAULT_COLUMNS = ("n_devices", "params", "tokens_per_step", "step_time_s", "tokens_per_s", "predicted_step_time_s")
+
+
+def unusable_values(df: pd.DataFrame, columns: Iterable[str]) -> dict[str, int]:
+    """Per column, the rows with a success status whose value a log-log fit cannot use: zero, negative or infinite.
+
+    Empty cells are missing, not counted; rows that failed are left out of
+    every fit anyway and not counted either.
+    """
+    ok = _status_ok(df)
+    out = {}
+    for column in dict.fromkeys(columns):
+        if column not in df.columns:
+            continue
+        values = _numeric(df, column)[ok]
+        bad = int((np.isinf(values) | (values <= 0)).sum())
+        if bad:
+            out[column] = bad
+    return out
+
+
+def succeeded(df: pd.DataFrame) -> pd.Series:
+    """Which rows have a success status (records.SUCCESS_STATUSES; every row of a CSV without a status column)."""
+    return _status_ok(df)
+
+
+def why_no_fits(df: pd.DataFrame) -> str:
+    """Why rows give no default fit, in one sentence (for a fits table that came back empty)."""
+    if df.empty:
+        return "there are no rows"
+    ok = _status_ok(df)
+    if not ok.any():
+        counts = df["status"].astype(str).value_counts() if "status" in df.columns else pd.Series(dtype=int)
+        return (f"every one of the {len(df)} rows failed ({', '.join(f'{c} {s}' for s, c in counts.items())}), "
+                "so there is nothing to fit")
+    n_ok = int(ok.sum())
+    if n_ok < 3:
+        return (f"{n_ok} of the {len(df)} rows succeeded; a fit needs at least 3 points at 2 or more values of its "
+                "x (device count, parameters or tokens per step) that share everything else")
+    return (f"{n_ok} rows succeeded, but no set of 3 or more that differ only in device count, parameters or tokens "
+            "per step; a fit needs points that share everything else (size, strategy, batch, dtype, ...)")
 
 
 def add_memory_columns(df: pd.DataFrame) -> pd.DataFrame:
@@ -916,6 +960,9 @@ class UslFit:
       peak_n: sqrt((1 − σ)/κ), where X peaks, when κ > 0 and σ < 1; else NaN.
       residual_std, n, dof: the log residuals' σ, points and degrees of freedom.
       covariance: 3×3 covariance of (log λ, σ, κ), for prediction intervals.
+      model: ``usl``, or ``amdahl`` where κ could not be identified and was
+        fixed at 0 (Amdahl's law: n − 2 dof; κ's interval is then NaN and its
+        row and column of ``covariance`` zero).
     """
 
     lambda_: float
@@ -933,6 +980,7 @@ class UslFit:
     dof: int
     confidence: float
     covariance: tuple
+    model: str = "usl"
 
     def predict(self, n) -> np.ndarray:
         """The fitted X at device counts n."""
@@ -951,7 +999,10 @@ class UslFit:
         return np.exp(center - half), np.exp(center + half)
 
 
-def fit_usl(n: Sequence[float], x: Sequence[float], confidence: float = 0.95) -> UslFit:
+USL_MODELS = ("auto", "usl", "amdahl")
+
+
+def fit_usl(n: Sequence[float], x: Sequence[float], confidence: float = 0.95, model: str = "auto") -> UslFit:
     """Fit the Universal Scalability Law to throughput x against device count n.
 
     Least squares on log X (multiplicative noise, as the power laws), started
@@ -960,44 +1011,73 @@ def fit_usl(n: Sequence[float], x: Sequence[float], confidence: float = 0.95) ->
     speed-up, κ < 0 a curve that bends upward). Intervals are Wald t intervals
     with n − 3 degrees of freedom.
 
+    Args:
+      model: ``usl``; ``amdahl``, κ fixed at 0 (X = λN / (1 + σ(N − 1)), n − 2
+        dof); ``auto`` (default), the USL where κ can be identified, else
+        Amdahl's law (``UslFit.model`` says which).
+
     Raises:
-      ValueError: fewer than 4 points or 4 distinct counts, bad values, or no convergence.
+      ValueError: fewer than 4 points or 4 distinct counts (3 for ``amdahl``),
+        bad values, no convergence, or (``usl``) κ not identifiable.
     """
     _check_confidence(confidence)
+    if model not in USL_MODELS:
+        raise ValueError(f"model {model!r}: expected one of {', '.join(USL_MODELS)}")
     na, xa = np.asarray(n, dtype=float), np.asarray(x, dtype=float)
-    _validate_xy(na, xa, 4, "a USL fit")
-    if np.unique(na).size < 4:
-        raise ValueError(f"need at least 4 distinct device counts for a USL fit (3 parameters and an interval), "
-                         f"got {np.unique(na).size}")
+    if model == "amdahl":
+        return _fit_contention(na, xa, confidence, with_kappa=False)
+    try:
+        return _fit_contention(na, xa, confidence, with_kappa=True)
+    except _NotIdentifiable:
+        if model == "usl":
+            raise ValueError("the USL parameters are not identifiable from these device counts") from None
+        return _fit_contention(na, xa, confidence, with_kappa=False)
+
+
+class _NotIdentifiable(ValueError):
+    """κ cannot be told apart from λ and σ with these counts (a singular Jacobian)."""
+
+
+def _fit_contention(na: np.ndarray, xa: np.ndarray, confidence: float, with_kappa: bool) -> UslFit:
+    """The USL (with κ) or Amdahl's law (κ = 0) by least squares on log X; see ``fit_usl``."""
+    k = 3 if with_kappa else 2
+    _validate_xy(na, xa, k + 1, "a USL fit" if with_kappa else "an Amdahl fit")
+    if np.unique(na).size < k + 1:
+        raise ValueError(f"need at least {k + 1} distinct device counts for {'a USL' if with_kappa else 'an Amdahl'} "
+                         f"fit ({k} parameters and an interval), got {np.unique(na).size}")
     ly = np.log(xa)
-    design = np.column_stack([np.ones_like(na), na - 1, na * (na - 1)])
-    start, *_ = np.linalg.lstsq(design, na / xa, rcond=None)
+    columns = [np.ones_like(na), na - 1, na * (na - 1)][:k]
+    start, *_ = np.linalg.lstsq(np.column_stack(columns), na / xa, rcond=None)
     inv_lambda = start[0] if start[0] > 0 else float(np.median(na / xa))
-    p0 = np.array([-math.log(inv_lambda), start[1] / inv_lambda, start[2] / inv_lambda])
+    p0 = np.array([-math.log(inv_lambda), *(start[1:] / inv_lambda)])
+
+    def denominator(p):
+        return 1 + p[1] * (na - 1) + (p[2] * na * (na - 1) if with_kappa else 0.0)
 
     def residuals(p):
-        denom = 1 + p[1] * (na - 1) + p[2] * na * (na - 1)
-        return p[0] + np.log(na) - np.log(np.maximum(denom, 1e-300)) - ly
+        return p[0] + np.log(na) - np.log(np.maximum(denominator(p), 1e-300)) - ly
 
     result = optimize.least_squares(residuals, p0, method="lm", x_scale="jac")
-    denom = 1 + result.x[1] * (na - 1) + result.x[2] * na * (na - 1)
-    if not result.success or (denom <= 0).any():
-        raise ValueError(f"the USL fit did not converge ({result.message})")
-    dof = len(na) - 3
+    if not result.success or (denominator(result.x) <= 0).any():
+        raise ValueError(f"the {'USL' if with_kappa else 'Amdahl'} fit did not converge ({result.message})")
+    dof = len(na) - k
     sigma2 = float(result.fun @ result.fun) / dof
     jtj = result.jac.T @ result.jac
-    if np.linalg.matrix_rank(jtj) < 3:
-        raise ValueError("the USL parameters are not identifiable from these device counts")
-    cov = sigma2 * np.linalg.inv(jtj)
+    if np.linalg.matrix_rank(jtj) < k:
+        raise _NotIdentifiable("the parameters are not identifiable from these device counts")
+    cov = np.zeros((3, 3))
+    cov[:k, :k] = sigma2 * np.linalg.inv(jtj)
     se = np.sqrt(np.clip(np.diag(cov), 0, None))
     t = _t_crit(confidence, dof)
-    log_lambda, sigma, kappa = map(float, result.x)
+    log_lambda, sigma = float(result.x[0]), float(result.x[1])
+    kappa = float(result.x[2]) if with_kappa else 0.0
+    kappa_low, kappa_high = (kappa - t * se[2], kappa + t * se[2]) if with_kappa else (math.nan, math.nan)
     peak = math.sqrt((1 - sigma) / kappa) if kappa > 0 and sigma < 1 else math.nan
     return UslFit(lambda_=math.exp(log_lambda), sigma=sigma, kappa=kappa, sigma_stderr=float(se[1]),
-                  kappa_stderr=float(se[2]), sigma_ci_low=sigma - t * se[1], sigma_ci_high=sigma + t * se[1],
-                  kappa_ci_low=kappa - t * se[2], kappa_ci_high=kappa + t * se[2], peak_n=peak,
+                  kappa_stderr=float(se[2]) if with_kappa else math.nan, sigma_ci_low=sigma - t * se[1],
+                  sigma_ci_high=sigma + t * se[1], kappa_ci_low=kappa_low, kappa_ci_high=kappa_high, peak_n=peak,
                   residual_std=math.sqrt(sigma2), n=len(na), dof=dof, confidence=confidence,
-                  covariance=tuple(map(tuple, cov)))
+                  covariance=tuple(map(tuple, cov)), model="usl" if with_kappa else "amdahl")
 
 
 def usl_table(df: pd.DataFrame, x: str, ys: str | Sequence[str], by: Sequence[str] = (), confidence: float = 0.95,
@@ -1006,11 +1086,13 @@ def usl_table(df: pd.DataFrame, x: str, ys: str | Sequence[str], by: Sequence[st
 
     A y that is a cost (``direction_of`` 'lower', e.g. a step time) is fitted
     as the rate 1/y. Groups with fewer than 4 distinct x get a row whose note
-    says so and no estimates.
+    says so and no estimates. Where κ cannot be identified from the counts,
+    Amdahl's law (κ = 0) is fitted instead, and ``model`` says so.
 
     Returns:
-      The ``by`` columns, then ``USL_COLUMNS``: by, x, y, lambda_, sigma,
-      sigma_ci_low, sigma_ci_high, kappa, kappa_ci_low, kappa_ci_high, peak_n
+      The ``by`` columns, then ``USL_COLUMNS``: by, x, y, model (``usl`` or
+      ``amdahl``), lambda_, sigma, sigma_ci_low, sigma_ci_high, kappa
+      (0 under Amdahl), kappa_ci_low, kappa_ci_high (empty under Amdahl), peak_n
       (empty when κ ≤ 0), peak_y (X at peak_n), residual_std, n_points,
       n_x_values, dof, confidence, note.
     """
@@ -1038,10 +1120,12 @@ def usl_table(df: pd.DataFrame, x: str, ys: str | Sequence[str], by: Sequence[st
                 row["note"] = _join_notes(f"no fit: {err}", row["note"])
                 rows.append(row)
                 continue
-            row.update(lambda_=fit.lambda_, sigma=fit.sigma, sigma_ci_low=fit.sigma_ci_low,
+            row.update(model=fit.model, lambda_=fit.lambda_, sigma=fit.sigma, sigma_ci_low=fit.sigma_ci_low,
                        sigma_ci_high=fit.sigma_ci_high, kappa=fit.kappa, kappa_ci_low=fit.kappa_ci_low,
                        kappa_ci_high=fit.kappa_ci_high, residual_std=fit.residual_std, dof=fit.dof)
             notes = []
+            if fit.model == "amdahl":
+                notes.append("κ not identifiable from these counts: Amdahl's law fitted (κ = 0)")
             if math.isfinite(fit.peak_n):
                 row["peak_n"] = fit.peak_n
                 row["peak_y"] = float(fit.predict(fit.peak_n))
@@ -1122,7 +1206,7 @@ def predict_table(df: pd.DataFrame, x: str, ys: str | Sequence[str], by: Sequenc
                         fit = fit_power_law(xs_, ys_, confidence)
                         low, high = fit.prediction_interval(at)
                         return fit.predict(at), low, high
-                    fit = fit_usl(xs_, 1 / ys_ if inverted else ys_, confidence)
+                    fit = fit_usl(xs_, 1 / ys_ if inverted else ys_, confidence, model="usl")
                     value, (low, high) = fit.predict(at), fit.prediction_interval(at)
                     return (1 / value, 1 / high, 1 / low) if inverted else (value, low, high)
 

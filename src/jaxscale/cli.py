@@ -1,6 +1,7 @@
-"""`jaxscale run | plan | analyze | compare | devices | calibrate`: parse, call the library, print.
+"""`jaxscale run | plan | analyze | compare | devices | calibrate | profiles`: parse, call the library, print.
 
-Exit codes: 0 all points ok, 1 some points failed (listed), 2 bad input.
+Exit codes: 0 all points ok, 1 some points failed (listed), 2 bad input (a profile, a path, a folder in use),
+130 interrupted (Ctrl-C; the command that continues is printed).
 """
 
 from __future__ import annotations
@@ -19,10 +20,16 @@ def _prepare_runtime(compile_cache: bool = True) -> None:
 
     Without XLA_FLAGS from the user, the host platform gets 8 virtual devices, so
     a machine without an accelerator can still run multi-device meshes (the flag
-    only affects the CPU backend). The persistent compilation cache is JAX's own.
+    only affects the CPU backend); JAXSCALE_ADDED_XLA_FLAGS says it was jaxscale's
+    doing, so records keep it apart from the user's flags. The persistent
+    compilation cache is JAX's own.
     """
+    from jaxscale.config import ADDED_XLA_FLAGS_ENV
+
     if "XLA_FLAGS" not in os.environ:
-        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={HOST_DEVICES}"
+        flag = f"--xla_force_host_platform_device_count={HOST_DEVICES}"
+        os.environ["XLA_FLAGS"] = flag
+        os.environ[ADDED_XLA_FLAGS_ENV] = flag
     from jaxscale.targets import quiet_plugins
 
     quiet_plugins()
@@ -47,35 +54,171 @@ def _error(message) -> int:
     return 1
 
 
+def _note(message: str) -> None:
+    print(f"jaxscale: note: {message}", file=sys.stderr)
+
+
+def _read_recorded(path: Path):
+    """The rows of a runs.csv, its reader's warnings as one line each; None where there is no file."""
+    import warnings
+
+    from jaxscale.records import read_rows
+
+    if not path.is_file():
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = read_rows(path)
+    for w in caught:
+        print(f"jaxscale: warning: {w.message}", file=sys.stderr)
+    return rows
+
+
+def _profile_to_run(args, dist):
+    """The profile a `jaxscale run` runs, and the rows already recorded (on --resume, else None).
+
+    On --resume the folder's profile.toml is the sweep; a PROFILE or --set given
+    too must define the same sweep. Without a profile.toml (a host of several
+    that lacks the folder, or a folder from an older version) the PROFILE is
+    required and the folder's rows must be its own.
+    """
+    from jaxscale.config import ProfileError, load_profile, profile_difference
+    from jaxscale.records import check_not_in_use
+
+    if not args.resume:
+        return load_profile(args.profile or "smoke", args.set or []), None
+    folder = Path(args.resume)
+    if folder.exists() and not folder.is_dir():
+        raise ProfileError(f"--resume {folder}: a file, not a report folder; give the folder `jaxscale run` wrote")
+    if not dist.wanted:  # (several hosts: process 0 takes the folder once it knows it is process 0)
+        check_not_in_use(folder)  # a run still writing it is the reason, whatever the folder holds yet
+    saved = folder / "profile.toml"
+    recorded = _read_recorded(folder / "runs.csv")
+    if saved.is_file():
+        profile = load_profile(str(saved))
+        if args.profile or args.set:
+            given = load_profile(args.profile or str(saved), args.set or [])
+            difference = profile_difference(profile, given)
+            if difference:
+                what = " ".join(filter(None, [args.profile, *[f"--set {s}" for s in args.set or []]]))
+                raise ProfileError(f"--resume {folder}: {what} is not the sweep recorded there ({difference}); "
+                                   "resume with --resume alone to continue it, or start a new run without --resume")
+        return profile, recorded
+    if not args.profile:
+        raise ProfileError(f"--resume {folder}: no profile.toml there; give a report folder written by "
+                           "`jaxscale run` (on hosts without that folder, also give the PROFILE and --set options "
+                           "of the original run)")
+    if not folder.exists() and not dist.wanted:
+        raise ProfileError(f"--resume {folder}: no such folder")
+    profile = load_profile(args.profile, args.set or [])
+    if recorded is not None and len(recorded) and "profile" in recorded.columns:
+        others = sorted(set(recorded["profile"].dropna().astype(str)) - {profile.run.name})
+        if others:
+            raise ProfileError(f"--resume {folder}: its runs.csv holds rows of profile {others[0]!r}, not of "
+                               f"{profile.run.name!r} ({profile.source}); give the profile that recorded them")
+    return profile, recorded
+
+
+def _claim_report(args, profile, recorded):
+    """The report folder, held by this process: a new one (never reused) or the --resume one."""
+    from jaxscale.records import ReportDir, stamped
+
+    if args.resume:
+        return ReportDir.reopen(args.resume, recorded)
+    return ReportDir.create(args.out or "reports", stamped(profile.run.name))
+
+
+def _check_recorded_points(args, profile, points, recorded) -> None:
+    """Without a profile.toml to go by, the rows already in the folder must be points of this profile's grid."""
+    from jaxscale.config import ProfileError
+    from jaxscale.records import row_key
+
+    if recorded is None or not len(recorded) or (Path(args.resume) / "profile.toml").is_file():
+        return
+    keys = {p.key for p in points}
+    foreign = 0
+    for _, r in recorded.iterrows():
+        try:
+            foreign += row_key(r) not in keys
+        except (KeyError, ValueError, TypeError):
+            foreign += 1
+    if foreign:
+        raise ProfileError(f"--resume {args.resume}: {foreign} of its {len(recorded)} rows are points that "
+                           f"{profile.source} does not define; give the profile (and --set options) that "
+                           "recorded them")
+
+
+def _check_trace(selector_text: str, points) -> None:
+    """A --trace selector must match some point; else say what the points' values are."""
+    from jaxscale import sweep as sw
+    from jaxscale.config import ProfileError
+
+    selector = sw.parse_selector(selector_text)
+    if any(sw.matches(p, selector) for p in points):
+        return
+    values = []
+    for key in selector:
+        seen = sorted({str(p.grid_columns()[key]) for p in points}, key=lambda v: (len(v), v))
+        values.append(f"{key}: {', '.join(seen)}")
+    raise ProfileError(f"--trace {selector_text!r} matches none of the {len(points)} points (their "
+                       f"{'; '.join(values)})")
+
+
+def _interrupted(console, report, command: list[str], then: str = "continue with") -> int:
+    """After Ctrl-C: where the rows are and the command that continues, never a traceback; exit 130."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C must not cut this short
+    csv_path = report.path / "runs.csv" if report is not None else None
+    rows = len(csv_path.read_bytes().splitlines()) - 1 if csv_path is not None and csv_path.exists() else 0
+    if rows <= 0:
+        print("jaxscale: interrupted before any point finished; nothing was recorded", file=sys.stderr)
+        return 130
+    console.print(f"[yellow]interrupted; {rows} row(s) kept in {csv_path}; {then}:[/yellow]", soft_wrap=True)
+    print(shlex.join(command), flush=True)  # unwrapped, to copy and paste
+    return 130
+
+
 def cmd_run(args) -> int:
     from jaxscale import workers
-    from jaxscale.config import ProfileError, load_profile
+    from jaxscale.config import ProfileError
+    from jaxscale.records import ReportDirError, check_output_dir
 
     dist = workers.Distributed.from_args(args)
     if dist.wanted and not workers.supervised():
         return workers.supervise(args.argv, dist)
-
-    try:
-        if args.resume:
-            saved = Path(args.resume) / "profile.toml"
-            if saved.is_file():
-                if args.set:
-                    raise ProfileError("--resume takes the profile saved in the report folder; --set cannot change it")
-                profile = load_profile(str(saved))
-            elif args.profile:  # a host other than process 0's, without a shared file system
-                profile = load_profile(args.profile, args.set or [])
-            else:
-                raise ProfileError(f"--resume {args.resume}: no profile.toml there; give a report folder written "
-                                   "by `jaxscale run` (on hosts without that folder, also give the PROFILE and "
-                                   "--set options of the original run)")
-        else:
-            profile = load_profile(args.profile or "smoke", args.set or [])
-        isolation = workers.choose_isolation(profile.run)
-    except ProfileError as e:
-        return _fail(str(e))
-    _prepare_runtime(not args.no_compile_cache)
     from rich.console import Console
 
+    console = Console()
+    held = []  # the report folder once this process holds it
+    try:
+        try:
+            if args.retry_failed and not args.resume:
+                raise ProfileError("--retry-failed reruns the failed points of a recorded sweep: give it with "
+                                   "--resume REPORT_DIR")
+            profile, recorded = _profile_to_run(args, dist)
+            isolation = workers.choose_isolation(profile.run)
+            if not dist.wanted:  # one process: the folder is its own before any backend starts
+                held.append(_claim_report(args, profile, recorded))
+            elif args.out and not args.resume:
+                check_output_dir(args.out)
+        except (ProfileError, ReportDirError) as e:
+            return _fail(str(e))
+        return _run(args, dist, profile, isolation, recorded, held, console)
+    except KeyboardInterrupt:
+        folder = held[0].path if held else args.resume
+        return _interrupted(console, held[0] if held else None, ["jaxscale", "run", "--resume", str(folder)])
+    finally:
+        for report in held:
+            report.discard()  # releases it; removes a folder this run created and recorded nothing in
+
+
+def _run(args, dist, profile, isolation, recorded, held, console) -> int:
+    from jaxscale import workers
+    from jaxscale.config import ProfileError
+    from jaxscale.records import ReportDirError, os_error_line, stamped
+
+    _prepare_runtime(not args.no_compile_cache)
     from jaxscale import sweep as sw
 
     try:
@@ -84,86 +227,104 @@ def cmd_run(args) -> int:
         runtime = sw.open_runtime(profile, dist, compile_cache=not args.no_compile_cache)
     except workers.WorkerError as e:
         return _error(e)
-    lead = runtime.lead
-    console = Console(stderr=False, quiet=not lead)
+    report_dir = Path(args.resume or args.out or "reports")
     try:
-        points, dropped = sw.plan(profile, runtime)
-        if args.trace:
-            sw.parse_selector(args.trace)
-        if os.environ.get(sw.FAULT_ENV):
-            sw.parse_selector(os.environ[sw.FAULT_ENV])
-    except ProfileError as e:
-        return _fail(str(e))
-    if args.resume:
-        report_dir = Path(args.resume)
-    else:
-        report_dir = sw.new_report_dir(profile, args.out)
-    if dropped:
-        console.print(f"[yellow]{sum(dropped.values())} of {sum(dropped.values()) + len(points)} grid points "
-                      f"dropped:[/yellow]")
-        for reason, count in dropped.items():
-            console.print(f"  {count} x {reason}")
+        lead = runtime.lead
+        console.quiet = not lead
+        try:
+            points, dropped = sw.plan(profile, runtime)
+            if args.trace:
+                _check_trace(args.trace, points)
+            if os.environ.get(sw.FAULT_ENV):
+                sw.parse_selector(os.environ[sw.FAULT_ENV])
+            if args.resume and lead:
+                _check_recorded_points(args, profile, points, recorded)
+            if lead and not held:  # several hosts: process 0 holds the folder
+                held.append(_claim_report(args, profile, recorded))
+        except (ProfileError, ReportDirError) as e:
+            return _fail(str(e))
+        if held:
+            report_dir = held[0].path
+        else:  # another host's process: it records nothing, and names traces as process 0 would
+            report_dir = Path(args.resume) if args.resume else Path(args.out or "reports") / stamped(profile.run.name)
+        if dropped:
+            _print_dropped(console, dropped, len(points))
+        result = _sweep_with_progress(args, profile, runtime, report_dir, console)
+    except OSError as e:
+        return _fail(f"{os_error_line(e, str(report_dir))}; rows finished before are kept: free the space or fix "
+                     f"the permissions, then `jaxscale run --resume {report_dir}`")
+    except workers.WorkerError as e:
+        return _error(e)
+    finally:
+        runtime.close()
+    if not lead:
+        return 0 if not len(result.failed) else 1
+    print_runs(console, result.rows)
+    if result.skipped:
+        console.print(f"{result.skipped} points were already recorded in {report_dir} and were skipped", soft_wrap=True)
+    console.print(f"rows: {report_dir / 'runs.csv'}", soft_wrap=True)
+    if not args.no_analyze and len(result.rows):
+        _analyze_into(console, result.rows, report_dir, quiet_errors=True)
+    if result.interrupted:
+        return _interrupted(console, held[0], ["jaxscale", "run", "--resume", str(report_dir)])
+    failed = result.failed
+    if len(failed):
+        console.print(f"[red]{len(failed)} point(s) failed:[/red]")
+        for _, r in failed.iterrows():
+            console.print(f"  {r['size_name']} {r['strategy']} n={r['n_devices']}: {r['status']}: "
+                          f"{str(r['error'])[:160]}", markup=False)
+        return 1
+    return 0
+
+
+def _print_dropped(console, dropped, kept: int) -> None:
+    total = sum(dropped.values()) + kept
+    console.print(f"[yellow]{sum(dropped.values())} of {total} grid points dropped:[/yellow]")
+    for reason, count in dropped.items():
+        console.print(f"  {count} x {reason}", markup=False)
+
+
+def _sweep_with_progress(args, profile, runtime, report_dir, console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from jaxscale import sweep as sw
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False, disable=not lead) as progress:
+                  console=console, transient=False, disable=not runtime.lead) as progress:
         task = progress.add_task("starting", total=None)
 
         def on_point(point, i, total):
             progress.update(task, total=total, completed=i, description=f"{point.describe():<28}")
 
-        def on_row(row):
-            progress.advance(task)
-
-        try:
-            result = sw.run_profile(profile, report_dir, resume=bool(args.resume), retry_failed=args.retry_failed,
-                                    trace=args.trace, on_point=on_point, on_row=on_row, runtime=runtime)
-        except workers.WorkerError as e:
-            return _error(e)
-        finally:
-            runtime.close()
+        result = sw.run_profile(profile, report_dir, resume=bool(args.resume), retry_failed=args.retry_failed,
+                                trace=args.trace, on_point=on_point, on_row=lambda row: progress.advance(task),
+                                runtime=runtime)
         progress.update(task, description="done")
-    if not lead:
-        return 0 if not len(result.failed) else 1
-    print_runs(console, result.rows)
-    if result.skipped:
-        console.print(f"{result.skipped} points were already recorded in {report_dir} and were skipped")
-    console.print(f"rows: {report_dir / 'runs.csv'}")
-    if not args.no_analyze and len(result.rows):
-        _analyze_into(console, result.rows, report_dir)
-    if result.interrupted:
-        command = ["jaxscale", "run", "--resume", str(report_dir)]
-        console.print("[yellow]interrupted; resume with:[/yellow]")
-        print(shlex.join(command), flush=True)  # unwrapped, to copy and paste
-        return 130
-    failed = result.failed
-    if len(failed):
-        console.print(f"[red]{len(failed)} point(s) failed:[/red]")
-        for _, r in failed.iterrows():
-            console.print(f"  {r['size_name']} {r['strategy']} n={r['n_devices']}: {r['status']}: {str(r['error'])[:160]}")
-        return 1
-    return 0
+    return result
 
 
 def print_runs(console, rows) -> None:
     """A short table of the sweep's rows: rich on a terminal, plain full-width text elsewhere.
 
     Off a terminal (a pipe, a CI log) rich would squeeze the table into 80
-    columns and cut its cells; the plain table keeps every cell whole.
+    columns and cut its cells; the plain table keeps every cell whole. On a
+    narrow terminal the least needed columns are left out instead of cutting cells.
     """
     headers, cells = _runs_cells(rows)
-    _print_cells(console, "jaxscale runs", headers, cells, {"size", "strategy", "mesh", "status", "remat", "xla_flags"})
+    _print_cells(console, "jaxscale runs", headers, cells, {"size", "strategy", "mesh", "status", "remat", "xla_flags"},
+                 optional=("mesh", "params", "tokens/s", "cv", "xla_flags", "remat", "mem/device"))
 
 
-def _print_cells(console, title: str, headers: list[str], cells: list[list[str]], left: set[str]) -> None:
-    """Cells as a rich Table on a terminal, else as plain full-width text."""
-    from rich.table import Table
+def _print_cells(console, title: str, headers: list[str], cells: list[list[str]], left: set[str],
+                 optional=(), wrap=()) -> None:
+    """Cells as a rich Table fitted to the terminal, else as plain full-width text."""
+    from rich.markup import escape
 
-    table = Table(title=title)
-    for name in headers:
-        table.add_column(name, justify="left" if name in left else "right")
-    for line in cells:
-        table.add_row(*line)
+    from jaxscale.report import console_table
+
+    cells = [[escape(c) for c in line] for line in cells]
+    table = console_table(title, headers, cells, left=left, wrap=wrap, optional=optional,
+                          width=console.width if console.is_terminal else None)
     print_table(console, table)
 
 
@@ -216,49 +377,94 @@ def _plain_table(headers: list[str], cells: list[list[str]], left: set[str]) -> 
 
 
 def _analyze_into(console, rows, out_dir: Path, expectations=(), confidence: float = 0.95,
-                  tolerance: float | None = None) -> None:
+                  tolerance: float | None = None, quiet_errors: bool = False) -> None:
     """The default analysis of jaxscale rows into out_dir. Every table is computed before
-    anything is written, so a ValueError (rows that cannot share a fit) leaves no files."""
+    anything is written, so a ValueError (rows that cannot share a fit) leaves no files.
+
+    With ``quiet_errors`` (the end of a run, whose rows are safe) such a ValueError
+    is one warning line instead of an exception.
+    """
     from jaxscale import analyze, report
 
     tolerance = analyze.DEFAULT_TOLERANCE if tolerance is None else tolerance
-    fits = analyze.default_fits(rows, confidence=confidence, tolerance=tolerance)
-    efficiency = analyze.scaling_efficiency(rows)
-    joint = analyze.default_joint_fit(rows, confidence=confidence, tolerance=tolerance)
-    usl = analyze.default_usl(rows, confidence=confidence)
-    predictions = analyze.default_predictions(rows, confidence=confidence)
-    plan = analyze.plan_vs_measured(rows)
-    checks = None
-    if expectations:
-        import pandas as pd
+    try:
+        fits = analyze.default_fits(rows, confidence=confidence, tolerance=tolerance)
+        efficiency = analyze.scaling_efficiency(rows)
+        joint = analyze.default_joint_fit(rows, confidence=confidence, tolerance=tolerance)
+        usl = analyze.default_usl(rows, confidence=confidence)
+        predictions = analyze.default_predictions(rows, confidence=confidence)
+        plan = analyze.plan_vs_measured(rows)
+        checks = None
+        if expectations:
+            import pandas as pd
 
-        frames = []
-        for text in expectations:
-            y, x, b = analyze.parse_expectation(text)
-            frames.append(analyze.check_expectation(rows, y=y, x=x, exponent=b, confidence=confidence,
-                                                    tolerance=tolerance))
-        checks = pd.concat(frames, ignore_index=True)
+            frames = []
+            for text in expectations:
+                y, x, b = analyze.parse_expectation(text)
+                frames.append(analyze.check_expectation(rows, y=y, x=x, exponent=b, confidence=confidence,
+                                                        tolerance=tolerance))
+            checks = pd.concat(frames, ignore_index=True)
+    except ValueError as e:
+        if not quiet_errors:
+            raise
+        print(f"jaxscale: warning: no analysis: {e}", file=sys.stderr)
+        return
+    _report_unusable(rows, analyze.DEFAULT_COLUMNS)
     report.write_report(out_dir, fits, runs=rows, efficiency=efficiency, joint=joint, expectations=checks, usl=usl,
                         predictions=predictions, plan=plan if len(plan) else None)
-    print_table(console, report.fits_console_table(fits))
-    console.print(f"fits: {out_dir / 'fits.csv'}, summary: {out_dir / 'summary.md'}, plots: {out_dir / 'plots'}")
+    _print_fits(console, fits, rows, out_dir)
+
+
+def _print_fits(console, fits, rows, out_dir: Path) -> None:
+    from jaxscale import analyze, report
+
+    if fits.empty or not analyze.succeeded(rows).any():
+        _note(f"no fits: {analyze.why_no_fits(rows)}")
+    if not fits.empty:
+        print_table(console, report.fits_console_table(fits, console.width if console.is_terminal else None))
+    console.print(f"fits: {out_dir / 'fits.csv'}, summary: {out_dir / 'summary.md'}, plots: {out_dir / 'plots'}",
+                  soft_wrap=True)
+
+
+def _report_unusable(rows, columns) -> None:
+    """One line per fitted column whose successful rows hold values a log-log fit cannot use."""
+    from jaxscale import analyze
+
+    for column, count in analyze.unusable_values(rows, columns).items():
+        _note(f"{column}: {count} row(s) with a value <= 0 or infinite left out of the fits")
 
 
 def load_tables(paths: list[str]):
-    """Read and concatenate CSVs for analysis; a problem is a ValueError naming the file."""
+    """Read and concatenate CSVs (or report folders' runs.csv) for analysis; a problem is a ValueError naming the file.
+
+    A file given twice is read once, and rows that repeat a run's point (the
+    same run_id, or the same file, and the same grid point) are dropped; each
+    says so in one line.
+    """
     import warnings
 
     import pandas as pd
 
-    from jaxscale.records import read_rows
+    from jaxscale.records import drop_duplicates, file_digest, read_rows, run_labels
 
-    frames = []
+    frames, seen = [], {}
     for name in paths:
         path = Path(name)
-        if not path.is_file():
-            raise ValueError(f"{name}: no such file; give the path of a CSV (a runs.csv or any table)")
+        if path.is_dir():
+            if not (path / "runs.csv").is_file():
+                raise ValueError(f"{name}: a folder without runs.csv; give a report folder written by `jaxscale "
+                                 "run` or `jaxscale plan`, or a CSV file")
+            path = path / "runs.csv"
+        elif not path.is_file():
+            raise ValueError(f"{name}: no such file or folder; give the path of a CSV (a runs.csv or any table) "
+                             "or of a report folder")
         if path.stat().st_size == 0:
             raise ValueError(f"{name}: the file is empty; expected a CSV with a header line")
+        digest = file_digest(path)
+        if digest in seen:
+            _note(f"{name} holds the same rows as {seen[digest]}; read once")
+            continue
+        seen[digest] = name
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -269,8 +475,13 @@ def load_tables(paths: list[str]):
             print(f"jaxscale: warning: {w.message}", file=sys.stderr)
         if frame.empty:
             raise ValueError(f"{name}: has a header but no rows")
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+        frames.append(frame.assign(_file=len(frames)))
+    rows = pd.concat(frames, ignore_index=True)
+    runs = run_labels(rows, "").where(run_labels(rows, "") != "", "file " + rows["_file"].astype(str))
+    rows, dropped = drop_duplicates(rows.drop(columns="_file"), runs)
+    if dropped:
+        _note(f"dropped {dropped} duplicate row(s): the same run and grid point recorded twice (kept the first)")
+    return rows.reset_index(drop=True)
 
 
 def _require_numeric(frame, column: str, source: str) -> None:
@@ -296,9 +507,16 @@ def cmd_analyze(args) -> int:
     from rich.console import Console
 
     from jaxscale import analyze, report
+    from jaxscale.records import ReportDirError, check_output_dir, os_error_line
 
     console = Console()
     source = ", ".join(args.csv)
+    first = Path(args.csv[0])
+    out = Path(args.out) if args.out else (first if first.is_dir() else first.resolve().parent) / "analysis"
+    try:
+        check_output_dir(out)
+    except ReportDirError as e:
+        return _fail(str(e))
     try:
         if not 0 < args.confidence < 1:
             raise ValueError(f"--confidence {args.confidence}: expected a number between 0 and 1, e.g. 0.95")
@@ -306,7 +524,6 @@ def cmd_analyze(args) -> int:
             raise ValueError(f"--tolerance {args.tolerance}: expected a finite number >= 0, e.g. 0.05")
         expectations = [analyze.parse_expectation(text) for text in args.expect]
         rows = load_tables(args.csv)
-        out = Path(args.out) if args.out else Path(args.csv[0]).resolve().parent / "analysis"
         if args.x or args.y:
             if not (args.x and args.y):
                 raise ValueError("--x and --y go together: --x COL --y COL [--y COL ...]")
@@ -344,12 +561,14 @@ def cmd_analyze(args) -> int:
                 checks = pd.concat([analyze.check_expectation(rows, y=y, x=x, exponent=b, by=args.by or None,
                                                               confidence=args.confidence, tolerance=args.tolerance)
                                     for y, x, b in expectations], ignore_index=True)
+            _report_unusable(rows, (args.x, *args.y))
             report.write_report(out, fits, runs=rows, expectations=checks, usl=usl, predictions=predictions)
-            print_table(console, report.fits_console_table(fits))
-            console.print(f"fits: {out / 'fits.csv'}, summary: {out / 'summary.md'}, plots: {out / 'plots'}")
+            _print_fits(console, fits, rows, out)
         else:
             _analyze_into(console, rows, out, [f"{y}:{x}={b}" for y, x, b in expectations], args.confidence,
                           args.tolerance)
+    except OSError as e:
+        return _fail(f"--out {out}: {os_error_line(e, str(out))}")
     except ValueError as e:
         message = str(e)
         return _fail(message if message.startswith(tuple(args.csv)) else f"{source}: {message}")
@@ -414,7 +633,12 @@ def cmd_compare(args) -> int:
     else:
         return _fail(f"compare takes two reports, BASE NEW (got {len(args.reports)}); for several a side, "
                      "--base PATH [--base PATH ...] --new PATH [--new PATH ...]")
+    from jaxscale.records import ReportDirError, check_output_dir, os_error_line
+
+    first = Path(new_paths[0])
+    out = Path(args.out) if args.out else (first if first.is_dir() else first.resolve().parent) / "compare"
     try:
+        check_output_dir(out)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             base, new = cmp.read_side(base_paths), cmp.read_side(new_paths)
@@ -423,14 +647,19 @@ def cmd_compare(args) -> int:
         if not cmp.matched(table):
             raise cmp.CompareError(f"no point of {', '.join(base_paths)} matches one of {', '.join(new_paths)} "
                                    f"on {', '.join(table.attrs['key'])}")
-    except cmp.CompareError as e:
+    except (cmp.CompareError, ReportDirError) as e:
         return _fail(str(e))
     for w in caught:
         print(f"jaxscale: warning: {w.message}", file=sys.stderr)
+    shared = cmp.shared_runs(base, new)
+    if shared:
+        print(f"jaxscale: warning: base and new hold the same run ({', '.join(shared[:3])}): its rows are compared "
+              "with themselves, so every ratio is 1 and says nothing about a change", file=sys.stderr)
     diff = cmp.runtime_diff(base.runtimes, new.runtimes)
-    first = Path(new_paths[0])
-    out = Path(args.out) if args.out else (first if first.is_dir() else first.resolve().parent) / "compare"
-    paths = cmp.write_compare(out, table, diff, base.sources, new.sources)
+    try:
+        paths = cmp.write_compare(out, table, diff, base.sources, new.sources)
+    except OSError as e:
+        return _fail(f"--out {out}: {os_error_line(e, str(out))}")
     main = diff[diff["main"]] if len(diff) else diff
     if main.empty:
         print("runtime: the same versions, devices, processes, flags and peak")
@@ -446,45 +675,80 @@ def cmd_compare(args) -> int:
                     and r["ratio_ci_low"] == r["ratio_ci_low"] else "")
         detail = f"{r['ratio']:.3f}x{interval}" if r["verdict"] == "slower" else r["note"]
         print(f"  {r['verdict']}: {cmp.point_label(r, extra)}: {detail}")
-    print("compare: " + ", ".join(str(p) for p in paths.values()))
+    print("compare: " + ", ".join(str(p) for p in paths.values()), flush=True)
     return 1 if cmp.gate_fails(table) else 0
 
 
 def cmd_plan(args) -> int:
     from jaxscale.config import ProfileError, load_profile
+    from jaxscale.records import ReportDir, ReportDirError, stamped
     from jaxscale.targets import TargetError, parse_target, require_compiler
 
-    try:
-        profile = load_profile(args.profile or "smoke", args.set or [])
-        topology = args.topology or profile.mesh.topology
-        if not topology:
-            raise TargetError(f"{profile.source}: no target: give --topology (e.g. v5e:16x16) or [mesh] topology")
-        target = parse_target(topology)
-        require_compiler(target)
-    except (ProfileError, TargetError) as e:
-        return _fail(str(e))
-    # Planning compiles for the target only: no local accelerator is initialized (and the
-    # CUDA plugin then skips its check for CUDA libraries it does not need to compile).
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    _prepare_runtime(not args.no_compile_cache)
-    import datetime as dt
-
     from rich.console import Console
+
+    console = Console()
+    held = []
+    try:
+        try:
+            profile = load_profile(args.profile or "smoke", args.set or [])
+            topology = args.topology or profile.mesh.topology
+            if not topology:
+                raise TargetError(f"{profile.source}: no target: give --topology (e.g. v5e:16x16) or [mesh] topology")
+            if args.topology and args.topology != args.topology.strip():
+                raise TargetError(f"--topology {args.topology!r}: spaces around the target; give "
+                                  f"--topology {args.topology.strip()}")
+            target = parse_target(topology)
+            require_compiler(target)
+            held.append(ReportDir.create(args.out or "reports",
+                                         stamped(f"{profile.run.name}-plan-{target.name.replace(':', '-')}")))
+        except (ProfileError, TargetError, ReportDirError) as e:
+            return _fail(str(e))
+        return _plan(args, profile, target, held[0].path, console)
+    except KeyboardInterrupt:
+        return _interrupted(console, held[0] if held else None, ["jaxscale", *args.argv],
+                            "plan again (a new folder) with")
+    finally:
+        for report in held:
+            report.discard()  # releases it; removes the folder when no point was planned
+
+
+def plan_points(profile, target):
+    """The points a plan compiles, and the reasons points were dropped, each with the number of points it drops.
+
+    A device count over the target's chips drops every point at that count
+    (sizes x strategies x batches x remat policies x flag sets), not one.
+    """
+    from jaxscale import plan as planner
+    from jaxscale.grid import grid_size
+
+    points, dropped = planner.plan_grid(profile, target)
+    for n in profile.mesh.devices:
+        reason = f"{n} chips exceed the {target.n_chips} of {target.name}"
+        if n > target.n_chips and reason in dropped:
+            dropped[reason] = grid_size(profile, (n,))
+    return points, dropped
+
+
+def _plan(args, profile, target, report_dir: Path, console) -> int:
+    from jaxscale.config import ProfileError
+    from jaxscale.records import os_error_line
+
+    # Planning compiles for the target only: no local accelerator is initialized (and the CUDA plugin then
+    # skips its check for CUDA libraries it does not need to compile). JAX's persistent compilation cache
+    # cannot load an executable compiled for a device it has no client for (it warns and compiles again),
+    # so a plan does not use it.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    _prepare_runtime(compile_cache=False)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from jaxscale import plan as planner
 
-    console = Console()
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    report_dir = Path(args.out or "reports") / f"{profile.run.name}-plan-{target.name.replace(':', '-')}-{stamp}"
     try:
-        points, dropped = planner.plan_grid(profile, target)
+        points, dropped = plan_points(profile, target)
     except ProfileError as e:
         return _fail(str(e))
     if dropped:
-        console.print(f"{sum(dropped.values())} of {sum(dropped.values()) + len(points)} grid points dropped:")
-        for reason, count in dropped.items():
-            console.print(f"  {count} x {reason}")
+        _print_dropped(console, dropped, len(points))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         task = progress.add_task("starting", total=len(points))
@@ -497,14 +761,18 @@ def cmd_plan(args) -> int:
                                       on_row=lambda row: progress.advance(task))
         except ProfileError as e:
             return _fail(str(e))
+        except OSError as e:
+            return _fail(f"{os_error_line(e, str(report_dir))}; free the space or fix the permissions, then plan "
+                         "again")
         progress.update(task, description="done")
     print_plan(console, result.rows)
-    console.print(f"rows: {report_dir / 'runs.csv'}")
+    console.print(f"rows: {report_dir / 'runs.csv'}", soft_wrap=True)
     if not args.no_analyze and (result.rows["status"] == "planned").sum() >= 2:
-        _analyze_into(console, result.rows, report_dir)
+        _analyze_into(console, result.rows, report_dir, quiet_errors=True)
     errors = result.rows[result.rows["status"] == "compile_error"]
     for _, r in errors.iterrows():
-        console.print(f"  {r['size_name']} {r['strategy']} n={r['n_devices']}: compile_error: {str(r['error'])[:200]}")
+        console.print(f"  {r['size_name']} {r['strategy']} n={r['n_devices']}: compile_error: {str(r['error'])[:200]}",
+                      markup=False)
     return 1 if len(errors) else 0
 
 
@@ -525,7 +793,8 @@ def print_plan(console, rows) -> None:
                       cell_bytes(total), share, cell_number(r.get("predicted_compute_s"), "{:.3g}"),
                       cell_number(r.get("predicted_comm_s"), "{:.3g}"), cell_number(r.get("predicted_step_time_s"), "{:.3g}"),
                       cell_number(r.get("predicted_mfu"), "{:.1%}")])
-    _print_cells(console, "jaxscale plan", headers, cells, {"size", "strategy", "slice", "remat", "status"})
+    _print_cells(console, "jaxscale plan", headers, cells, {"size", "strategy", "slice", "remat", "status"},
+                 optional=("compute_s", "comm_s", "state/chip", "batch", "remat", "slice", "of HBM"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -597,6 +866,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--no-analyze", action="store_true", help="skip the fits at the end")
     pl.set_defaults(func=cmd_plan)
 
+    prof = sub.add_parser("profiles", help="list the shipped profiles, one line each")
+    prof.set_defaults(func=cmd_profiles)
+
     cmp = sub.add_parser("compare", help="match two runs point by point: step-time ratios with intervals, verdicts",
                          description="Exit 0 when no point is slower beyond the threshold, 1 when one is (or fails "
                                      "where it ran before), 2 for bad input.")
@@ -617,11 +889,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_profiles(args) -> int:
+    """The shipped profiles, one line each: name, the command it is for, what it sweeps."""
+    from jaxscale.config import profile_summary, shipped_profiles
+
+    summaries = [(name, *profile_summary(path)) for name, path in shipped_profiles().items()]
+    width = max(len(name) for name, *_ in summaries)
+    for name, command, text in summaries:
+        print(f"{name:<{width}}  {command:<4}  {text}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C where a command has nothing to keep: no traceback
+        print("jaxscale: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ import numpy as np
 import pandas as pd
 
 from jaxscale.grid import KEY_COLUMNS
-from jaxscale.records import SUCCESS_STATUSES, read_rows
+from jaxscale.records import SUCCESS_STATUSES, drop_duplicates, file_digest, read_rows, run_labels
 from jaxscale.report import cell_bytes, cell_number
 
 # The point key: the grid key and the other columns that change the compiled program.
@@ -87,11 +87,13 @@ class Side:
       runtimes: one dict per report: its runtime.json, or the runtime columns of
         its rows where no runtime.json lies beside the CSV.
       sources: the runs.csv paths read.
+      digests: a hash of each file's bytes (one file under two names is one file).
     """
 
     runs: tuple[pd.DataFrame, ...]
     runtimes: tuple[dict, ...]
     sources: tuple[str, ...]
+    digests: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------- reading
@@ -106,7 +108,7 @@ def read_side(paths) -> Side:
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    frames, runtimes, sources = [], [], []
+    frames, runtimes, sources, digests = [], [], [], []
     for name in paths:
         path = Path(name)
         if path.is_dir():
@@ -130,12 +132,27 @@ def read_side(paths) -> Side:
         if missing or not ({"step_time_s", "predicted_step_time_s"} & set(frame.columns)):
             need = missing or ["step_time_s or predicted_step_time_s"]
             raise CompareError(f"{csv_path}: no column {', '.join(need)}, so these are not jaxscale rows")
+        digest = file_digest(csv_path)
+        if digest in digests:
+            warnings.warn(f"{csv_path} holds the same rows as {sources[digests.index(digest)]}; read once")
+            continue
         frames.append(frame)
         runtimes.append(_runtime_of(csv_path, frame))
         sources.append(str(csv_path))
+        digests.append(digest)
     if not frames:
         raise CompareError("nothing to compare: give at least one report folder or runs.csv per side")
-    return Side(runs=tuple(frames), runtimes=tuple(runtimes), sources=tuple(sources))
+    return Side(runs=tuple(frames), runtimes=tuple(runtimes), sources=tuple(sources), digests=tuple(digests))
+
+
+def shared_runs(base: Side, new: Side) -> list[str]:
+    """The runs both sides hold: run ids found on both, or files with the same bytes ('' when none)."""
+    ids = [set(run_labels(r)) - {""} for side in (base, new) for r in side.runs]
+    half = len(base.runs)
+    common = set().union(*ids[:half]) & set().union(*ids[half:])
+    files = [f"{b} = {n}" for b, db in zip(base.sources, base.digests) for n, dn in zip(new.sources, new.digests)
+             if db == dn]
+    return sorted(common) + files
 
 
 def _runtime_of(csv_path: Path, rows: pd.DataFrame) -> dict:
@@ -475,7 +492,16 @@ def compare(base_rows, new_rows, threshold: float = 0.05, confidence: float = 0.
             if lacking:
                 raise CompareError(f"the {name} rows have no column {', '.join(lacking)}, so they are not "
                                    "jaxscale rows")
-        sides.append(pd.concat([r.assign(_run=i) for i, r in enumerate(runs)], ignore_index=True))
+        side = pd.concat([r.assign(_file=i) for i, r in enumerate(runs)], ignore_index=True)
+        # A run is a run id (rows without one: the rows of one file), so two runs in one file are two runs and
+        # one run given twice is one.
+        labels = run_labels(side, "").where(run_labels(side, "") != "", "file " + side["_file"].astype(str))
+        side, repeats = drop_duplicates(side.drop(columns="_file"), labels)
+        if repeats:
+            warnings.warn(f"{name}: dropped {repeats} duplicate row(s), the same run and grid point recorded twice "
+                          "(kept the first)")
+        labels = labels.loc[side.index]
+        sides.append(side.assign(_run=pd.factorize(labels)[0]).reset_index(drop=True))
     key, left_out = match_columns(*sides)
     base = _normalize(sides[0], key)
     new = _normalize(sides[1], key)
@@ -937,7 +963,8 @@ def plot_ratios(table: pd.DataFrame, path: Path) -> Path | None:
     handles += [Line2D([], [], marker="s", ls="", color=c, label=v) for v, c in colors.items()]
     handles.append(Line2D([], [], lw=6, color="#d5dbdb", label=f"±{threshold:.0%}"))
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-    fig.suptitle("jaxscale compare: step time new / base with intervals (hollow: no interval)", fontsize=10)
+    fig.suptitle("jaxscale compare: step time new / base with intervals (hollow: a plan against a run, no "
+                 "interval)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - 1.3 / fig.get_figwidth(), 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,10 @@ import copy
 import dataclasses
 import difflib
 import itertools
+import math
+import re
 import tomllib
+import unicodedata
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,10 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 # and the cheap elementwise work is recomputed ("save_dots").
 REMAT_POLICIES = ("none", "full", "save_dots")
 ISOLATION_MODES = ("auto", "process", "none")
+
+# The XLA flags jaxscale itself put into XLA_FLAGS (the CPU's virtual device count), so that records can tell
+# them from the user's.
+ADDED_XLA_FLAGS_ENV = "JAXSCALE_ADDED_XLA_FLAGS"
 
 MODEL_KEYS = ("d_model", "n_layers", "n_heads", "d_ff", "d_ff_ratio", "seq_len", "vocab")
 
@@ -196,6 +203,27 @@ def shipped_profiles() -> dict[str, Path]:
     return {p.stem: p for p in sorted(profiles_dir().glob("*.toml"))}
 
 
+def profile_summary(path: Path) -> tuple[str, str]:
+    """(``run`` or ``plan``, the first sentence of the file's leading comment) of a profile file.
+
+    A profile with a [mesh] topology is for `jaxscale plan`.
+    """
+    text = Path(path).read_text()
+    comment = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        comment.append(line.lstrip("#").strip())
+    words = " ".join(comment)
+    end = re.search(r"(?<!e\.g)(?<!i\.e)\.\s+(?=\S)", words)  # a sentence's end, not "e.g. "
+    sentence = words if end is None else words[:end.start() + 1]
+    try:
+        topology = tomllib.loads(text).get("mesh", {}).get("topology")
+    except tomllib.TOMLDecodeError:
+        topology = None
+    return ("plan" if topology else "run"), sentence or "(no description)"
+
+
 def resolve_profile_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists() or "/" in name_or_path:
@@ -246,7 +274,10 @@ def apply_override(raw: dict, item: str, source: str = "--set") -> None:
     section, key = dotted.strip().split(".", 1)
     try:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as e:
+        if text.strip()[:1] in ('[', '{', '"', "'"):  # meant as TOML (a list, a table, a quoted string)
+            raise ProfileError(f"--set {item!r}: {text.strip()!r} is not a valid TOML value ({e}); e.g. "
+                               "model.d_model=[512,1024] or run.dtype=\"bfloat16\"") from None
         value = text.strip()  # a bare word such as bfloat16 or fsdp
     if section == "mesh" and key == "strategies" and isinstance(value, str):
         value = [value]
@@ -263,6 +294,7 @@ def _suggest(word: str, options) -> str:
 
 def build_profile(raw: dict, source: str = "<profile>") -> Profile:
     """Validate a raw profile dict (as read from TOML) into a Profile."""
+    _refuse_non_finite(raw, source)
     for section in raw:
         if section not in _ALLOWED:
             raise ProfileError(f"{source}: unknown table [{section}]{_suggest(section, _ALLOWED)}; "
@@ -282,6 +314,52 @@ def build_profile(raw: dict, source: str = "<profile>") -> Profile:
     mesh = v.mesh(merged["mesh"], models)
     v.cross(models, batch, mesh)
     return Profile(run=run, models=models, batch=batch, mesh=mesh, source=source, raw=merged)
+
+
+def _refuse_non_finite(value: Any, source: str, where: str = "") -> None:
+    """TOML has inf and nan; no profile value may be one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        section, _, key = where.partition(".")
+        raise ProfileError(f"{source}: [{section}] {key} = {value}: expected a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_non_finite(v, source, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for v in value:
+            _refuse_non_finite(v, source, where)
+
+
+def check_name(name: Any, where: str) -> str | None:
+    """Why a run or size name cannot name a folder or file, or None.
+
+    Names go into paths (report folders, traces): no path separators, no
+    control characters, not empty, no leading dot.
+    """
+    if not isinstance(name, str):
+        return "expected a string"
+    if not name.strip():
+        return "expected a non-empty name"
+    bad = sorted({c for c in name if c in "/\\" or unicodedata.category(c) == "Cc"})
+    if bad:
+        return (f"a {where} goes into file paths: no path separators or control characters "
+                f"(found {', '.join(repr(c) for c in bad)}); use letters, digits, '-', '_' and '.'")
+    if name.startswith("."):
+        return f"a {where} goes into file paths and may not start with '.'"
+    return None
+
+
+def profile_difference(a: Profile, b: Profile) -> str:
+    """'' when two profiles define the same sweep; else the keys that differ, as text (a's value, then b's)."""
+    if (a.run, a.models, a.batch, a.mesh) == (b.run, b.models, b.batch, b.mesh):
+        return ""
+    differences = []
+    for section in DEFAULTS:
+        ta, tb = a.raw.get(section, {}), b.raw.get(section, {})
+        for key in dict.fromkeys([*ta, *tb]):
+            if ta.get(key) != tb.get(key):
+                differences.append(f"[{section}] {key} = {_toml_value(ta.get(key)) if key in ta else 'unset'} "
+                                   f"there, {_toml_value(tb.get(key)) if key in tb else 'unset'} here")
+    return "; ".join(differences[:3]) or "the two define different sweeps"
 
 
 class _Validator:
@@ -311,8 +389,10 @@ class _Validator:
 
     def run(self, r: dict, default_name: str) -> RunSpec:
         name = r["name"] or default_name
-        if not isinstance(name, str):
-            self.fail("[run] name", name, "expected a string")
+        problem = check_name(name, "run name")
+        if problem:
+            fix = "" if r["name"] else " (it defaults to the profile's file name: set [run] name)"
+            self.fail("[run] name", name, problem + fix)
         fraction = r["max_memory_fraction"]
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             self.fail("[run] max_memory_fraction", fraction, "expected a number in (0, 1]")
@@ -370,6 +450,7 @@ class _Validator:
         elif not isinstance(sizes, list) or not sizes or not all(isinstance(s, dict) for s in sizes):
             self.fail("[model] sizes", sizes, "expected a list of tables ([[model.sizes]] with name, d_model, ...)")
         specs: list[ModelSpec] = []
+        names: dict[str, int] = {}
         for i, size in enumerate(sizes):
             where = f"[[model.sizes]] #{i + 1}" if m.get("sizes") is not None else "[model]"
             for key in size:
@@ -390,6 +471,14 @@ class _Validator:
                     axes.append(value)
                 else:
                     axes.append([value])
+            if name:
+                problem = check_name(name, "size name")
+                if problem:
+                    self.fail(f"{where} name", name, problem)
+                if name in names:
+                    self.fail(f"{where} name", name, f"also the name of [[model.sizes]] #{names[name]}; "
+                                                     "each size needs its own name")
+                names[name] = i + 1
             for combo in itertools.product(*axes):
                 specs.append(self.model(dict(zip(keys, combo)), name, where))
         unique = tuple(dict.fromkeys(specs))

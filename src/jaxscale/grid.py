@@ -79,6 +79,13 @@ def why_infeasible(model: ModelSpec, strategy: str, n: int, model_axis: int, n_p
     return None
 
 
+def grid_size(profile: Profile, devices: tuple[int, ...] | None = None) -> int:
+    """The number of points a profile's lists make before any is dropped (over ``devices``, default the profile's)."""
+    devices = profile.mesh.devices if devices is None else devices
+    per_count = len(profile.models) * len(profile.mesh.strategies) * len(profile.run.remat) * len(profile.run.xla_flags)
+    return sum(per_count * len(profile.batch.globals_for(n)) for n in devices)
+
+
 def build_grid(profile: Profile, n_available: int, n_processes: int = 1) -> tuple[list[Point], collections.Counter]:
     """Expand a profile into points, in a fixed order (size, device count, strategy, batch, remat, flags).
 
@@ -100,17 +107,19 @@ def build_grid(profile: Profile, n_available: int, n_processes: int = 1) -> tupl
                            f"(--set mesh.devices=[...])")
     points, dropped = [], collections.Counter()
     model_axis = profile.mesh.model_axis
+    # Each (size, count, strategy, batch) stands for one point per remat policy and flag set: a drop counts them all.
+    variants = len(profile.run.remat) * len(profile.run.xla_flags)
     for model in profile.models:
         for n in profile.mesh.devices:
             for strategy in profile.mesh.strategies:
                 reason = why_infeasible(model, strategy, n, model_axis, n_processes)
                 if reason:
-                    dropped[reason] += 1
+                    dropped[reason] += len(profile.batch.globals_for(n)) * variants
                     continue
                 data = data_axis_size(strategy, n, model_axis)
                 for batch in profile.batch.globals_for(n):
                     if batch % data:
-                        dropped[f"a global batch of {batch} does not split over a data axis of {data}"] += 1
+                        dropped[f"a global batch of {batch} does not split over a data axis of {data}"] += variants
                         continue
                     for remat in profile.run.remat:
                         for flags in profile.run.xla_flags:

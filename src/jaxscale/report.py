@@ -20,7 +20,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator  # noqa: E4
 from rich.table import Table  # noqa: E402
 
 from jaxscale.analyze import (DEFAULT_TOLERANCE, SHARED_HOST_NOTE, PowerLawFit, family_frame,  # noqa: E402
-                              fit_points, prepare_rows)
+                              fit_points, prepare_rows, succeeded, why_no_fits)
 
 LABELS = {
     "n_devices": "devices",
@@ -292,14 +292,16 @@ def _usl_section(usl: pd.DataFrame, pct: str) -> list[str]:
         def ci(name):
             return "" if pd.isna(r.get(name)) else (f"{r[name]:.3g} [{r[name + '_ci_low']:.3g}, "
                                                     f"{r[name + '_ci_high']:.3g}]")
-        table.append([f"{r['y']}", _group_label(r, columns), ci("sigma"), ci("kappa"), _num(r.get("peak_n")),
-                      _num(r["n_points"], "g"), _note(r["note"])])
+        kappa = "0 (fixed)" if r.get("model") == "amdahl" else ci("kappa")
+        table.append([f"{r['y']}", _group_label(r, columns), _text(r.get("model")), ci("sigma"), kappa,
+                      _num(r.get("peak_n")), _num(r["n_points"], "g"), _note(r["note"])])
     return ["## Knees: Universal Scalability Law", "",
             "X(N) = λN / (1 + σ(N−1) + κN(N−1)) fitted to throughput against device count (least squares on "
             f"log X); σ is contention, κ coherency (crosstalk), each with its {pct} interval (Wald, n − 3 dof). "
-            "Throughput peaks at N = √((1 − σ)/κ) when κ > 0. Families with fewer than 4 device counts are "
+            "Throughput peaks at N = √((1 − σ)/κ) when κ > 0. Where the counts cannot identify κ, Amdahl's law "
+            "(κ = 0, n − 2 dof) is fitted instead (model `amdahl`). Families with fewer than 4 device counts are "
             "listed without a fit.", "",
-            _md_table(["y", "group", f"σ [{pct} CI]", f"κ [{pct} CI]", "peak N", "n", "note"], table), ""]
+            _md_table(["y", "group", "model", f"σ [{pct} CI]", f"κ [{pct} CI]", "peak N", "n", "note"], table), ""]
 
 
 def _predictions_section(predictions: pd.DataFrame, pct: str) -> list[str]:
@@ -399,7 +401,8 @@ def _expectations_section(expectations: pd.DataFrame) -> list[str]:
 
 def fits_markdown(fits: pd.DataFrame, efficiency: pd.DataFrame | None = None, joint: pd.DataFrame | None = None,
                   expectations: pd.DataFrame | None = None, usl: pd.DataFrame | None = None,
-                  predictions: pd.DataFrame | None = None, plan: pd.DataFrame | None = None) -> str:
+                  predictions: pd.DataFrame | None = None, plan: pd.DataFrame | None = None,
+                  runs: pd.DataFrame | None = None) -> str:
     """summary.md: how to read it, verdicts at a glance, fit tables per family, efficiency, knees,
     predictions, joint fit, plan against measurement, expectations, notes.
 
@@ -411,6 +414,7 @@ def fits_markdown(fits: pd.DataFrame, efficiency: pd.DataFrame | None = None, jo
       usl: from ``analyze.usl_table`` / ``analyze.default_usl``.
       predictions: from ``analyze.predict_table`` / ``analyze.default_predictions``.
       plan: from ``analyze.plan_vs_measured``.
+      runs: the rows fitted, to say why there is no fit when ``fits`` is empty.
 
     Returns:
       Markdown text.
@@ -423,8 +427,9 @@ def fits_markdown(fits: pd.DataFrame, efficiency: pd.DataFrame | None = None, jo
         out += [f"> **Not graded here:** step time and throughput against device count. The rows ran on virtual "
                 f"CPU devices that share one host's cores, so adding devices cannot make a step faster; those "
                 "fits read *not applicable*. Memory and model-size verdicts still hold.", ""]
-    if fits.empty:
-        out += ["No fits: the rows have no usable x and y columns.", ""]
+    if fits.empty or (runs is not None and not succeeded(runs).any()):
+        out += [f"No fits: {why_no_fits(runs) if runs is not None else 'the rows have no usable x and y columns'}.",
+                ""]
     out += _glance(fits)
     notes = []
     for family, title, rows in _sections(fits):
@@ -448,26 +453,133 @@ def fits_markdown(fits: pd.DataFrame, efficiency: pd.DataFrame | None = None, jo
     return "\n".join(out)
 
 
-def fits_console_table(fits: pd.DataFrame) -> Table:
-    """The fits as a rich Table for the terminal (one row per fit, notes in the last column)."""
-    table = Table(title="power-law fits  y = a·x^b")
-    for header, justify in (("family", "left"), ("y", "left"), ("x", "left"), ("group", "left"),
-                            ("exponent", "right"), ("CI", "right"), ("ideal", "right"), ("assessment", "left"),
-                            ("regime", "left"), ("curve", "left"), ("n", "right"), ("note", "left")):
-        long = header in ("note", "group")
-        table.add_column(header, justify=justify, no_wrap=long, overflow="ellipsis" if long else "fold",
-                         max_width=48 if long else None)
+WRAP_MIN_WIDTH = 24  # a wrapped column (a note, a group) is never squeezed below this many characters
+
+
+def console_table(title: str, headers: list[str], cells: list[list[str]], left=(), wrap=(), optional=(),
+                  width: int | None = None, footnote: str | None = None) -> Table:
+    """Cells as a rich Table that fits ``width`` terminal columns without cutting a cell.
+
+    Every column keeps each cell on one line except those in ``wrap`` (text
+    wrapped at spaces, WRAP_MIN_WIDTH wide or as wide as its widest cell if
+    that is narrower). Where the table is wider than ``width``: the columns in
+    ``optional`` are left out in that order (least needed first); then the
+    ``footnote`` column's texts move under the table, numbered, the column
+    keeping their numbers; the caption says both. Cells may hold rich markup.
+
+    Args:
+      headers, cells: column names and rows of cell texts.
+      left: columns aligned left (the rest right).
+      width: the terminal's width; None for no limit.
+    """
+    from rich import box
+    from rich.text import Text
+
+    def build(shown: list[int], rows: list[list[str]], measuring: bool, fold_all: bool = False) -> Table:
+        table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False, pad_edge=False,
+                      collapse_padding=True)
+        for i in shown:
+            name = headers[i]
+            wrapped = name in wrap or fold_all
+            shortest = min(WRAP_MIN_WIDTH, max(_longest(rows, i), len(name))) if wrapped else None
+            if name in wrap and not fold_all:  # a wrapped text keeps its room: never squeezed to its longest word
+                shortest = min(WRAP_MIN_WIDTH, max(_widest(rows, i), len(name)))
+            table.add_column(name, justify="left" if name in left else "right", no_wrap=not wrapped,
+                             overflow="fold", max_width=shortest if measuring else None, min_width=shortest)
+        for line in rows:
+            table.add_row(*[line[i] for i in shown])
+        return table
+
+    def fits(shown: list[int], rows: list[list[str]]) -> bool:
+        import io
+
+        from rich.console import Console
+
+        if width is None:
+            return True
+        probe = Console(file=io.StringIO(), width=100_000, color_system=None)
+        probe.print(build(shown, rows, True))
+        return max(Text.from_ansi(line).cell_len for line in probe.file.getvalue().splitlines()) <= width
+
+    shown = list(range(len(headers)))
+    dropped = []
+    for name in optional:
+        if fits(shown, cells):
+            break
+        if name in headers and headers.index(name) in shown:
+            shown.remove(headers.index(name))
+            dropped.append(name)
+    notes: list[str] = []
+    if not fits(shown, cells) and footnote in headers and headers.index(footnote) in shown:
+        column = headers.index(footnote)
+        numbered = []
+        for line in cells:
+            text = line[column]
+            if text and text not in notes:
+                notes.append(text)
+            numbered.append([*line[:column], str(notes.index(text) + 1) if text else "", *line[column + 1:]])
+        cells = numbered
+    # Still too wide (a very long name): fold cells onto more lines rather than crop them.
+    table = build(shown, cells, False, fold_all=not fits(shown, cells))
+    caption = []
+    if dropped:
+        caption.append(f"left out at {width} columns: {', '.join(dropped)} (all in the CSV)")
+    if notes:
+        caption += [f"{footnote}s:"] + [f"{i}. {text}" for i, text in enumerate(notes, 1)]
+    if caption:
+        table.caption = "\n".join(caption)
+        table.caption_justify = "left"
+    return table
+
+
+def _widest(cells: list[list[str]], i: int) -> int:
+    """The widest cell of column i, as shown."""
+    from rich.text import Text
+
+    return max((Text.from_markup(line[i]).cell_len for line in cells), default=1)
+
+
+def _longest(cells: list[list[str]], i: int) -> int:
+    """The longest word of column i (a wrapped column need not be narrower)."""
+    from rich.text import Text
+
+    words = [w for line in cells for w in Text.from_markup(line[i]).plain.split()]
+    return max((len(w) for w in words), default=1)
+
+
+# Fit-table columns, and those left out first on a narrow terminal.
+FIT_CONSOLE_HEADERS = ["family", "y", "x", "group", "exponent", "CI", "ideal", "assessment", "regime", "curve", "n",
+                       "note"]
+FIT_CONSOLE_OPTIONAL = ("CI", "curve", "regime", "x", "family", "ideal", "n")
+
+
+def fits_console_table(fits: pd.DataFrame, width: int | None = None) -> Table:
+    """The fits as a rich Table for a terminal of ``width`` columns (one row per fit, notes last, wrapped).
+
+    On a narrow terminal the columns in FIT_CONSOLE_OPTIONAL are left out, in
+    that order, until the rest fit whole (see ``console_table``).
+    """
+    cells = []
     for family, _, rows in _sections(fits):
         columns = _group_columns(rows)[0]
         for _, row in rows.iterrows():
             b, ci = _exponent_text(row)
             verdict = _text(row.get("assessment", ""))
             style = {"worse than ideal": "yellow", "better than ideal": "cyan", "inconclusive": "dim"}.get(verdict, "")
-            table.add_row(family or "", row["y"], row["x"], _group_label(row, columns), b, ci,
+            cells.append([family or "", row["y"], row["x"], _escape(_group_label(row, columns)), b, ci,
                           _num(row["ideal_exponent"], "g"), f"[{style}]{verdict}[/]" if style else verdict,
                           _text(row["regime"]), _text(row.get("curvature", "")), _num(row["n_points"], "g"),
-                          _note(row["note"]))
-    return table
+                          _escape(_note(row["note"]))])
+    return console_table("power-law fits  y = a·x^b", FIT_CONSOLE_HEADERS, cells,
+                         left={"family", "y", "x", "group", "assessment", "regime", "curve", "note"},
+                         wrap={"group", "note"}, optional=FIT_CONSOLE_OPTIONAL, width=width,
+                         footnote="note")
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def _file_name(text: str) -> str:
@@ -665,7 +777,7 @@ def write_report(out_dir: Path | str, fits: pd.DataFrame, runs: pd.DataFrame | N
             written[name] = out_dir / name
     summary = out_dir / "summary.md"
     summary.write_text(fits_markdown(fits, efficiency=efficiency, joint=joint, expectations=expectations, usl=usl,
-                                     predictions=predictions, plan=plan))
+                                     predictions=predictions, plan=plan, runs=runs))
     written["summary.md"] = summary
     for path in plot_families(runs, fits, out_dir / "plots", usl=usl):
         written[f"plots/{path.name}"] = path

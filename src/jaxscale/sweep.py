@@ -25,10 +25,10 @@ import pandas as pd
 
 from jaxscale import devices as devinfo
 from jaxscale import flops
-from jaxscale.config import Profile, ProfileError, load_profile
+from jaxscale.config import ADDED_XLA_FLAGS_ENV, Profile, ProfileError, load_profile
 from jaxscale.grid import GRID_COLUMNS, Point, build_grid
 from jaxscale.measure import describe_step, time_pipelined
-from jaxscale.records import SCHEMA_VERSION, RowWriter, read_rows, row_key
+from jaxscale.records import SCHEMA_VERSION, ReportDir, RowWriter, read_rows, row_key, stamped
 from jaxscale.step import CompiledStep, compile_point
 
 FAULT_ENV = "JAXSCALE_INJECT_FAULT"  # selector of points whose step raises at run time (tests)
@@ -95,20 +95,79 @@ def runtime_columns() -> dict:
             "libtpu_version": libtpu_version(), "n_processes": jax.process_count()}
 
 
-def toolchain_versions() -> dict:
-    """What else decides a step's speed: libtpu, the CUDA plugin and runtime, cuDNN, and XLA_FLAGS."""
-    import importlib.metadata
+def toolchain_versions(backend: str | None = None) -> dict:
+    """What else decides a step's speed: libtpu, the CUDA plugin, runtime, driver and cuDNN, and XLA flags.
 
+    ``xla_flags`` is what the user set in XLA_FLAGS; ``xla_flags_added`` what
+    jaxscale added itself (the CPU's virtual device count), which only the CPU
+    backend reads. The CUDA plugin is asked for its libraries' versions on a
+    GPU backend only (elsewhere loading them would only print that no GPU is there).
+    """
     from jaxscale.targets import cuda_plugin_version, libtpu_version
 
-    out = {"libtpu_version": libtpu_version(), "cuda_plugin_version": cuda_plugin_version(),
-           "xla_flags": os.environ.get("XLA_FLAGS", "")}
-    for field, package in (("cuda_version", "nvidia-cuda-runtime-cu12"), ("cudnn_version", "nvidia-cudnn-cu12")):
+    user, added = split_xla_flags(os.environ.get("XLA_FLAGS", ""), os.environ.get(ADDED_XLA_FLAGS_ENV, ""))
+    return {"libtpu_version": libtpu_version(), "cuda_plugin_version": cuda_plugin_version(),
+            **cuda_versions(ask_plugin=backend == "gpu"), "xla_flags": user, "xla_flags_added": added}
+
+
+def split_xla_flags(flags: str, added: str) -> tuple[str, str]:
+    """(the user's flags, jaxscale's own) of an XLA_FLAGS value, given the flags jaxscale added to it."""
+    mine = set(added.split())
+    words = flags.split()
+    return " ".join(w for w in words if w not in mine), " ".join(w for w in words if w in mine)
+
+
+# Wheels that carry the CUDA runtime and cuDNN, CUDA 12 and 13 names (13's runtime dropped the suffix).
+CUDA_PACKAGES = ("nvidia-cuda-runtime-cu12", "nvidia-cuda-runtime", "nvidia-cuda-runtime-cu13")
+CUDNN_PACKAGES = ("nvidia-cudnn-cu12", "nvidia-cudnn-cu13")
+
+
+def cuda_versions(ask_plugin: bool = True) -> dict:
+    """CUDA runtime, driver and cuDNN versions as the CUDA plugin JAX loaded reports them.
+
+    Each falls back to the version of the installed wheel (CUDA 12 or 13
+    names) where the plugin cannot say (or ``ask_plugin`` is False); None
+    where neither can (no CUDA).
+    """
+    import importlib.metadata
+
+    out = {"cuda_version": None, "cudnn_version": None, "cuda_driver_version": None}
+    versions = None
+    if ask_plugin:
         try:
-            out[field] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[field] = None
+            from jax._src import lib as jax_lib
+
+            versions = getattr(jax_lib, "cuda_versions", None)
+        except ImportError:
+            pass
+    if versions is not None:
+        for field, name, text in (("cuda_version", "cuda_runtime_get_version", cuda_version_text),
+                                  ("cudnn_version", "cudnn_get_version", cudnn_version_text),
+                                  ("cuda_driver_version", "cuda_driver_get_version", cuda_version_text)):
+            try:
+                out[field] = text(int(getattr(versions, name)()))
+            except Exception:  # no driver, no library, or a plugin without the function
+                pass
+    for field, packages in (("cuda_version", CUDA_PACKAGES), ("cudnn_version", CUDNN_PACKAGES)):
+        for package in packages if out[field] is None else ():
+            try:
+                out[field] = importlib.metadata.version(package)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
     return out
+
+
+def cuda_version_text(value: int) -> str:
+    """CUDA's integer version (1000·major + 10·minor, e.g. 12090) as "12.9"."""
+    return f"{value // 1000}.{value % 1000 // 10}"
+
+
+def cudnn_version_text(value: int) -> str:
+    """cuDNN's integer version as "9.8.0": 10000·major + 100·minor + patch from cuDNN 9, 1000·major before."""
+    if value >= 90000:
+        return f"{value // 10000}.{value % 10000 // 100}.{value % 100}"
+    return f"{value // 1000}.{value % 1000 // 100}.{value % 100}"
 
 
 def memory_budget(peak: devinfo.PeakInfo, fraction: float) -> tuple[int | None, str]:
@@ -276,33 +335,51 @@ def _run_compiled(compiled: CompiledStep, run, point: Point, peak, model_flops: 
     return out
 
 
-def new_report_dir(profile: Profile, out: Path | str | None) -> Path:
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    base = Path(out) if out else Path("reports")
-    return base / f"{profile.run.name}-{stamp}"
+def new_report_dir(profile: Profile, out: Path | str | None) -> ReportDir:
+    """A new report folder ``<out>/<name>-<UTC time>`` (numbered when taken), created and held by this process.
+
+    Raises:
+      records.ReportDirError: ``out`` cannot hold it.
+    """
+    return ReportDir.create(out or "reports", stamped(profile.run.name))
 
 
 class _StopFlag:
-    """First Ctrl-C: finish the current point, then stop. Second: abort now."""
+    """First Ctrl-C: finish the current point, then stop. Second: abort now.
+
+    The second raises KeyboardInterrupt wherever Python is; where it cannot be
+    raised (a garbage-collection callback, a finalizer) Python would print it
+    and go on, so that is kept quiet here and ``abort`` makes the sweep raise it
+    once the point returns.
+    """
 
     def __init__(self):
         self.stop = False
+        self.abort = False
         self._previous = None
+        self._hook = None
 
     def __enter__(self):
         if _is_main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     def _handle(self, signum, frame):
         if self.stop:
+            self.abort = True
             raise KeyboardInterrupt
         self.stop = True
         print("\nCtrl-C: stopping after the current point (again to abort now)", file=sys.stderr)
 
+    def _unraisable(self, info):
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            self._hook(info)
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+            sys.unraisablehook = self._hook
 
 
 def _is_main_thread() -> bool:
@@ -439,7 +516,7 @@ def _run_points(profile, report_dir, runtime, *, resume, retry_failed, trace, on
         report_dir.mkdir(parents=True, exist_ok=True)
         (report_dir / "profile.toml").write_text(profile.to_toml())
         (report_dir / "runtime.json").write_text(json.dumps({**runtime.describe, **runtime.columns,
-                                                             **toolchain_versions(),
+                                                             **toolchain_versions(runtime.columns.get("backend")),
                                                              "isolation": runtime.isolation,
                                                              "peak": dataclasses.asdict(runtime.peak),
                                                              "memory_budget_bytes": runtime.budget}, indent=1))
@@ -456,6 +533,8 @@ def _run_points(profile, report_dir, runtime, *, resume, retry_failed, trace, on
                 row = runtime.measure(point, i, trace_dir)
                 if writer:
                     writer.append(row)
+                if flag.abort:  # a second Ctrl-C that could not be raised where it arrived
+                    raise KeyboardInterrupt
                 if on_row:
                     on_row(row)
                 if runtime.should_stop(i, flag.stop) and i + 1 < len(todo):
@@ -488,10 +567,14 @@ def run_sweep(profile: str | Profile, out: Path | str | None = None, overrides: 
     """
     if not isinstance(profile, Profile):
         profile = load_profile(profile, overrides)
-    runtime = open_runtime(profile)
+    report = new_report_dir(profile, out)
     try:
-        plan(profile, runtime)  # validate against the runtime before anything is written
-        result = run_profile(profile, new_report_dir(profile, out), runtime=runtime)
+        runtime = open_runtime(profile)
+        try:
+            plan(profile, runtime)  # validate against the runtime before anything is written
+            result = run_profile(profile, report.path, runtime=runtime)
+        finally:
+            runtime.close()
     finally:
-        runtime.close()
+        report.discard()  # releases it; removes it if nothing was recorded
     return result.rows
