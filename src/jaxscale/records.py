@@ -38,7 +38,8 @@ COLUMNS: tuple[str, ...] = (
     "schema_version", "run_id", "timestamp_utc", "profile", "row_source", "status", "error",
     # grid point
     "size_name", "strategy", "n_devices", "n_processes", "hosts", "mesh_shape", "d_model", "n_layers", "n_heads", "d_ff",
-    "seq_len", "vocab", "global_batch", "batch_mode", "dtype", "remat", "attention", "scan_layers", "xla_flags",
+    "seq_len", "vocab", "global_batch", "batch_mode", "dtype", "remat", "attention", "attention_impl", "attention_note", "scan_layers",
+    "xla_flags",
     "isolation",
     # runtime
     "backend", "topology", "device_kind", "jax_version", "jaxlib_version", "flax_version", "libtpu_version",

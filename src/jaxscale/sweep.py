@@ -170,19 +170,58 @@ def cudnn_version_text(value: int) -> str:
     return f"{value // 1000}.{value % 1000 // 100}.{value % 100}"
 
 
-def memory_budget(peak: devinfo.PeakInfo, fraction: float) -> tuple[int | None, str]:
-    """Bytes a point may plan to use per device, and where the limit comes from.
+@dataclasses.dataclass(frozen=True)
+class MemoryBudget:
+    """What a point may use per device, stated against the device's memory.
 
-    The device's bytes_limit where the backend reports one; on the CPU, the
-    host's physical memory shared by its local devices.
+    Attributes:
+      budget_bytes: max_memory_fraction of the device's memory, and never more
+        than the allocator's limit; None where nothing is known.
+      device_memory_bytes: the device's memory as JAX sees it, or None.
+      bytes_limit: the allocator's limit, where the backend keeps one.
+      source: how device_memory_bytes was found.
     """
-    if peak.memory_bytes:
-        return int(peak.memory_bytes * fraction), "bytes_limit"
+
+    budget_bytes: int | None
+    device_memory_bytes: int | None
+    bytes_limit: int | None
+    source: str
+
+    def describe(self) -> dict:
+        return {"memory_budget_bytes": self.budget_bytes, "device_memory_bytes": self.device_memory_bytes,
+                "bytes_limit": self.bytes_limit, "device_memory_source": self.source}
+
+
+def memory_budget(peak: devinfo.PeakInfo, fraction: float, allocator_fraction: float | None = None,
+                  platform: str | None = None) -> MemoryBudget:
+    """Bytes a point may plan to use per device: ``fraction`` of the device's memory.
+
+    Args:
+      peak: the run's PeakInfo; its memory_bytes is the allocator's bytes_limit
+        where the backend reports one.
+      fraction: ``[run] max_memory_fraction``.
+      allocator_fraction: the share of a GPU JAX's allocator was set up to take
+        (workers.Allocator.memory_fraction); the device's memory is its limit over
+        that share. None on a TPU, whose limit is the whole HBM.
+      platform: the backend (default: JAX's).
+
+    On the CPU the device's memory is the host's physical memory shared by its
+    local devices.
+    """
+    platform = platform or jax.default_backend()
+    limit = peak.memory_bytes
+    if limit and platform == "gpu" and allocator_fraction:
+        device = int(limit / allocator_fraction)
+        return MemoryBudget(min(int(device * fraction), limit), device, limit,
+                            f"bytes_limit / the allocator's memory fraction {allocator_fraction:g}")
+    if limit:
+        return MemoryBudget(int(limit * fraction), limit, limit, "bytes_limit")
     try:
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
-        return None, "unknown"
-    return int(host / jax.local_device_count() * fraction), "host memory / local devices"
+        return MemoryBudget(None, None, None, "unknown")
+    device = int(host / jax.local_device_count())
+    return MemoryBudget(int(device * fraction), device, None, "host memory / local devices")
 
 
 def _classify(exc: BaseException) -> str:
@@ -213,7 +252,7 @@ def base_row(point: Point, profile: Profile, columns: dict) -> dict:
 
 
 def measure_point(point: Point, profile: Profile, peak: devinfo.PeakInfo, trace_dir: Path | None = None,
-                  budget: int | None = None) -> dict:
+                  memory: MemoryBudget | None = None) -> dict:
     """Compile and time one grid point; failures come back as a row, never raised.
 
     Returns:
@@ -221,12 +260,16 @@ def measure_point(point: Point, profile: Profile, peak: devinfo.PeakInfo, trace_
     """
     run = profile.run
     row = base_row(point, profile, runtime_columns())
+    budget = memory.budget_bytes if memory else None
+    if memory:
+        row["device_memory_bytes"], row["bytes_limit"] = memory.device_memory_bytes, memory.bytes_limit
     model_flops = row["model_flops_per_step"]
     try:
         compiled = compile_point(point, run)
     except Exception as exc:  # XLA and tracing errors come in many types
         row.update(status="compile_error" if _classify(exc) != "oom" else "oom", error=_short(exc))
         return row
+    row["attention_impl"], row["attention_note"] = compiled.attention.impl, compiled.attention.note
     row["compile_s"] = compiled.compile_s
     row["params"] = compiled.params
     row["hosts"] = ";".join(sorted({f"p{d.process_index}" for d in compiled.mesh.devices.flat}))
@@ -239,7 +282,8 @@ def measure_point(point: Point, profile: Profile, peak: devinfo.PeakInfo, trace_
         over = bool(multihost_utils.broadcast_one_to_all(np.int32(over)))
     if over:
         row.update(status="over_budget", error=f"compiled step needs {planned} bytes per device, over the budget "
-                                               f"of {budget} (max_memory_fraction={run.max_memory_fraction})")
+                                               f"of {budget}: max_memory_fraction={run.max_memory_fraction} of the "
+                                               f"device's {memory.device_memory_bytes} bytes ({memory.source})")
         _fill_compiled_columns(row, compiled, peak)
         return row
     try:
@@ -397,12 +441,16 @@ class InProcess:
     isolation = "none"
 
     def __init__(self, profile: Profile):
+        from jaxscale import workers
+
+        allocator = workers.allocator_in_process(profile.run.max_memory_fraction)  # before the backend starts
         self.profile = profile
         self.device_count, self.process_count = jax.device_count(), jax.process_count()
         self.lead = jax.process_index() == 0
         self.describe, self.columns = devinfo.describe(), runtime_columns()
         self.peak = devinfo.resolve_peak(profile.run.dtype)
-        self.budget, _ = memory_budget(self.peak, profile.run.max_memory_fraction)
+        self.memory = memory_budget(self.peak, profile.run.max_memory_fraction, allocator.memory_fraction)
+        self.allocator = allocator
 
     def broadcast(self, values: list[int]) -> list[int]:
         """Process 0's values, on every process."""
@@ -413,7 +461,7 @@ class InProcess:
         return [int(v) for v in multihost_utils.broadcast_one_to_all(np.asarray(values, dtype=np.int32))]
 
     def measure(self, point: Point, index: int, trace_dir: Path | None) -> dict:
-        row = measure_point(point, self.profile, self.peak, trace_dir, self.budget)
+        row = measure_point(point, self.profile, self.peak, trace_dir, self.memory)
         row["isolation"] = "none"
         if self.process_count > 1:  # keep every process on the same point
             from jax.experimental import multihost_utils
@@ -519,7 +567,8 @@ def _run_points(profile, report_dir, runtime, *, resume, retry_failed, trace, on
                                                              **toolchain_versions(runtime.columns.get("backend")),
                                                              "isolation": runtime.isolation,
                                                              "peak": dataclasses.asdict(runtime.peak),
-                                                             "memory_budget_bytes": runtime.budget}, indent=1))
+                                                             **runtime.memory.describe(),
+                                                             "allocator": runtime.allocator.describe()}, indent=1))
     writer = RowWriter(csv_path) if lead else None
     interrupted = False
     try:

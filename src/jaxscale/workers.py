@@ -141,6 +141,27 @@ def allocator_for(max_memory_fraction: float, environ=None) -> Allocator:
     return Allocator({}, known, "user", user)
 
 
+def allocator_in_process(max_memory_fraction: float) -> Allocator:
+    """allocator_for, applied to this process's environment if JAX's backends have not started yet."""
+    allocator = allocator_for(max_memory_fraction)
+    if not allocator.env:
+        return allocator
+    if _backends_started():
+        return Allocator({}, None, "unknown", {"note": "JAX's backends started before jaxscale could set the "
+                                                       "allocator up; its limit is JAX's or the caller's"})
+    os.environ.update(allocator.env)
+    return allocator
+
+
+def _backends_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return bool(getattr(xla_bridge, "_backends", None))
+    except Exception:  # an internal module: where it moves, assume the worst
+        return True
+
+
 # ------------------------------------------------------ jax.distributed
 
 
@@ -338,6 +359,7 @@ class WorkerRuntime:
 
     def __init__(self, profile, *, dist: Distributed | None = None, compile_cache: bool = True):
         from jaxscale import devices as devinfo
+        from jaxscale import sweep
 
         self.profile = profile
         self.compile_cache = compile_cache
@@ -349,7 +371,8 @@ class WorkerRuntime:
         self._tmp = Path(tempfile.mkdtemp(prefix="jaxscale-workers-"))
         self._count = 0
         self._zygote = _Zygote.start()
-        probe = {"task": "probe", "dtype": profile.run.dtype, "fraction": profile.run.max_memory_fraction}
+        probe = {"task": "probe", "dtype": profile.run.dtype, "fraction": profile.run.max_memory_fraction,
+                 "allocator_fraction": self.allocator.memory_fraction}
         try:
             if self.owners is None and not accelerator_present():
                 info = _do_task(probe)  # only the CPU here: the owner may open it itself, and save a worker
@@ -364,7 +387,8 @@ class WorkerRuntime:
         self.device_count, self.process_count = info["device_count"], info["process_count"]
         self.describe, self.columns = info["describe"], info["columns"]
         self.peak = devinfo.PeakInfo(**info["peak"])
-        self.budget = info["budget"]
+        self.memory_facts = info["memory"]
+        self.memory = sweep.MemoryBudget(**info["memory"])
 
     # -- the sweep's interface (see sweep.InProcess)
 
@@ -381,7 +405,8 @@ class WorkerRuntime:
         from jaxscale import sweep
 
         spec = {"task": "point", "profile": self.profile.raw, "source": self.profile.source,
-                "point": dataclasses.asdict(point), "trace_dir": str(trace_dir) if trace_dir else None}
+                "point": dataclasses.asdict(point), "trace_dir": str(trace_dir) if trace_dir else None,
+                "memory": self.memory_facts}
         ended = self._run_everywhere(f"point/{index}", spec, xla_flags=point.xla_flags)
         if ended.result is not None and ended.result.get("row") is not None:
             row = ended.result["row"]
@@ -658,18 +683,17 @@ def _do_task(spec: dict) -> dict:
 
     if spec["task"] == "probe":
         peak = devinfo.resolve_peak(spec["dtype"])
-        budget, _ = sweep.memory_budget(peak, spec["fraction"])
+        memory = sweep.memory_budget(peak, spec["fraction"], spec.get("allocator_fraction"))
         return {"device_count": jax.device_count(), "process_count": jax.process_count(),
                 "describe": devinfo.describe(), "columns": sweep.runtime_columns(),
-                "peak": dataclasses.asdict(peak), "budget": budget}
+                "peak": dataclasses.asdict(peak), "memory": dataclasses.asdict(memory)}
     from jaxscale.config import build_profile
 
     profile = build_profile(spec["profile"], spec["source"])
     point = _point_from_dict(spec["point"])
     peak = devinfo.resolve_peak(profile.run.dtype)
-    budget, _ = sweep.memory_budget(peak, profile.run.max_memory_fraction)
     trace_dir = Path(spec["trace_dir"]) if spec.get("trace_dir") else None
-    return {"row": sweep.measure_point(point, profile, peak, trace_dir, budget)}
+    return {"row": sweep.measure_point(point, profile, peak, trace_dir, sweep.MemoryBudget(**spec["memory"]))}
 
 
 def worker_main(spec_path: str) -> int:
