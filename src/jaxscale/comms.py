@@ -115,6 +115,7 @@ class Collective:
       times: executions per step.
       groups: device groups (positions in the device assignment).
       group_size: devices per group.
+      channel: its channel_id ("" where none), which pairs it with the kernels that run it.
     """
 
     kind: str
@@ -123,6 +124,7 @@ class Collective:
     times: int
     groups: tuple[tuple[int, ...], ...]
     group_size: int
+    channel: str = ""  # channel_id, "" where the HLO gives none
 
     @property
     def ring_factor(self) -> float:
@@ -163,8 +165,9 @@ def find_collectives(hlo_text: str | HloModule, n_devices: int) -> list[Collecti
                 kind = "reduce-scatter"
             groups = tuple(tuple(g) for g in replica_groups(inst.attrs, n_devices))
             size = 2 if kind == "collective-permute" else max((len(g) for g in groups), default=1)
-            c = Collective(kind, inst.name, _full_bytes(module, inst, kind), times, groups, size)
             channel = re.search(r"channel_id=(\d+)", inst.attrs)
+            c = Collective(kind, inst.name, _full_bytes(module, inst, kind), times, groups, size,
+                           channel.group(1) if channel else "")
             if channel:
                 key = f"{kind}|{channel.group(1)}"
                 if key not in by_channel or by_channel[key].times < times:

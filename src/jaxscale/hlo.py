@@ -698,6 +698,7 @@ class Kernel:
     computation: str
     position: int
     opaque: str = ""  # a kernel whose FLOPs cannot be counted: its target
+    attention: bool = False  # a fused attention kernel (cuDNN, Pallas splash/flash)
 
 
 class _Counter:
@@ -891,6 +892,10 @@ class _Counter:
         in-place dynamic-update-slice touching its update."""
         op = inst.opcode
         result = self.hbm_bytes_of(inst.shape)
+        if op == "custom-call" and inst.target.startswith(_GEMM_TARGETS + ("__cudnn$",)):
+            leaves = [a for a in arrays(inst.shape) if self.hbm(a)]  # the last leaf is the library's workspace
+            result = sum(a.nbytes for a in leaves[:-1]) if len(leaves) > 1 and leaves[-1].dtype == "u8" or \
+                len(leaves) > 1 and leaves[-1].dtype == "s8" else result
         if op in _SLICES:
             return 2 * result
         if op == "dynamic-update-slice" and len(inst.operands) > 1:
@@ -955,6 +960,16 @@ def _collective_role(inst: Instruction, module: HloModule) -> str:
     return ""
 
 
+def is_attention(inst: Instruction) -> bool:
+    """A fused attention kernel: cuDNN's ``__cudnn$fmha*`` calls, Pallas splash or flash attention."""
+    if inst.opcode != "custom-call":
+        return False
+    if inst.target.startswith("__cudnn$fmha"):
+        return True
+    return inst.target in OPAQUE_KERNELS and bool(re.search(r"splash|flash|attention|_mha_|_mqa_",
+                                                             _kernel_name(inst)))
+
+
 def kernels(hlo: str | HloModule, counter: _Counter | None = None) -> dict[str, list[Kernel]]:
     """The kernels of every top-level computation, in schedule order, keyed by computation."""
     module = parse(hlo)
@@ -980,7 +995,7 @@ def kernels(hlo: str | HloModule, counter: _Counter | None = None) -> dict[str, 
                 counter.counted[h] = counter.counted.get(h, 0) + module.multiplicity.get(comp, 0)
             items.append(Kernel(inst.name, kind, flops, counter.kernel_bytes(inst) if kind == "compute" else 0,
                                 _collective_channel(inst, module) if role else "", comp, position,
-                                ",".join(sorted(set(opaque)))))
+                                ",".join(sorted(set(opaque))), kind == "compute" and is_attention(inst)))
         out[comp] = items
     return out
 
@@ -997,6 +1012,8 @@ class ProgramStats:
       flops: FLOPs per step: matmul-class kernels (dots, convolutions, gemm custom
         calls, fused attention, Pallas kernels) plus elementwise work.
       matmul_flops: the matmul-class part of ``flops``.
+      attention_flops: the fused attention kernels' part of ``flops`` (the kernels XLA's own
+        cost analysis does not see even where it runs).
       hbm_bytes: bytes read and written in device memory per step, kernels and collectives.
       collective_hbm_bytes: the collectives' part of ``hbm_bytes``.
       loops: while loops; ``unknown_trip_counts``: those whose trip count could not be
@@ -1010,6 +1027,7 @@ class ProgramStats:
     kernels: int
     flops: int
     matmul_flops: int
+    attention_flops: int
     hbm_bytes: int
     collective_hbm_bytes: int
     loops: int
@@ -1046,7 +1064,7 @@ def program_stats(hlo_text: str | HloModule, n_devices: int | None = None) -> Pr
     module = parse(hlo_text)
     counter = _Counter(module)
     per_comp = kernels(module, counter)
-    n_kernels, flops, matmul, nbytes, loops = 0, 0, 0, 0, 0
+    n_kernels, flops, matmul, attention, nbytes, loops = 0, 0, 0, 0, 0, 0
     opaque: set[str] = set()
     for comp, items in per_comp.items():
         times = module.multiplicity.get(comp, 0)
@@ -1058,6 +1076,7 @@ def program_stats(hlo_text: str | HloModule, n_devices: int | None = None) -> Pr
                 continue
             n_kernels += times
             flops += times * k.flops
+            attention += times * k.flops if k.attention else 0
             matmul += times * _matmul_only(counter, insts[k.position])
             nbytes += times * k.hbm_bytes
             if k.opaque:
@@ -1076,7 +1095,8 @@ def program_stats(hlo_text: str | HloModule, n_devices: int | None = None) -> Pr
     counted = tuple(sorted(counter.counted.items()))
     if counted:
         notes.append("FLOPs of " + ", ".join(f"{n} {how}" for how, n in counted) + " counted from the HLO")
-    return ProgramStats(kernels=n_kernels, flops=flops, matmul_flops=matmul, hbm_bytes=nbytes + collective_bytes,
+    return ProgramStats(kernels=n_kernels, flops=flops, matmul_flops=matmul, attention_flops=attention,
+                        hbm_bytes=nbytes + collective_bytes,
                         collective_hbm_bytes=collective_bytes, loops=loops,
                         unknown_trip_counts=module.unknown_trip_counts, opaque_kernels=tuple(sorted(opaque)),
                         counted_kernels=counted, flops_trusted=trusted, flops_note="; ".join(notes))
@@ -1102,12 +1122,14 @@ def loop_corrected_cost(cost: dict, hlo_text: str) -> tuple[float | None, float 
 
     Both come from the optimized HLO (program_stats), whatever the backend, so they
     are also there where the compiler gives no cost analysis (deviceless GPU
-    compiles). FLOPs are None where they cannot be trusted (an unreadable trip
-    count, a kernel that cannot be counted). ``cost`` is XLA's cost_analysis dict:
-    the correction reports how far the HLO count is from XLA's one-trip figures.
+    compiles). The FLOPs leave out the fused attention kernels (cuDNN, Pallas
+    attention), which callers add as measure.hidden_flops, as they always did for
+    XLA's cost analysis; they are None where they cannot be trusted (an unreadable
+    trip count, a kernel that cannot be counted). ``cost`` is XLA's cost_analysis
+    dict: the correction reports how far the HLO count is from XLA's one-trip figures.
     """
     stats = program_stats(hlo_text)
-    flops = float(stats.flops) if stats.flops_trusted else None
+    flops = float(stats.flops - stats.attention_flops) if stats.flops_trusted else None
     one_trip_flops, one_trip_bytes = cost.get("flops"), cost.get("bytes accessed")
     correction = LoopCorrection(stats.loops, stats.unknown_trip_counts,
                                 (flops or 0.0) - float(one_trip_flops or 0.0),
