@@ -21,7 +21,9 @@ Per-step semantics of the collective counts:
   collective into the start, body and done computations of an
   ``async_collective_fusion`` (a collective matmul); clones share the
   collective's ``channel_id``, so instructions with one channel_id are one
-  collective, counted at the largest multiplicity among them.
+  collective, counted as often as its start runs (the computation beside the
+  ``AsyncCollectiveStart`` custom call; a start before a loop whose body holds
+  clones runs once), else at the largest multiplicity among them.
 
 ``bytes`` is the full, unsharded size of the array each collective works on:
 the operands of an all-reduce, reduce-scatter, all-to-all or permute, the
@@ -152,9 +154,11 @@ def find_collectives(hlo_text: str | HloModule, n_devices: int) -> list[Collecti
     """Every collective of a per-device HLO module, with executions per step."""
     module = parse(hlo_text)
     by_channel: dict[str, Collective] = {}
+    started: set[str] = set()  # channels whose instance sits beside the TPU's AsyncCollectiveStart
     out: list[Collective] = []
     for comp, insts in module.computations.items():
         times = module.multiplicity.get(comp, 0)
+        is_start = any(i.opcode == "custom-call" and i.target == "AsyncCollectiveStart" for i in insts)
         for inst in insts:
             kind = _OPCODE_KIND.get(inst.opcode)
             if kind is None:
@@ -170,7 +174,10 @@ def find_collectives(hlo_text: str | HloModule, n_devices: int) -> list[Collecti
                            channel.group(1) if channel else "")
             if channel:
                 key = f"{kind}|{channel.group(1)}"
-                if key not in by_channel or by_channel[key].times < times:
+                if is_start:  # the collective runs as often as its start does, whatever its clones' loops
+                    by_channel[key] = c
+                    started.add(key)
+                elif key not in started and (key not in by_channel or by_channel[key].times < times):
                     by_channel[key] = c
             else:
                 out.append(c)

@@ -248,6 +248,7 @@ class HloModule:
     multiplicity: dict[str, int]
     unknown_trip_counts: int
     platform: str = ""  # "tpu" when the layouts carry TPU tiles, else ""
+    _local: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
     def parse(cls, text: str) -> "HloModule":
@@ -285,6 +286,17 @@ class HloModule:
         module = cls(computations, entry, instructions, {}, 0, "tpu" if ":T(" in text else "")
         module._count_executions()
         return module
+
+    def operand(self, inst: Instruction, k: int = 0) -> Instruction | None:
+        """Operand k of an instruction, looked up in its own computation first (hand-written HLO may
+        reuse names across computations; XLA's never does)."""
+        if k >= len(inst.operands):
+            return None
+        name = inst.operands[k]
+        local = self._local.get(inst.computation)
+        if local is None:
+            local = self._local[inst.computation] = {i.name: i for i in self.computations.get(inst.computation, [])}
+        return local.get(name) or self.instructions.get(name)
 
     def bytes_of(self, name: str) -> int:
         inst = self.instructions.get(name)
@@ -542,7 +554,7 @@ def _kernel_name(inst: Instruction) -> str:
     if m:
         return m.group(1)
     m = re.search(r'op_name="[^"]*/(splash_[\w]+|[\w]*flash[\w]*)/[^"/]*pallas_call', inst.attrs)
-    return m.group(1) if m else inst.name
+    return m.group(1) if m else f"{inst.target} {inst.name}"
 
 
 def _splash_flops(inst: Instruction, module: HloModule) -> int | None:
@@ -923,7 +935,11 @@ class _Counter:
 
 
 def _collective_channel(inst: Instruction, module: HloModule) -> str:
-    """The channel of a collective, or of the collective a fusion wraps (the TPU's async collective fusions)."""
+    """The channel of a collective, of the collective a fusion wraps (the TPU's async collective fusions),
+    or, for the ``-done`` half of an async pair, of its start."""
+    if inst.opcode.endswith("-done") and module.operand(inst) is not None:
+        start = _start_of(module.operand(inst), module)
+        return _collective_channel(start, module) if start is not None else inst.name
     m = re.search(r"channel_id=(\d+)", inst.attrs)
     if m:
         return m.group(1)
@@ -933,6 +949,26 @@ def _collective_channel(inst: Instruction, module: HloModule) -> str:
                 m = re.search(r"channel_id=(\d+)", sub.attrs)
                 return m.group(1) if m else sub.name
     return inst.name
+
+
+def _start_of(inst: Instruction, module: HloModule, depth: int = 0) -> Instruction | None:
+    """The start of an async pair a ``-done`` waits on: its operand, or, where the start travelled
+    through a loop's state (a pipelined loop), the element of the loop body's root tuple it came from."""
+    if depth > 8:
+        return None
+    if inst.opcode != "get-tuple-element":
+        return inst
+    index = re.search(r"index=(\d+)", inst.attrs)
+    source = module.operand(inst)
+    if index is None or source is None:
+        return None
+    body = source.attr("body") if source.opcode == "while" else (
+        source.computation if source.opcode == "parameter" else None)
+    root = module.root(body) if body else None
+    if root is None or root.opcode != "tuple" or int(index.group(1)) >= len(root.operands):
+        return None
+    nxt = module.operand(root, int(index.group(1)))
+    return _start_of(nxt, module, depth + 1) if nxt is not None else None
 
 
 def _collective_role(inst: Instruction, module: HloModule) -> str:

@@ -40,6 +40,8 @@ import math
 import re
 from typing import Callable
 
+import numpy as np
+
 from jaxscale import hlo
 
 
@@ -138,14 +140,15 @@ class _Time:
 class Op:
     """One scheduled kernel, reduced to what the model needs.
 
-    kind: ``compute``, ``collective`` (synchronous), ``start``/``done`` (an async
+    kind: ``compute``, ``segment`` (consecutive compute kernels: ``flops`` and ``hbm_bytes``
+    are arrays), ``collective`` (synchronous), ``start``/``done`` (an async
     collective), ``loop`` (``subs``: its body and condition, run ``trips`` times
     each) or ``branch`` (a conditional or call: the slowest of ``subs`` runs once).
     """
 
     kind: str
-    flops: float = 0.0
-    hbm_bytes: float = 0.0
+    flops: float | np.ndarray = 0.0
+    hbm_bytes: float | np.ndarray = 0.0
     channel: str = ""
     seconds: float = 0.0
     link: str = ""
@@ -193,7 +196,7 @@ class Schedule:
                     ops.append(Op(kind, channel=k.channel, seconds=seconds, link=link))
                     if kind != "done":
                         launches += module.multiplicity.get(comp, 0)
-            out[comp] = tuple(ops)
+            out[comp] = tuple(_segments(ops))
         return cls(out, module.entry, launches)
 
     def predict(self, peak_flops: float, hbm_bytes_per_s: float, efficiency: Efficiency = Efficiency()) -> StepTime:
@@ -213,15 +216,13 @@ class Schedule:
             in_flight: dict[str, tuple[float, float]] = {}  # channel -> (start wall time, end time)
             waited_early: dict[str, float] = {}  # channel -> wall time of a done met before its start
             for op in self.computations[comp]:
-                if op.kind == "compute":
+                if op.kind == "segment":  # consecutive kernels, as arrays
                     c, m = op.flops / rate_c, op.hbm_bytes / rate_m
-                    total.wall += max(c, m)
-                    total.compute += c
-                    total.memory += m
-                    if c >= m:
-                        total.compute_bound += c
-                    else:
-                        total.memory_bound += m
+                    total.wall += float(np.maximum(c, m).sum())
+                    total.compute += float(c.sum())
+                    total.memory += float(m.sum())
+                    total.compute_bound += float(np.where(c >= m, c, 0.0).sum())
+                    total.memory_bound += float(np.where(c < m, m, 0.0).sum())
                 elif op.kind == "loop":
                     for sub in op.subs:
                         total.add(walk(sub, stack + (comp,)), op.trips)
@@ -261,6 +262,21 @@ class Schedule:
                         compute_bound_s=t.compute_bound, memory_bound_s=t.memory_bound, comm_s=t.comm,
                         exposed_comm_s=exposed, overlapped_s=max(roofline, t.comm), exposed_s=roofline + t.comm,
                         bound=bound)
+
+
+def _segments(ops: list) -> list:
+    """Runs of consecutive compute kernels as one ``segment`` op holding their FLOPs and bytes as arrays."""
+    out, run = [], []
+    for op in ops + [None]:
+        if op is not None and op.kind == "compute":
+            run.append(op)
+            continue
+        if run:
+            out.append(Op("segment", np.array([o.flops for o in run]), np.array([o.hbm_bytes for o in run])))
+            run = []
+        if op is not None:
+            out.append(op)
+    return out
 
 
 def predict(hlo_text: str | hlo.HloModule, peak_flops: float, hbm_bytes_per_s: float,
@@ -319,53 +335,70 @@ _BOUNDS = (0.02, 1.5)
 
 
 def fit_efficiency(samples: list[Sample], source: str) -> Efficiency:
-    """η_c and η_m that make the model's steps match measured ones (least squares on relative error).
+    """η_c and η_m that make the model's steps match measured ones (least squares on log step time).
 
     With one step, or steps whose compute-bound and memory-bound shares are too alike to tell
-    the two apart, one common factor scales both (η_c = η_m); otherwise both are fitted. Each
-    kernel's bound (compute or memory) depends on the efficiencies, so the linear fit of
-    1/η_c and 1/η_m is repeated from the new values until it settles.
+    the two apart (the fit's Jacobian is near singular), one common factor scales both
+    (η_c = η_m); otherwise both are fitted, by a grid search on log η that narrows around
+    its best point from the common-factor solution (each kernel's bound moves with the
+    efficiencies, so the problem is piecewise, not linear).
     """
-    import numpy as np
-
     if not samples:
         raise ValueError("no measured steps to calibrate against")
     lo, hi = _BOUNDS
 
-    def common() -> Efficiency:
-        # the step falls as the common factor grows: bisect on log scale for the least-squares factor
+    def scale(ratio: float) -> float:
+        """The least-squares common factor of (η_c, η_m) = (f·ratio, f) (bisection on log f: the
+        steps fall as f grows)."""
         def residual(f: float) -> float:
-            e = Efficiency(f, f, source)
+            e = Efficiency(min(max(f * ratio, lo), hi), min(max(f, lo), hi), source)
             return sum(math.log(sum(s.terms(e)) / s.measured_s) for s in samples)
 
-        a, b = lo, hi
+        a, b = lo / max(ratio, 1), hi / max(ratio, 1)
         if residual(b) > 0:
-            return Efficiency(hi, hi, source)
+            return b
         if residual(a) < 0:
-            return Efficiency(lo, lo, source)
-        for _ in range(60):
+            return a
+        for _ in range(50):
             mid = math.sqrt(a * b)
             a, b = (mid, b) if residual(mid) > 0 else (a, mid)
-        f = math.sqrt(a * b)
-        return Efficiency(f, f, source + "; one factor for compute and memory")
+        return math.sqrt(a * b)
 
+    f = scale(1.0)
+    common = Efficiency(f, f, source + "; one factor for compute and memory")
     if len(samples) == 1:
-        return common()
-    e = Efficiency(1.0, 1.0, source)
-    for _ in range(8):
-        rows, rhs = [], []
-        for s in samples:
-            cb, mb, exposed = s.terms(e)
-            rows.append([cb * e.compute / s.measured_s, mb * e.memory / s.measured_s])
-            rhs.append((s.measured_s - exposed) / s.measured_s)
-        a = np.array(rows)
-        if np.linalg.matrix_rank(a, tol=1e-9) < 2 or np.linalg.cond(a) > 1e3:
-            return common()
-        x, *_ = np.linalg.lstsq(a, np.array(rhs), rcond=None)
-        if not all(np.isfinite(x)) or min(x) <= 0:
-            return common()
-        new = Efficiency(min(max(1 / x[0], lo), hi), min(max(1 / x[1], lo), hi), source)
-        if abs(new.compute - e.compute) < 1e-4 and abs(new.memory - e.memory) < 1e-4:
-            return new
-        e = new
-    return e
+        return common
+    # Without communication every step scales as 1/f at a fixed ratio ρ = η_c/η_m, so the best f at a ρ
+    # has a closed form and the fit is a search over ρ alone: a grid, then a golden-section refinement.
+    base = Efficiency(1.0, 1.0)
+
+    def spread(log_ratio: float) -> float:
+        r = math.exp(log_ratio)
+        e = Efficiency(min(max(r, lo), hi), 1.0) if r <= 1 else Efficiency(1.0, min(max(1 / r, lo), hi))
+        d = [math.log(sum(s.terms(e)) / s.measured_s) for s in samples]
+        mean = sum(d) / len(d)
+        return sum((x - mean) ** 2 for x in d)
+
+    del base
+    grid = np.linspace(math.log(lo / hi), math.log(hi / lo), 241)
+    values = [spread(x) for x in grid]
+    k = int(np.argmin(values))
+    a, b = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    golden = (math.sqrt(5) - 1) / 2
+    for _ in range(40):
+        x1, x2 = b - golden * (b - a), a + golden * (b - a)
+        if spread(x1) < spread(x2):
+            b = x2
+        else:
+            a = x1
+    ratio = math.exp((a + b) / 2)
+    f = scale(ratio)
+    fitted = Efficiency(min(max(f * ratio, lo), hi), min(max(f, lo), hi), source)
+    jacobian = []
+    for s in samples:
+        cb, mb, exposed = s.terms(fitted)
+        total = cb + mb + exposed
+        jacobian.append([cb / total, mb / total])
+    if np.linalg.matrix_rank(np.array(jacobian), tol=1e-6) < 2 or np.linalg.cond(np.array(jacobian)) > 1e3:
+        return common
+    return fitted
