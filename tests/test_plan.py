@@ -198,22 +198,28 @@ def test_gpu_plan_compiles_for_h100s_it_does_not_have():
     assert "InfiniBand" in row["comm_link_data"] and "crosses hosts" in row["comm_link_data"]
     # no cost analysis without a GPU: the FLOPs, bytes and kernels come from the HLO
     analytic = flops.train_flops(128, 2, 64, 256, 32, 512, causal=False)
-    assert row["xla_flops_per_step"] == pytest.approx(analytic, rel=0.06)
+    assert 1.0 <= row["xla_flops_per_step"] / analytic <= 1.10  # + the elementwise work, 7% at d_model 128
     assert row["predicted_memory_s"] > 0 and row["xla_bytes_accessed_per_device"] > 0
     assert row["compiled_argument_bytes"] > 0 and row["peak_tflops_per_device"] == pytest.approx(989.5)
 
 
 @GPU
 def test_gpu_hlo_flops_match_the_analytic_count_at_the_gpu_1x_sizes():
-    """Deviceless H100 compiles of profiles/gpu-1x.toml (attention auto: XLA's attention, the full square)."""
+    """Deviceless H100 compiles of profiles/gpu-1x.toml with cuDNN attention, whose causal kernels do half the
+    score square, at a batch of 4 sequences. At the profile's 8, XLA's own attention needs more than 80 GB from
+    350m on, and 1b with cuDNN 61.5 GB: the compiler's rematerialization then recomputes to fit its budget, and
+    the HLO counts those FLOPs too (1.28x the analytic count at 350m, 1.21x at 1b)."""
     from jaxscale.config import load_profile
 
-    profile = load_profile("gpu-1x", ["run.scan_layers=true"])
+    profile = load_profile("gpu-1x", ["run.scan_layers=true", 'run.attention="cudnn"', "batch.global_batch=4"])
     for point in build_grid(profile, 1)[0]:
         row = plan_point(point, profile, targets.parse_target("h100:1x1"))
+        assert row["status"] == "planned", (point.model.name, row["error"])
         m = point.model
-        analytic = flops.train_flops(m.d_model, m.n_layers, m.seq_len, m.vocab, point.global_batch, m.d_ff)
+        analytic = flops.train_flops(m.d_model, m.n_layers, m.seq_len, m.vocab, point.global_batch, m.d_ff,
+                                     causal=True)
         assert 0.97 <= row["xla_flops_per_step"] / analytic <= 1.10, (m, row["xla_flops_per_step"] / analytic)
+        assert "cuDNN attention" in row["flops_note"]
 
 
 H200_RUN = Path(__file__).parent / "data" / "h200-gpu-1x-cudnn"
@@ -231,7 +237,7 @@ def h200_plan(tmp_path_factory):
 
 
 @GPU
-def test_h200_plans_count_the_flops_the_measured_steps_did(h200_plan):
+def test_gpu_h200_plans_count_the_flops_the_measured_steps_did(h200_plan):
     planned, measured = h200_plan
     for name, r in planned.iterrows():
         m = measured.loc[name]
@@ -243,7 +249,7 @@ def test_h200_plans_count_the_flops_the_measured_steps_did(h200_plan):
 
 
 @GPU
-def test_h200_plans_against_the_measured_steps(h200_plan):
+def test_gpu_h200_plans_against_the_measured_steps(h200_plan):
     """Measured on one H200 (tests/data/h200-gpu-1x-cudnn): the plan with the H200's measured practical
     efficiencies (flops.PRACTICAL: GEMM microbenchmarks and a streaming op, not these steps) within 10% of
     each step; the datasheet roofline (η = 1) 23-28% short of each; calibrated on any one size, the other
@@ -266,7 +272,7 @@ def test_h200_plans_against_the_measured_steps(h200_plan):
 
 
 @GPU
-def test_plan_calibrated_on_a_measured_run_says_so(tmp_path):
+def test_gpu_plan_calibrated_on_a_measured_h200_run_says_so(tmp_path):
     from jaxscale.config import load_profile
 
     rows = read_rows(H200_RUN / "runs.csv")
