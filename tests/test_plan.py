@@ -150,6 +150,10 @@ def test_plan_cli_refuses_bad_input_in_one_line(tmp_path):
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "v5e:3x3" in out.stderr
     out = jaxscale("plan", *sets("mesh.devices=[8]"), "--topology", "v5e:2x2", "--out", tmp_path, cwd=tmp_path)
     assert out.returncode == 2 and "exceeds the 4 chips" in out.stderr
+    out = jaxscale("plan", *sets("mesh.devices=[4]"), "--topology", "v5e:2x2", "--calibrate", tmp_path / "nowhere",
+                   "--out", tmp_path, cwd=tmp_path)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "--calibrate" in out.stderr and "nowhere" in out.stderr and "runs.csv" in out.stderr
     assert not any(tmp_path.iterdir())
 
 
