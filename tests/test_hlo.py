@@ -305,3 +305,32 @@ def test_h200_hfu_is_at_least_mfu_on_every_measured_row(h200):
         r = rows.loc[name]
         hfu = stats.flops / (r["step_time_s"] * peak)
         assert hfu >= r["mfu"] and hfu < 1.1 * r["mfu"]  # before: hfu 0.08 against mfu 0.46 at 1b
+
+
+def test_pallas_splash_attention_on_a_v5e_counts_the_causal_blocks_it_computes():
+    """jax.experimental.pallas.ops.tpu.splash_attention, forward and backward, compiled for a v5e chip: three
+    tpu_custom_call kernels with no cost estimate, counted from their shapes and block sizes (128: of 8x8 blocks
+    a causal mask leaves the 36 at or below the diagonal)."""
+    from jaxscale import targets
+
+    if targets.libtpu_version() is None:
+        pytest.skip("libtpu is not installed")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    b, h, t, d = 2, 4, 1024, 128
+    kernel = splash.make_splash_mha(masks.MultiHeadMask([masks.CausalMask((t, t)) for _ in range(h)]),
+                                    head_shards=1, q_seq_shards=1)
+
+    def loss(q, k, v):
+        return jax.vmap(kernel)(q, k, v).astype(jnp.float32).sum()
+
+    sharding = NamedSharding(Mesh(np.array(targets.slice_devices("v5e:2x2")[:1]), ("d",)), P())
+    arg = jax.ShapeDtypeStruct((b, h, t, d), jnp.bfloat16, sharding=sharding)
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(arg, arg, arg).compile()
+    stats = hlo.program_stats(compiled.as_text())
+    square = 2 * b * h * t * t * d  # one matmul over the whole score square
+    assert stats.flops_trusted and stats.attention_flops == (2 + 3 + 4) * square * 36 // 64
+    assert "splash_mha_fwd" in stats.flops_note and "causal" in stats.flops_note

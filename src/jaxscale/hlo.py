@@ -574,8 +574,10 @@ def _splash_flops(inst: Instruction, module: HloModule) -> int | None:
     q, k = big[0], big[1]
     batch_heads, q_len, head_dim = math.prod(q.dims[:-2]), q.dims[-2], q.dims[-1]
     kv_len = k.dims[-2]
-    meta = re.search(r'\\"block_q\\": (\d+), \\"block_kv\\": (\d+)', inst.attrs)
-    block = int(meta.group(1)) if meta else None
+    # the kernel's block sizes (block_q and block_kv, or block_q_dq / block_q_dkv) from its xprof metadata
+    suffix = {"fwd": "", "dq": "_dq", "dkv": "_dkv"}[phase]
+    blocks = {k: int(v) for k, v in re.findall(rf'\\"(block_q|block_kv){suffix}\\": (\d+)', inst.attrs)}
+    block = blocks.get("block_q") if blocks.get("block_q") == blocks.get("block_kv") else None
     n = q_len // block if block and q_len % block == 0 and q_len == kv_len else None
     fraction = (n * (n + 1) / 2) / (n * n) if n else 0.5
     matmuls = {"fwd": 2, "dq": 3, "dkv": 4}[phase]
