@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import re
 import statistics
 import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
-
-from jaxscale import flops as flops_mod
 
 
 @dataclasses.dataclass(frozen=True)
