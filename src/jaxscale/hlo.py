@@ -995,7 +995,25 @@ def _collective_role(inst: Instruction, module: HloModule) -> str:
             return "collective-start"
         if "AsyncCollectiveDone" in targets:
             return "collective-done"
+        # A fusion that runs a collective of its own (the TPU's all-reduce-scatter) is one, synchronous; a
+        # clone of a collective whose start is elsewhere (a collective matmul's loop body) is compute.
+        inner = [sub for c in _called(inst) for sub in module.computations.get(c, []) if _is_collective(sub)]
+        if inner and _collective_channel(inner[0], module) not in _started_channels(module):
+            return "collective"
     return ""
+
+
+def _started_channels(module: HloModule) -> set[str]:
+    """Channels of the collectives the TPU compiler starts with an AsyncCollectiveStart (cached on the module)."""
+    cached = module._local.get("__started__")
+    if cached is None:
+        cached = set()
+        for insts in module.computations.values():
+            if any(i.opcode == "custom-call" and i.target == "AsyncCollectiveStart" for i in insts):
+                cached |= {_collective_channel(i, module) for i in insts if _is_collective(i) and
+                           i.opcode != "custom-call"}
+        module._local["__started__"] = cached
+    return cached
 
 
 def is_attention(inst: Instruction) -> bool:
