@@ -187,3 +187,35 @@ def test_a_mesh_axis_gets_two_ici_ports_of_the_chip(kind, bidirectional_gbytes_p
 def test_dcn_per_chip_from_the_pod_figures():
     assert flops.chip_for_kind("TPU v6 lite").remote_link.gbytes_per_s == pytest.approx(25.6e12 / 8 / 256 / 1e9)
     assert flops.chip_for_kind("TPU v5").remote_link.gbytes_per_s == pytest.approx(50e9 / 8 / 1e9)  # 50 Gbps/chip
+
+
+def test_an_ici_axis_gets_each_torus_dimension_it_spans_and_wraparound_where_the_slice_has_it():
+    """JAX scaling book: a v5e slice closes a dimension into a ring only along a full edge of 16 chips
+    (16x16 has wraparound, 4x4 and 8x8 do not); v5p along dimensions that are multiples of 4."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    chip = flops.chip_for_kind("TPU v5 lite")
+    ici = chip.local_link.gbytes_per_s
+
+    def axis_links(topology, shape):
+        devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+        grid = np.array(sorted(devices, key=lambda d: tuple(reversed(d.coords)))).reshape(shape)
+        torus = tuple(int(x) for x in topology.split(":")[1].split("x"))
+        return mesh_axis_links(grid, ("data", "model"), "tpu", chip.local_link, chip.remote_link, torus)
+
+    pod = axis_links("v5e:16x16", (256, 1))["data"]
+    assert pod.gbytes_per_s == 2 * ici and pod.label == "ICI (2 torus dims, wraparound)"
+    for topology, n in (("v5e:8x8", 64), ("v5e:4x4", 16)):
+        line = axis_links(topology, (n, 1))["data"]
+        assert line.gbytes_per_s == ici and line.label == "ICI (2 torus dims, no wraparound)"
+    rows = axis_links("v5e:16x16", (16, 16))  # data along one 16-chip edge, model along the other: a ring each
+    assert rows["data"].gbytes_per_s == rows["model"].gbytes_per_s == ici
+    assert rows["model"].label == "ICI (1 torus dim, wraparound)"
+    part = axis_links("v5e:16x16", (64, 4))["model"]  # 4 chips of a 16-chip edge: a line, no ring
+    assert part.gbytes_per_s == ici / 2 and part.label == "ICI (1 torus dim, no wraparound)"
+    v5p = flops.chip_for_kind("TPU v5")
+    devices = topologies.get_topology_desc(topology_name="v5p:4x4x4", platform="tpu").devices
+    grid = np.array(sorted(devices, key=lambda d: (tuple(d.coords), d.core_on_chip))).reshape(-1, 1)
+    cube = mesh_axis_links(grid, ("data", "model"), "tpu", v5p.local_link, v5p.remote_link, (4, 4, 4))["data"]
+    assert cube.gbytes_per_s == 3 * v5p.local_link.gbytes_per_s and "3 torus dims, wraparound" in cube.label

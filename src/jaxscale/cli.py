@@ -758,7 +758,8 @@ def _plan(args, profile, target, report_dir: Path, console) -> int:
 
         try:
             result = planner.run_plan(profile, target, report_dir, on_point=on_point,
-                                      on_row=lambda row: progress.advance(task))
+                                      on_row=lambda row: progress.advance(task),
+                                      calibrate=Path(args.calibrate) if args.calibrate else None)
         except ProfileError as e:
             return _fail(str(e))
         except OSError as e:
@@ -864,6 +865,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a profile value, TOML syntax: --set run.remat=[\"none\",\"full\"]")
     pl.add_argument("--no-compile-cache", action="store_true", help="do not use JAX's persistent compilation cache")
     pl.add_argument("--no-analyze", action="store_true", help="skip the fits at the end")
+    pl.add_argument("--calibrate", metavar="RUN_DIR", help="fit the roofline's compute and memory efficiencies to "
+                                                          "the measured steps of the target's chip in this run")
     pl.set_defaults(func=cmd_plan)
 
     prof = sub.add_parser("profiles", help="list the shipped profiles, one line each")

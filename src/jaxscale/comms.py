@@ -1,12 +1,8 @@
 """What a compiled step's optimized HLO says it communicates (and computes out of XLA's sight).
 
-The per-device HLO module is read as computations of instructions, with the
-call graph between them (fusions, async wrappers, while bodies and
-conditions, branches). Every computation gets a multiplicity: how many times
-one step runs it. A while body runs its trip count times; the count comes from
-``known_trip_count`` in the while's backend_config (the CPU and GPU compilers
-print it) or, where the compiler does not print it (the TPU compiler), from
-the loop's condition ``i < N`` and the constant the counter starts from.
+The per-device HLO module is read by hlo.HloModule (the one parser): computations
+of instructions, the call graph between them, and how many times one step runs
+each computation (loop trip counts included).
 
 Each branch of a conditional is counted as if it ran (an upper bound; jaxscale's
 steps have none).
@@ -25,7 +21,9 @@ Per-step semantics of the collective counts:
   collective into the start, body and done computations of an
   ``async_collective_fusion`` (a collective matmul); clones share the
   collective's ``channel_id``, so instructions with one channel_id are one
-  collective, counted at the largest multiplicity among them.
+  collective, counted as often as its start runs (the computation beside the
+  ``AsyncCollectiveStart`` custom call; a start before a loop whose body holds
+  clones runs once), else at the largest multiplicity among them.
 
 ``bytes`` is the full, unsharded size of the array each collective works on:
 the operands of an all-reduce, reduce-scatter, all-to-all or permute, the
@@ -43,258 +41,15 @@ differ (``collective_axes``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 
 import numpy as np
 
+from jaxscale.hlo import (  # noqa: F401  (the parser lives in hlo.py; re-exported for callers of comms)
+    AttentionCall, HloModule, Instruction, attention_calls, backend_config, parse, shape_bytes)
+
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _OPCODE_KIND = {**{k: k for k in KINDS}, **{f"{k}-start": k for k in KINDS}, "ragged-all-to-all": "all-to-all"}
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-                "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1,
-                "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "f8e4m3b11fnuz": 1, "s4": 1, "u4": 1}
-_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\dm\d\w*)?)\[([\d,]*)\]")
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\)\s*->\s*.*)?\{\s*$")
-_NAME_EQ = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
-_COMMENT = re.compile(r"/\*.*?\*/")
-_CALL_ATTRS = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_computation|"
-                         r"branch_computations|called_computations)=(\{[^}]*\}|%?[\w.\-]+)")
-
-
-@dataclasses.dataclass(frozen=True)
-class Instruction:
-    name: str
-    shape: str
-    opcode: str
-    operands: tuple[str, ...]
-    attrs: str
-    computation: str
-    is_root: bool = False
-
-
-def _matching(text: str, start: int, open_: str = "(", close: str = ")") -> int:
-    """Index just past the bracket that closes the one at ``start``."""
-    depth = 0
-    for i in range(start, len(text)):
-        c = text[i]
-        if c == open_:
-            depth += 1
-        elif c == close:
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return len(text)
-
-
-def _split_top(text: str) -> list[str]:
-    """Split on commas that are not inside brackets of any kind."""
-    parts, depth, current = [], 0, []
-    for c in text:
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-        if c == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(c)
-    if current:
-        parts.append("".join(current))
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _parse_instruction(line: str, computation: str) -> Instruction | None:
-    m = _NAME_EQ.match(line)
-    if not m:
-        return None
-    rest = line[m.end():]
-    if rest.startswith("("):  # tuple shape, possibly nested, with layouts like {1,0:T(8,128)(2,1)}
-        end = _matching(rest, 0)
-    else:
-        sm = re.match(r"[\w]+\[[^\]]*\](?:\{[^}]*\})?|[\w]+\[\]|token\[\]|[\w]+", rest)
-        if not sm:
-            return None
-        end = sm.end()
-    shape, rest = rest[:end], rest[end:].lstrip()
-    om = re.match(r"([\w\-]+)\(", rest)
-    if not om:
-        return None
-    opcode = om.group(1)
-    close = _matching(rest, om.end() - 1)
-    operand_text, attrs = rest[om.end():close - 1], rest[close:]
-    operands = []
-    for part in _split_top(operand_text):
-        names = re.findall(r"%([\w.\-]+)", part)
-        if names:
-            operands.append(names[-1])
-        elif re.fullmatch(r"[\w.\-]+", part):
-            operands.append(part)
-    return Instruction(m.group(1), shape, opcode, tuple(operands), attrs, computation,
-                       is_root=line.lstrip().startswith("ROOT"))
-
-
-@dataclasses.dataclass
-class HloModule:
-    """An HLO module as computations of instructions, with how often one step runs each."""
-
-    computations: dict[str, list[Instruction]]
-    entry: str
-    instructions: dict[str, Instruction]
-    multiplicity: dict[str, int]
-    unknown_trip_counts: int
-
-    @classmethod
-    def parse(cls, text: str) -> "HloModule":
-        computations: dict[str, list[Instruction]] = {}
-        instructions: dict[str, Instruction] = {}
-        entry, current = "", None
-        for raw in text.splitlines():
-            line = _COMMENT.sub("", raw).rstrip()
-            header = _HEADER.match(line)
-            if header and "=" not in line.split("(")[0]:
-                current = header.group(2)
-                computations[current] = []
-                if header.group(1):
-                    entry = current
-                continue
-            if line.strip() == "}":
-                current = None
-                continue
-            if current is None:
-                continue
-            inst = _parse_instruction(line, current)
-            if inst:
-                computations[current].append(inst)
-                instructions[inst.name] = inst
-        if not entry and computations:
-            entry = list(computations)[-1]
-        module = cls(computations, entry, instructions, {}, 0)
-        module._count_executions()
-        return module
-
-    def bytes_of(self, name: str) -> int:
-        inst = self.instructions.get(name)
-        return shape_bytes(inst.shape) if inst else 0
-
-    def _count_executions(self) -> None:
-        calls: dict[str, list[tuple[str, int]]] = {c: [] for c in self.computations}  # callee -> (caller, factor)
-        unknown = 0
-        for comp, insts in self.computations.items():
-            for inst in insts:
-                if inst.opcode in ("async-update", "async-done"):
-                    continue  # they name the computation async-start runs; it runs once
-                trip = None
-                if inst.opcode == "while":
-                    trip = self.trip_count(inst)
-                    if trip is None:
-                        unknown += 1
-                for attr, value in _CALL_ATTRS.findall(inst.attrs):
-                    if attr == "to_apply" and inst.opcode != "call":  # reducers run per element
-                        continue
-                    factor = (trip or 1) if attr in ("body", "condition") else 1
-                    for callee in re.findall(r"[\w.\-]+", value.replace("%", " ")):
-                        if callee in calls:
-                            calls[callee].append((comp, factor))
-        memo: dict[str, int] = {}
-
-        def times(comp: str, seen=()) -> int:
-            if comp == self.entry:
-                return 1
-            if comp in memo:
-                return memo[comp]
-            if comp in seen:
-                return 0
-            total = sum(times(caller, seen + (comp,)) * f for caller, f in calls.get(comp, []))
-            memo[comp] = total
-            return total
-
-        self.multiplicity = {c: times(c) for c in self.computations}
-        self.unknown_trip_counts = unknown
-
-    def trip_count(self, loop: Instruction) -> int | None:
-        """Iterations of a while loop: known_trip_count, else read off ``i < N`` with i's constant start."""
-        m = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"', loop.attrs)
-        if m:
-            return int(m.group(1))
-        cond = re.search(r"condition=%?([\w.\-]+)", loop.attrs)
-        if not cond or cond.group(1) not in self.computations:
-            return None
-        insts = self.computations[cond.group(1)]
-        by_name = {i.name: i for i in insts}
-        root = next((i for i in insts if i.is_root), None)
-        if root is None or root.opcode != "compare" or len(root.operands) != 2:
-            return None
-        direction = re.search(r"direction=(\w+)", root.attrs)
-        direction = direction.group(1) if direction else ""
-        lhs, rhs = (self._through_copies(by_name.get(o)) for o in root.operands)
-        if direction in ("GT", "GE"):  # N > i is i < N
-            lhs, rhs = rhs, lhs
-            direction = {"GT": "LT", "GE": "LE"}[direction]
-        if direction not in ("LT", "LE") or lhs is None or rhs is None:
-            return None
-        limit = _constant(rhs)
-        if limit is None or lhs.opcode != "get-tuple-element":
-            return None
-        index = re.search(r"index=(\d+)", lhs.attrs)
-        init_tuple = self.instructions.get(loop.operands[0]) if loop.operands else None
-        if index is None or init_tuple is None or init_tuple.opcode != "tuple":
-            return None
-        k = int(index.group(1))
-        if k >= len(init_tuple.operands):
-            return None
-        start = _constant(self._through_copies(self.instructions.get(init_tuple.operands[k])))
-        if start is None:
-            return None
-        step = self._loop_step(loop, k)
-        if step is None:
-            return None
-        span = limit - start + (direction == "LE")
-        return max(-(-span // step), 0)
-
-    def _loop_step(self, loop: Instruction, k: int) -> int | None:
-        """What a loop body adds to tuple element k each trip (the TPU's windowed
-        matmul loops step by 2), read off the body's root tuple; 1 when not an add."""
-        body = re.search(r"body=%?([\w.\-]+)", loop.attrs)
-        insts = self.computations.get(body.group(1), []) if body else []
-        root = next((i for i in insts if i.is_root), None)
-        if root is None or root.opcode != "tuple" or k >= len(root.operands):
-            return 1
-        update = self._through_copies(self.instructions.get(root.operands[k]))
-        if update is None or update.opcode != "add":
-            return 1
-        for a, b in (update.operands, update.operands[::-1]):
-            counter = self._through_copies(self.instructions.get(a))
-            step = _constant(self._through_copies(self.instructions.get(b)))
-            if counter is not None and counter.opcode == "get-tuple-element" and step is not None:
-                if re.search(rf"index={k}\b", counter.attrs):
-                    return step if step > 0 else None
-        return 1
-
-    def _through_copies(self, inst: Instruction | None) -> Instruction | None:
-        while inst is not None and inst.opcode in ("copy", "bitcast", "convert") and inst.operands:
-            inst = self.instructions.get(inst.operands[0])
-        return inst
-
-
-def _constant(inst: Instruction | None) -> int | None:
-    if inst is None or inst.opcode != "constant":
-        return None
-    m = re.search(r"constant\((-?\d+)\)", f"constant({inst.operands[0]})" if inst.operands else "")
-    return int(m.group(1)) if m else None
-
-
-def shape_bytes(text: str) -> int:
-    """Bytes of every array in an HLO shape (a tuple's elements summed); layouts are ignored."""
-    total = 0
-    for dtype, dims in _ARRAY.findall(_COMMENT.sub("", text)):
-        if dtype not in _DTYPE_BYTES:
-            continue
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        total += n * _DTYPE_BYTES[dtype]
-    return total
 
 
 # ---------------------------------------------------------------- replica groups
@@ -362,6 +117,7 @@ class Collective:
       times: executions per step.
       groups: device groups (positions in the device assignment).
       group_size: devices per group.
+      channel: its channel_id ("" where none), which pairs it with the kernels that run it.
     """
 
     kind: str
@@ -370,6 +126,7 @@ class Collective:
     times: int
     groups: tuple[tuple[int, ...], ...]
     group_size: int
+    channel: str = ""  # channel_id, "" where the HLO gives none
 
     @property
     def ring_factor(self) -> float:
@@ -395,11 +152,13 @@ def _full_bytes(module: HloModule, inst: Instruction, kind: str) -> int:
 
 def find_collectives(hlo_text: str | HloModule, n_devices: int) -> list[Collective]:
     """Every collective of a per-device HLO module, with executions per step."""
-    module = hlo_text if isinstance(hlo_text, HloModule) else HloModule.parse(hlo_text)
+    module = parse(hlo_text)
     by_channel: dict[str, Collective] = {}
+    started: set[str] = set()  # channels whose instance sits beside the TPU's AsyncCollectiveStart
     out: list[Collective] = []
     for comp, insts in module.computations.items():
         times = module.multiplicity.get(comp, 0)
+        is_start = any(i.opcode == "custom-call" and i.target == "AsyncCollectiveStart" for i in insts)
         for inst in insts:
             kind = _OPCODE_KIND.get(inst.opcode)
             if kind is None:
@@ -410,11 +169,15 @@ def find_collectives(hlo_text: str | HloModule, n_devices: int) -> list[Collecti
                 kind = "reduce-scatter"
             groups = tuple(tuple(g) for g in replica_groups(inst.attrs, n_devices))
             size = 2 if kind == "collective-permute" else max((len(g) for g in groups), default=1)
-            c = Collective(kind, inst.name, _full_bytes(module, inst, kind), times, groups, size)
             channel = re.search(r"channel_id=(\d+)", inst.attrs)
+            c = Collective(kind, inst.name, _full_bytes(module, inst, kind), times, groups, size,
+                           channel.group(1) if channel else "")
             if channel:
                 key = f"{kind}|{channel.group(1)}"
-                if key not in by_channel or by_channel[key].times < times:
+                if is_start:  # the collective runs as often as its start does, whatever its clones' loops
+                    by_channel[key] = c
+                    started.add(key)
+                elif key not in started and (key not in by_channel or by_channel[key].times < times):
                     by_channel[key] = c
             else:
                 out.append(c)
@@ -456,9 +219,9 @@ class Collectives:
         return out
 
 
-def count_collectives(hlo_text: str, n_devices: int) -> Collectives:
+def count_collectives(hlo_text: str | HloModule, n_devices: int) -> Collectives:
     """Count collectives and their full-array bytes per step in optimized HLO text."""
-    module = HloModule.parse(hlo_text)
+    module = parse(hlo_text)
     items = find_collectives(module, n_devices)
     size = {k: 0 for k in KINDS}
     count = {k: 0 for k in KINDS}
@@ -467,68 +230,3 @@ def count_collectives(hlo_text: str, n_devices: int) -> Collectives:
         count[c.kind] += c.times
     return Collectives(bytes=size, count=count, traffic_bytes=sum(c.traffic_bytes for c in items),
                        items=tuple(items), unknown_trip_counts=module.unknown_trip_counts)
-
-
-# ------------------------------------------------------------ fused attention calls
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionCall:
-    """A fused attention kernel in the HLO (cuDNN ``__cudnn$fmha*`` custom calls)."""
-
-    target: str
-    batch: int
-    heads: int
-    q_len: int
-    kv_len: int
-    head_dim: int
-    backward: bool
-    causal: bool
-    flash: bool
-    times: int
-
-
-def attention_calls(hlo_text: str | HloModule) -> list[AttentionCall]:
-    """The cuDNN fused-attention custom calls of a module, with executions per step.
-
-    Dimensions come from the call's backend_config: ``intermediate_tensor_shape``
-    is the score matrix [B, N, T, S]; the head dimension is the last axis of the
-    first operand (Q, in BTNH or BNTH layout). ``mask_type`` CAUSAL (or
-    PADDING_CAUSAL) marks a causal kernel.
-    """
-    module = hlo_text if isinstance(hlo_text, HloModule) else HloModule.parse(hlo_text)
-    out = []
-    for comp, insts in module.computations.items():
-        for inst in insts:
-            if inst.opcode != "custom-call":
-                continue
-            target = re.search(r'custom_call_target="([^"]+)"', inst.attrs)
-            if not target or not target.group(1).startswith("__cudnn$fmha"):
-                continue
-            config = _backend_config(inst.attrs).get("cudnn_fmha_backend_config", {})
-            dims = [int(d) for d in config.get("intermediate_tensor_shape", {}).get("dimensions", [])]
-            q = module.instructions.get(inst.operands[0]) if inst.operands else None
-            q_dims = _ARRAY.findall(q.shape) if q else []
-            if len(dims) != 4 or not q_dims:
-                continue
-            head_dim = int(q_dims[0][1].split(",")[-1])
-            mask = str(config.get("mask_type", ""))
-            out.append(AttentionCall(target.group(1), *dims, head_dim=head_dim,
-                                     backward="Backward" in target.group(1), causal="CAUSAL" in mask,
-                                     flash=bool(config.get("is_flash_attention", True)),
-                                     times=module.multiplicity.get(comp, 1)))
-    return out
-
-
-def _backend_config(attrs: str) -> dict:
-    start = attrs.find("backend_config=")
-    if start < 0:
-        return {}
-    brace = attrs.find("{", start)
-    if brace < 0:
-        return {}
-    text = attrs[brace:_matching(attrs, brace, "{", "}")]
-    try:
-        return json.loads(text)
-    except ValueError:
-        return {}

@@ -160,16 +160,67 @@ class AxisLink:
     axis: str
     crosses: str
     link: flops.Link | None
+    factor: float = 1.0
+    rings: str = ""
 
     @property
     def gbytes_per_s(self) -> float | None:
-        return self.link.gbytes_per_s if self.link else None
+        """The link's figure times ``factor``: on a TPU, the torus dimensions the axis spans (tpu_axis_rings)."""
+        return self.link.gbytes_per_s * self.factor if self.link and self.link.gbytes_per_s else None
 
     @property
     def label(self) -> str:
-        """What the row's link column shows, e.g. ``NVLink4`` or ``InfiniBand NDR (crosses hosts)``."""
+        """What the row's link column shows, e.g. ``NVLink4``, ``InfiniBand NDR (crosses hosts)`` or
+        ``ICI (2 torus dims, wraparound)``."""
         name = self.link.name if self.link else "unknown link"
-        return name if self.crosses == "none" else f"{name} (crosses {self.crosses})"
+        if self.crosses != "none":
+            return f"{name} (crosses {self.crosses})"
+        return f"{name} ({self.rings})" if self.rings else name
+
+
+def ici_wraparound(device_kind: str, torus: tuple[int, ...]) -> tuple[bool, ...]:
+    """Which dimensions of a TPU slice close into rings (wraparound links).
+
+    JAX scaling book, "How to Think About TPUs" (bidirectional bandwidth note): the
+    inference chips (v5e, v6e: device kinds "TPU v5 lite", "TPU v6 lite") have a
+    wraparound only along a full axis of 16 chips, the pod's edge (so a 16x16 slice has
+    them, a 4x4 or 8x8 does not); the training chips (v4, v5p) along an axis that is a
+    multiple of 4 (whole cubes, closed by the optical switches).
+    """
+    lite = "lite" in device_kind.lower() or device_kind.lower() in ("tpu v5e", "tpu v6e")
+    return tuple((d == 16) if lite else (d >= 4 and d % 4 == 0) for d in torus)
+
+
+def tpu_axis_rings(group, torus: tuple[int, ...], wrap: tuple[bool, ...]) -> tuple[float, str]:
+    """(bandwidth factor, description) of a mesh axis whose devices (one group along it) lie on a TPU torus.
+
+    The chip's ICI figure (flops.Chip.local_link) is a ring along one torus dimension
+    with its wraparound: both of the chip's ports on that dimension, one way each. A
+    dimension the group spans whole and that has a wraparound adds 1; one without
+    (a line, or part of a dimension) adds ½, since data from the ends must cross
+    every hop in one direction (the scaling book's AllGather over an axis with no
+    wraparound: (N−1)·V/N over one-way link bandwidth, against V over the
+    bidirectional one). Dimensions add up, since a collective over several axes of
+    the torus uses the links of each (scaling book, "AllGather over multiple axes").
+    Devices without ``coords`` give (1, "").
+    """
+    coords = [getattr(d, "coords", None) for d in group]
+    if not coords or any(c is None for c in coords) or len(group) < 2:
+        return 1.0, ""
+    factor, wrapped, lines = 0.0, 0, 0
+    for dim in range(min(len(torus), len(coords[0]))):
+        distinct = len({tuple(c)[dim] for c in coords})
+        if distinct < 2:
+            continue
+        if wrap[dim] and distinct == torus[dim]:
+            factor, wrapped = factor + 1.0, wrapped + 1
+        else:
+            factor, lines = factor + 0.5, lines + 1
+    if factor == 0:
+        return 1.0, ""
+    parts = [f"{n} torus dim{'s' if n > 1 else ''}, {kind}" for n, kind in ((wrapped, "wraparound"),
+                                                                         (lines, "no wraparound")) if n]
+    return factor, "; ".join(parts)
 
 
 def axis_crossings(host_of: np.ndarray) -> list[bool]:
@@ -187,7 +238,7 @@ def axis_crossings(host_of: np.ndarray) -> list[bool]:
 
 
 def mesh_axis_links(devices: np.ndarray, axis_names, platform: str, local_link: flops.Link | None,
-                    remote_link: flops.Link | None) -> dict[str, AxisLink]:
+                    remote_link: flops.Link | None, torus: tuple[int, ...] | None = None) -> dict[str, AxisLink]:
     """The link each mesh axis uses, from where its devices sit.
 
     On a TPU, ICI joins every chip of a slice, hosts included, so only an
@@ -197,6 +248,11 @@ def mesh_axis_links(devices: np.ndarray, axis_names, platform: str, local_link: 
     host) and uses the host network. Pure: ``devices`` is any array of objects
     with ``process_index`` (and, for multi-slice TPUs, ``slice_index``), shaped
     like the mesh, so a plan can pass a topology's devices.
+
+    On a TPU whose devices carry ``coords``, an axis inside a slice gets the ICI of
+    every torus dimension it spans (tpu_axis_rings), wraparounds included where the
+    slice has them (``torus``: the slice's shape; default: the extent of the mesh's
+    own coordinates).
 
     Returns:
       {axis name: AxisLink}.
@@ -208,9 +264,18 @@ def mesh_axis_links(devices: np.ndarray, axis_names, platform: str, local_link: 
     else:
         where = np.vectorize(lambda d: d.process_index, otypes=[int])(devices)
         crossing = "hosts"
+    coords = [getattr(d, "coords", None) for d in devices.flat]
+    if platform == "tpu" and torus is None and coords and all(c is not None for c in coords):
+        torus = tuple(int(max(c[k] for c in coords)) + 1 for k in range(len(coords[0])))
+    wrap = ici_wraparound(getattr(devices.flat[0], "device_kind", ""), torus) if torus else ()
     out = {}
-    for name, crosses in zip(axis_names, axis_crossings(where)):
-        out[name] = AxisLink(name, crossing if crosses else "none", remote_link if crosses else local_link)
+    for a, (name, crosses) in enumerate(zip(axis_names, axis_crossings(where))):
+        factor, rings = 1.0, ""
+        if platform == "tpu" and not crosses and torus:
+            group = np.moveaxis(devices, a, -1).reshape(-1, devices.shape[a])[0]
+            factor, rings = tpu_axis_rings(list(group), torus, wrap)
+        out[name] = AxisLink(name, crossing if crosses else "none", remote_link if crosses else local_link,
+                             factor, rings)
     return out
 
 

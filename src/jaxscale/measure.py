@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import re
 import statistics
 import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
-
-from jaxscale import flops as flops_mod
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +151,6 @@ class StepProfile:
     step_time_mean_s: float
     n_timed_steps: int
     step_time_samples_s: tuple[float, ...]
-    xla_flops_per_step: float | None
-    xla_bytes_accessed_per_device: float | None
     compiled_argument_bytes: int | None
     compiled_output_bytes: int | None
     compiled_temp_bytes: int | None
@@ -168,16 +163,11 @@ class StepProfile:
     peak_precision: str | None
     peak_source: str | None
     peak_reference: str | None
-    custom_call_flops_per_step: float | None
     flops_note: str | None
     model_flops_per_step: float | None
     achieved_tflops_per_device: float | None
     mfu: float | None
     hfu: float | None
-    arithmetic_intensity: float | None
-    ridge_point: float | None
-    bound: str | None
-    predicted_comm_s: float | None
     comm_bandwidth_gbytes_per_s: float | None
     comm_bandwidth_source: str | None
     comm_link_data: str | None = None
@@ -199,6 +189,27 @@ class StepProfile:
     collective_permute_bytes: int = 0
     collective_permute_count: int = 0
     collective_traffic_bytes: int = 0
+    xla_flops_per_step: float | None = None
+    xla_bytes_accessed_per_device: float | None = None
+    custom_call_flops_per_step: float | None = None
+    arithmetic_intensity: float | None = None
+    ridge_point: float | None = None
+    bound: str | None = None
+    predicted_comm_s: float | None = None
+    kernels_per_step: int | None = None
+    predicted_step_time_s: float | None = None
+    predicted_roofline_s: float | None = None
+    predicted_compute_s: float | None = None
+    predicted_memory_s: float | None = None
+    predicted_compute_bound_s: float | None = None
+    predicted_memory_bound_s: float | None = None
+    predicted_exposed_comm_s: float | None = None
+    predicted_overlapped_step_s: float | None = None
+    predicted_exposed_step_s: float | None = None
+    predicted_mfu: float | None = None
+    roofline_eta_compute: float | None = None
+    roofline_eta_memory: float | None = None
+    roofline_efficiency: str | None = None
 
     def to_row(self) -> dict:
         """The fields as a CSV row dict (samples joined with ';')."""
@@ -229,13 +240,20 @@ def describe_step(
     peak,
     model_flops: float | None,
     mesh=None,
+    efficiency=None,
+    torus: tuple[int, ...] | None = None,
 ) -> StepProfile:
-    """Combine a timing with XLA's analyses and the peak table into a StepProfile.
+    """Combine a timing with the program's counts, XLA's memory analysis and the peak table into a StepProfile.
+
+    FLOPs, HBM bytes and kernels come from the optimized HLO (hlo.program_stats),
+    the predicted terms and ``bound`` from the roofline model of the same program
+    (roofline.Schedule), so a measured row can be set beside its prediction.
 
     Args:
       timing: per-step samples of the step.
       compile_s: wall time of lowering and compiling it.
-      cost: XLA cost analysis of the per-device program.
+      cost: XLA cost analysis of the per-device program (kept for callers; the
+        counts come from the HLO).
       memory: XLA CompiledMemoryStats (or None).
       hlo_text: optimized HLO of the per-device program.
       devices: the devices the step runs on.
@@ -244,26 +262,22 @@ def describe_step(
       mesh: the step's jax Mesh (devices in the order of the HLO's device
         assignment); its axes get a link and a predicted time each. Default:
         the devices as one axis named ``data``.
+      efficiency: roofline.Efficiency for the predicted terms (default: the datasheet's).
+      torus: the TPU slice's shape (default: read off the devices' coordinates).
     """
+    del cost
     devices = list(devices)
     n = len(devices)
     step = timing.median_s
-    hidden = hidden_flops(hlo_text)
-    per_device_flops = cost.get("flops")
-    if per_device_flops is not None:
-        per_device_flops = per_device_flops + hidden.flops_per_device
-    xla_flops = per_device_flops * n if per_device_flops is not None else None
-    bytes_accessed = cost.get("bytes accessed")
     peak_tflops, bandwidth_gbs = peak.for_devices(n) if peak else (None, None)
+    comm = predict_comm(hlo_text, mesh if mesh is not None else np.array(devices), peak, torus)
+    figures = program_figures(hlo_text, comm, peak_tflops, bandwidth_gbs, n, model_flops, efficiency)
+    xla_flops = figures.columns.get("xla_flops_per_step")
     achieved = (model_flops if model_flops is not None else xla_flops)
     achieved_tflops = achieved / step / n / 1e12 if achieved is not None else None
     mfu = model_flops / (step * n * peak_tflops * 1e12) if (model_flops is not None and peak_tflops) else None
     hfu = xla_flops / (step * n * peak_tflops * 1e12) if (xla_flops is not None and peak_tflops) else None
-    intensity = per_device_flops / bytes_accessed if per_device_flops and bytes_accessed else None
-    ridge = peak_tflops * 1e12 / (bandwidth_gbs * 1e9) if peak_tflops and bandwidth_gbs else None
-    bound = None if intensity is None or ridge is None else ("compute" if intensity >= ridge else "memory")
-    comm = predict_comm(hlo_text, mesh if mesh is not None else np.array(devices), peak)
-    notes = [x for x in (peak.note if peak else "", hidden.note, comm.note) if x]
+    notes = [x for x in (peak.note if peak else "", figures.note, comm.note) if x]
     peak_bytes, limit = device_memory(devices)
     d0 = devices[0]
     local = peak.local_link if peak else None
@@ -272,23 +286,77 @@ def describe_step(
         warmup_s=timing.warmup_s, step_time_s=step, step_time_p10_s=timing.p10_s, step_time_p90_s=timing.p90_s,
         step_time_cv=timing.cv,
         step_time_mean_s=timing.mean_s, n_timed_steps=len(timing.samples_s), step_time_samples_s=timing.samples_s,
-        xla_flops_per_step=xla_flops, xla_bytes_accessed_per_device=bytes_accessed,
         **compiled_memory(memory), peak_bytes_in_use=peak_bytes, bytes_limit=limit,
         peak_tflops_per_device=peak_tflops, peak_dtype=peak.dtype if peak else None,
         peak_precision=peak.precision if peak else None,
         peak_source=peak.source if peak else None, peak_reference=peak.reference if peak else None,
-        custom_call_flops_per_step=hidden.flops_per_device * n, flops_note="; ".join(notes) or None,
+        flops_note="; ".join(notes) or None,
         model_flops_per_step=model_flops, achieved_tflops_per_device=achieved_tflops, mfu=mfu, hfu=hfu,
-        arithmetic_intensity=intensity, ridge_point=ridge, bound=bound, predicted_comm_s=comm.seconds,
         comm_bandwidth_gbytes_per_s=local.gbytes_per_s if local else None,
         comm_bandwidth_source=f"{local.name}: {local.source}" if local and local.gbytes_per_s else None,
-        **comm.collectives.columns(), **comm.axis_columns(),
+        **comm.collectives.columns(), **comm.axis_columns(), **figures.columns,
     )
 
 
 @dataclasses.dataclass(frozen=True)
+class ProgramFigures:
+    """What the optimized HLO says of one step, as row columns, and the schedule they came from.
+
+    Attributes:
+      stats: hlo.ProgramStats of the per-device program.
+      schedule: its roofline.Schedule (re-predicted by a calibration).
+      columns: the row's counting and predicted columns (xla_flops_per_step,
+        custom_call_flops_per_step, xla_bytes_accessed_per_device, kernels_per_step,
+        arithmetic_intensity, ridge_point, bound, predicted_*, roofline_*).
+      note: why a figure is empty, or how custom kernels were counted.
+    """
+
+    stats: Any
+    schedule: Any
+    columns: dict
+    note: str
+
+
+def program_figures(hlo_text: str, comm: "CommPrediction", peak_tflops: float | None, hbm_gbytes_per_s: float | None,
+                    n_devices: int, model_flops: float | None, efficiency=None) -> ProgramFigures:
+    """Counts and the roofline prediction of a per-device program (shared by measured and planned rows).
+
+    ``xla_flops_per_step`` is left empty, with the reason in the note, where the
+    count cannot be trusted (a loop whose trip count cannot be read, a kernel
+    whose FLOPs cannot be counted): never a wrong number.
+    """
+    from jaxscale import hlo, roofline
+
+    module = hlo.parse(hlo_text)
+    stats = hlo.program_stats(module, n_devices)
+    schedule = roofline.Schedule.from_hlo(module, comm.seconds_of)
+    efficiency = efficiency or roofline.Efficiency()
+    cols: dict = {"xla_flops_per_step": stats.flops * n_devices if stats.flops_trusted else None,
+                  "custom_call_flops_per_step": stats.attention_flops * n_devices,
+                  "xla_bytes_accessed_per_device": stats.hbm_bytes, "kernels_per_step": stats.kernels,
+                  "predicted_comm_s": comm.seconds}
+    notes = []
+    if not stats.flops_trusted:
+        notes.append(f"xla_flops_per_step left empty: {stats.flops_note}")
+    elif stats.counted_kernels:
+        notes.append(f"xla_flops_per_step includes {stats.flops_note}")
+    if stats.flops_trusted and stats.hbm_bytes:
+        cols["arithmetic_intensity"] = stats.flops / stats.hbm_bytes
+    if peak_tflops and hbm_gbytes_per_s:
+        cols["ridge_point"] = peak_tflops * 1e12 / (hbm_gbytes_per_s * 1e9)
+        if comm.seconds is not None:
+            t = schedule.predict(peak_tflops * 1e12, hbm_gbytes_per_s * 1e9, efficiency)
+            cols.update(t.columns(), bound=t.bound, roofline_eta_compute=efficiency.compute,
+                        roofline_eta_memory=efficiency.memory, roofline_efficiency=efficiency.source)
+            if model_flops and t.step_s:
+                cols["predicted_mfu"] = model_flops / (t.step_s * n_devices * peak_tflops * 1e12)
+    return ProgramFigures(stats, schedule, cols, "; ".join(notes))
+
+
+@dataclasses.dataclass(frozen=True)
 class HiddenFlops:
-    """FLOPs of kernels XLA's cost analysis cannot see (fused attention custom calls), per device per step."""
+    """FLOPs of the fused attention kernels (cuDNN, Pallas), which XLA's cost analysis does not see, per device
+    per step."""
 
     flops_per_device: int
     calls: int
@@ -296,27 +364,25 @@ class HiddenFlops:
 
 
 def hidden_flops(hlo_text: str) -> HiddenFlops:
-    """Analytic FLOPs of the cuDNN fused-attention calls in a per-device HLO module (flops.attention_call_flops)."""
-    from jaxscale.comms import attention_calls
+    """FLOPs of the fused attention kernels of a per-device HLO module, from their shapes (hlo.program_stats).
 
-    calls = attention_calls(hlo_text) if "__cudnn$fmha" in hlo_text else []
-    total = sum(flops_mod.attention_call_flops(c.batch, c.heads, c.q_len, c.kv_len, c.head_dim, backward=c.backward,
-                                               causal=c.causal, flash=c.flash) * c.times for c in calls)
+    XLA's cost analysis counts none of them; hlo.loop_corrected_cost leaves them out
+    too, so that its FLOPs plus these are the whole step.
+    """
+    from jaxscale import hlo
+
+    module = hlo.parse(hlo_text)
+    stats = hlo.program_stats(module)
+    calls = sum(module.multiplicity.get(k.computation, 0) for items in hlo.kernels(module).values()
+                for k in items if k.attention)
     notes = []
-    if calls:
-        notes.append(f"xla_flops_per_step includes {total:.4g} FLOPs per device of {sum(c.times for c in calls)} "
-                     f"fused attention custom calls ({', '.join(sorted({c.target for c in calls}))}) that XLA's "
-                     "cost analysis does not count, from their shapes")
-    kernels = sorted({t for t in re.findall(r'custom_call_target="([^"]+)"', hlo_text) if t in _OPAQUE_KERNELS})
-    if kernels:
-        notes.append(f"custom-call kernels whose FLOPs XLA's cost analysis may not count and jaxscale cannot "
-                     f"infer: {', '.join(kernels)}; HFU may be low")
-    return HiddenFlops(int(total), sum(c.times for c in calls), "; ".join(notes))
-
-
-# Custom calls that run user-written kernels (Pallas on TPU through Mosaic, Pallas on GPU through Triton or
-# Mosaic GPU): arithmetic XLA sees only as far as the kernel's own cost estimate, if it has one.
-_OPAQUE_KERNELS = {"tpu_custom_call", "__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2"}
+    if stats.attention_flops:
+        notes.append(f"xla_flops_per_step includes {stats.attention_flops:.4g} FLOPs per device of {calls} fused "
+                     "attention kernels that XLA's cost analysis does not count, from their shapes")
+    if stats.opaque_kernels:
+        notes.append(f"custom-call kernels whose FLOPs cannot be counted: {', '.join(stats.opaque_kernels)}; "
+                     "xla_flops_per_step left empty")
+    return HiddenFlops(int(stats.attention_flops), calls, "; ".join(notes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,6 +395,11 @@ class CommPrediction:
     seconds_by_axis: dict  # axis name -> seconds, None where the link has no figure
     seconds: float | None
     note: str
+    per_collective: dict = dataclasses.field(default_factory=dict)  # key -> (seconds of one execution, axis)
+
+    def seconds_of(self, key: str) -> tuple[float, str]:
+        """(seconds of one execution, the axis it runs on) of a collective, by channel id or instruction name."""
+        return self.per_collective.get(key, (0.0, ""))
 
     def axis_columns(self) -> dict:
         out = {}
@@ -341,22 +412,24 @@ class CommPrediction:
         return out
 
 
-def predict_comm(hlo_text: str, mesh, peak) -> CommPrediction:
+def predict_comm(hlo_text: str, mesh, peak, torus: tuple[int, ...] | None = None) -> CommPrediction:
     """Collectives of a per-device HLO module and their time over the link of each mesh axis they run on.
 
     Each collective is attributed to the mesh axes its replica groups span
     (comms.collective_axes); one spanning several axes is charged to the
     slowest of their links. An axis's time is its ring traffic over its link's
-    one-way bandwidth; the step's predicted_comm_s is the sum over axes
-    (collectives are assumed not to overlap each other).
+    one-way bandwidth (on a TPU, over every torus dimension the axis spans,
+    wraparounds included: devices.mesh_axis_links); the step's predicted_comm_s
+    is the sum over axes (every collective in full, none overlapping another).
 
     Args:
       hlo_text: optimized HLO of the per-device program.
       mesh: a jax Mesh, or an array of devices (one axis named ``data``).
       peak: a devices.PeakInfo (its platform and links), or None.
+      torus: a TPU slice's shape (default: read off the mesh devices' coordinates).
     """
     from jaxscale import devices as devinfo
-    from jaxscale.comms import count_collectives
+    from jaxscale.comms import collective_axes, count_collectives
 
     if hasattr(mesh, "axis_names"):
         grid, names = np.asarray(mesh.devices, dtype=object), tuple(mesh.axis_names)
@@ -366,13 +439,17 @@ def predict_comm(hlo_text: str, mesh, peak) -> CommPrediction:
     collectives = count_collectives(hlo_text, grid.size)
     platform = (peak.platform if peak and peak.platform else getattr(grid.flat[0], "platform", "cpu"))
     links = devinfo.mesh_axis_links(grid, names, platform, peak.local_link if peak else None,
-                                    peak.remote_link if peak else None)
+                                    peak.remote_link if peak else None, torus)
     traffic = {name: 0.0 for name in names}
-    for axes, nbytes in collectives.traffic_by_axes(grid.shape).items():
-        if not axes:
+    per_collective = {}
+    for c in collectives.items:
+        axes = collective_axes([list(g) for g in c.groups], grid.shape)
+        if not axes or not c.traffic_bytes:
             continue
-        slowest = min(axes, key=lambda a: links[names[a]].gbytes_per_s or 0.0)
-        traffic[names[slowest]] += nbytes
+        slowest = names[min(axes, key=lambda a: links[names[a]].gbytes_per_s or 0.0)]
+        traffic[slowest] += c.traffic_bytes
+        bw = links[slowest].gbytes_per_s
+        per_collective[c.channel or c.name] = (c.full_bytes * c.ring_factor / (bw * 1e9) if bw else 0.0, slowest)
     seconds = {}
     for name in names:
         bw = links[name].gbytes_per_s
@@ -385,7 +462,7 @@ def predict_comm(hlo_text: str, mesh, peak) -> CommPrediction:
         note = "; ".join(filter(None, [note, f"{collectives.unknown_trip_counts} loop(s) with no readable trip "
                                               "count: their collectives were counted once"]))
     total = None if missing else float(sum(seconds.values()))
-    return CommPrediction(collectives, links, traffic, seconds, total, note)
+    return CommPrediction(collectives, links, traffic, seconds, total, note, per_collective)
 
 
 def profile_step(fn, *args, n_steps: int = 10, warmup: int = 2, model_flops: float | None = None,

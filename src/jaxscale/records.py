@@ -51,6 +51,10 @@ COLUMNS: tuple[str, ...] = (
     "n_timed_steps", "step_time_samples_s", "tokens_per_s",
     # predicted (jaxscale plan): a stated model of step time, each term a column
     "predicted_compute_s", "predicted_memory_s", "predicted_step_time_s", "predicted_mfu",
+    # the roofline model's terms (roofline.py) and the efficiencies they assume; kernel launches per step
+    "predicted_roofline_s", "predicted_compute_bound_s", "predicted_memory_bound_s", "predicted_exposed_comm_s",
+    "predicted_overlapped_step_s", "predicted_exposed_step_s", "roofline_eta_compute", "roofline_eta_memory",
+    "roofline_efficiency", "kernels_per_step",
     # utilization
     "achieved_tflops_per_device", "peak_tflops_per_device", "peak_dtype", "peak_precision", "peak_source",
     "peak_reference", "mfu", "hfu",

@@ -23,6 +23,7 @@ one host when they fit on one, else n / GPUs-per-host hosts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.metadata
@@ -37,7 +38,7 @@ SLICE_SHAPES: dict[str, tuple[str, ...]] = {
     "v5p": ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x16", "8x16x16"),
 }
 _TOPOLOGY = re.compile(r"^(v5e|v6e|v5p):(\d+(?:x\d+){1,2})$")
-_GPU_TOPOLOGY = re.compile(r"^(h100|a100):(\d+)x(\d+)$")
+_GPU_TOPOLOGY = re.compile(r"^(h100|h200|a100):(\d+)x(\d+)$")
 
 # GPU target descriptions (stream_executor GpuTargetConfigProto, text format), from
 # the parts' published properties. H100 SXM5 (NVIDIA H100 datasheet and Hopper
@@ -46,7 +47,8 @@ _GPU_TOPOLOGY = re.compile(r"^(h100|a100):(\d+)x(\d+)$")
 # 3.35 TB/s of HBM3, 80 GiB. A100 SXM4 80GB (A100 datasheet and Ampere tuning
 # guide): compute capability 8.0, 108 SMs, 64 FP32 lanes and 164 KiB of shared
 # memory per SM (163 KiB per block opt-in), 40 MiB L2, 1.41 GHz boost, 2.039 TB/s
-# of HBM2e, 80 GiB.
+# of HBM2e, 80 GiB. H200 SXM (NVIDIA H200 datasheet): the H100 SXM's GH100 die, compute
+# capability, SMs and clocks, with 141 GB of HBM3e at 4.8 TB/s.
 _GPU_INFO = """gpu_device_info {{
   cuda_compute_capability {{ major: {major} minor: {minor} }}
   threads_per_block_limit: 1024
@@ -73,6 +75,9 @@ GPU_TARGETS: dict[str, str] = {
     "h100": _GPU_INFO.format(major=9, minor=0, smem_block=232448, smem_sm=233472, sms=132, fpus=128,
                              bandwidth=3352000000000, l2=52428800, clock=1.98, memory=85899345920,
                              kind="NVIDIA H100 80GB HBM3"),
+    "h200": _GPU_INFO.format(major=9, minor=0, smem_block=232448, smem_sm=233472, sms=132, fpus=128,
+                             bandwidth=4800000000000, l2=52428800, clock=1.98, memory=141000000000,
+                             kind="NVIDIA H200"),
     "a100": _GPU_INFO.format(major=8, minor=0, smem_block=166912, smem_sm=167936, sms=108, fpus=64,
                              bandwidth=2039000000000, l2=41943040, clock=1.41, memory=85899345920,
                              kind="NVIDIA A100-SXM4-80GB"),
@@ -253,3 +258,38 @@ def slice_devices(topology: str) -> tuple:
     require_libtpu()
     quiet_tpu_runtime()
     return tuple(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+
+
+@contextlib.contextmanager
+def deviceless_cudnn(target: Target):
+    """Let JAX trace cuDNN fused attention for a GPU target on a machine without cuDNN.
+
+    ``jax.nn.dot_product_attention(implementation="cudnn")`` asks the local cuDNN
+    library for its version while tracing, which a plan (the CUDA plugin only, no
+    CUDA libraries) does not have. Inside this context, where that query fails, the
+    version is the one the target description names (dnn_version_info, 9.8.0), which
+    XLA's GPU compiler also compiles for. A JAX without that helper is left alone.
+    """
+    if target.platform != "gpu":
+        yield
+        return
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fused
+        original = fused.check_cudnn_version
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def version():
+        try:
+            return original()
+        except RuntimeError:  # no cuDNN on this machine
+            m = re.search(r"dnn_version_info \{ major: (\d+) minor: (\d+) patch: (\d+)", GPU_TARGETS[target.generation])
+            return int(m.group(1)) * 10000 + int(m.group(2)) * 100 + int(m.group(3)) if m else 90800
+
+    fused.check_cudnn_version = version
+    try:
+        yield
+    finally:
+        fused.check_cudnn_version = original
+
