@@ -7,8 +7,8 @@ import optax
 from flax import nnx
 
 from jaxscale.config import ModelSpec
-from jaxscale.model import Transformer, next_token_loss, unstack
-from jaxscale.step import _init_state, optimizer
+from jaxscale.model import Transformer, next_token_loss
+from jaxscale.step import _init_state, _stacked_params, layer_form, optimizer
 from plain_step import plain_train_step
 
 SPEC = ModelSpec(d_model=32, n_layers=3, n_heads=4, d_ff=64, seq_len=16, vocab=64)
@@ -23,17 +23,29 @@ def _weights(seed=0, **model):
     return jax.jit(lambda: nnx.to_pure_dict(nnx.split(Transformer(SPEC, rngs=nnx.Rngs(seed), **model))[1]))()
 
 
+def _stacked(params):
+    """Per-layer weights (the unrolled form) stacked as the scanned form holds them."""
+    if "layers" in params:
+        return params
+    blocks = [params["blocks"][i] for i in range(SPEC.n_layers)]
+    return {**{k: v for k, v in params.items() if k != "blocks"},
+            "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
 def _graphdef(**model):
     return nnx.split(nnx.eval_shape(lambda: Transformer(SPEC, rngs=nnx.Rngs(0), **model)))[0]
 
 
 def _loss_and_grads(scan_layers: bool, params, tokens):
+    """Loss and gradients of one layer form, from stacked weights; the gradients come back stacked."""
     graphdef = _graphdef(scan_layers=scan_layers)
-    return jax.jit(jax.value_and_grad(lambda p: next_token_loss(nnx.merge(graphdef, p), tokens)))(params)
+    loss, grads = jax.jit(jax.value_and_grad(
+        lambda p: next_token_loss(nnx.merge(graphdef, layer_form(p, scan_layers)), tokens)))(params)
+    return loss, grads
 
 
 def test_unrolled_and_scanned_layers_are_the_same_function():
-    tokens, params = _tokens(), _weights()
+    tokens, params = _tokens(), _weights(scan_layers=True)
     (loss_u, grads_u), (loss_s, grads_s) = (_loss_and_grads(False, params, tokens),
                                             _loss_and_grads(True, params, tokens))
     np.testing.assert_allclose(loss_u, loss_s, rtol=1e-6)
@@ -41,29 +53,16 @@ def test_unrolled_and_scanned_layers_are_the_same_function():
     for a, b in zip(jax.tree.leaves(grads_u), jax.tree.leaves(grads_s)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # every layer gets its own gradient: the slices are not tied together
-    wq = grads_u["layers"]["wq"]
-    assert wq.shape[0] == SPEC.n_layers and not np.allclose(wq[0], wq[1])
-
-
-def test_unstack_gradient_is_the_stack_of_the_slice_gradients():
-    x = jax.random.normal(jax.random.key(1), (4, 3, 2))
-    weights = jnp.arange(1.0, 5.0)
-
-    def f(x):
-        return sum(w * jnp.sum(part ** 2) for w, part in zip(weights, unstack(x)))
-
-    np.testing.assert_allclose(jax.grad(f)(x), 2 * weights[:, None, None] * x, rtol=1e-6)  # d/dx w·x² by hand
-    assert [p.shape for p in unstack(x)] == [(3, 2)] * 4
+    wqkv = grads_u["layers"]["wqkv"]
+    assert wqkv.shape[0] == SPEC.n_layers and not np.allclose(wqkv[0], wqkv[1])
 
 
 def _to_plain(params: dict) -> dict:
-    """jaxscale's parameters in the plain step's layout (same numbers)."""
-    layers = params["layers"]
+    """jaxscale's parameters (unrolled form) in the plain step's layout (same numbers)."""
+    blocks = [params["blocks"][i] for i in range(SPEC.n_layers)]
     return {"embed": params["embed"], "head": params["head"], "ln_f": params["final_norm"]["scale"],
-            "layers": [{"ln1": layers["attn_norm"]["scale"][i], "ln2": layers["mlp_norm"]["scale"][i],
-                        "wqkv": jnp.stack([layers["wq"][i], layers["wk"][i], layers["wv"][i]]),
-                        "wo": layers["wo"][i], "w1": layers["w_in"][i], "w2": layers["w_out"][i]}
-                       for i in range(SPEC.n_layers)]}
+            "layers": [{"ln1": b["attn_norm"]["scale"], "ln2": b["mlp_norm"]["scale"], "wqkv": b["wqkv"],
+                        "wo": b["wo"], "w1": b["w_in"], "w2": b["w_out"]} for b in blocks]}
 
 
 def test_the_model_and_its_update_are_the_plain_steps():
@@ -97,12 +96,15 @@ def test_the_initializer_does_not_grow_with_depth():
     so building a deep model never compiles n_layers copies of the random draws."""
     def equations(layers):
         spec = ModelSpec(d_model=32, n_layers=layers, n_heads=4, d_ff=64, seq_len=16, vocab=64)
-        return len(jax.make_jaxpr(lambda: _init_state(spec, 0))().jaxpr.eqns)
+        return len(jax.make_jaxpr(lambda: _stacked_params(spec, 0))().jaxpr.eqns)
 
     assert equations(2) == equations(24)
 
 
 def test_weights_do_not_depend_on_the_layer_form_or_dtype():
+    """The unrolled form's per-layer weights are the slices of the scanned form's stacked ones."""
     a, b = _weights(3, scan_layers=True, dtype="bfloat16"), _weights(3, scan_layers=False)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert "blocks" in b and len(b["blocks"]) == SPEC.n_layers
+    assert jax.tree.structure(b) == jax.tree.structure(layer_form(a, False))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(_stacked(b))):
         np.testing.assert_array_equal(x, y)

@@ -34,9 +34,8 @@ def test_model_param_count_equals_analytic(d, layers, heads, d_ff, vocab):
 def _specs(strategy):
     profile, points = _grid(devices=[8], strategies=[strategy])
     _, _, logical = abstract_model(points[0], profile.run)
-    layer = {k: v[1:] for k, v in logical["layers"].items() if k in ("wq", "wo", "w_in", "w_out")}
-    assert all(v[0] == "layers" for v in logical["layers"].values() if isinstance(v, tuple))
-    assert all(logical_to_spec(v, strategy)[0] is None for v in logical["layers"].values() if isinstance(v, tuple))
+    layer = {k: v for k, v in logical["blocks"][0].items() if k in ("wqkv", "wo", "w_in", "w_out")}
+    layer["wq"] = layer.pop("wqkv")[1:]  # q, k and v are stacked on an axis no strategy shards
     return {
         "wq": logical_to_spec(layer["wq"], strategy),
         "wo": logical_to_spec(layer["wo"], strategy),
@@ -67,12 +66,12 @@ def test_shardings_are_real_on_device():
     for point in points:
         step = compile_point(point, profile.run)
         params, _ = step.init_state()
-        wq = params["layers"]["wq"]  # stacked over layers; the layers axis is never sharded
-        shard = wq.addressable_shards[0].data.shape
+        wqkv = params["blocks"][0]["wqkv"]  # q, k, v stacked on an axis no strategy shards
+        shard = wqkv.addressable_shards[0].data.shape
         if point.strategy == "fsdp":
-            assert shard == (1, 64 // 4, 8, 8)
+            assert shard == (3, 64 // 4, 8, 8)
         else:
-            assert shard == (1, 64, 8 // 4, 8)
+            assert shard == (3, 64, 8 // 4, 8)
 
 
 def _losses(step, n=3):

@@ -51,7 +51,8 @@ SHARED_HOST_NOTE = "devices share one host's cores (backend cpu): no strong- or 
 CONFIG_COLUMNS = ("row_source", "backend", "device_kind", "n_processes", "jax_version", "jaxlib_version",
                   "flax_version", "libtpu_version", *SIZE_COLUMNS, "params", "strategy", "n_devices", "mesh_shape",
                   "model_axis", "hosts", "batch_mode", "global_batch", "per_device_batch", "tokens_per_step", "dtype",
-                  "remat", "attention", "scan_layers", "xla_flags", "isolation", "attention_flops", "topology")
+                  "remat", "attention", "attention_impl", "scan_layers", "xla_flags", "isolation", "attention_flops",
+                  "topology")
 # Columns that follow x within a family; they must take one value per x (else the analyzer refuses).
 X_LINKED = {
     "n_devices": ("mesh_shape", "hosts"),
@@ -74,7 +75,10 @@ NON_CONFIG_COLUMNS = frozenset({
     "arithmetic_intensity", "ridge_point", "bound", "loss_first", "loss_last", "trace_dir", "peak_precision",
     "custom_call_flops_per_step", "collective_traffic_data_bytes", "collective_traffic_model_bytes",
     "predicted_comm_data_s", "predicted_comm_model_s", "comm_link_data", "comm_link_model",
-    "comm_link_data_gbytes_per_s", "comm_link_model_gbytes_per_s",
+    "comm_link_data_gbytes_per_s", "comm_link_model_gbytes_per_s", "attention_note",
+    "predicted_roofline_s", "predicted_compute_bound_s", "predicted_memory_bound_s", "predicted_exposed_comm_s",
+    "predicted_overlapped_step_s", "predicted_exposed_step_s", "roofline_eta_compute", "roofline_eta_memory",
+    "roofline_efficiency", "kernels_per_step",
 })
 # Slack when comparing interval ends with band edges, so an exact fit that lands
 # 1e-16 off the ideal still counts as inside.

@@ -21,7 +21,6 @@ fails the point.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import re
@@ -166,26 +165,3 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh | N
         return local(q, k, v)
     spec = shd.logical_to_spec(("batch", "seq", "heads", "kv"), strategy)
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
-
-
-@contextlib.contextmanager
-def target_cudnn(devices, version: int = 90800):
-    """Trace cuDNN attention for compile-only GPU devices on a machine without cuDNN.
-
-    JAX asks the local cuDNN library for its version before it emits a fused
-    attention call. Compiling for a GPU target the machine does not have
-    (jaxscale plan), the cuDNN that matters is the target's: the version its
-    description names (targets.GPU_TARGETS, 9.8) stands in while tracing.
-    Where a GPU is attached, nothing changes.
-    """
-    if platform_of(devices) != "gpu" or jax.default_backend() == "gpu":
-        yield
-        return
-    from jax._src.cudnn import fused_attention_stablehlo as fused
-
-    original = fused.check_cudnn_version
-    fused.check_cudnn_version = lambda: version
-    try:
-        yield
-    finally:
-        fused.check_cudnn_version = original

@@ -10,20 +10,24 @@ strategy maps those names to mesh axes (sharding.py). Activations are
 constrained through ``constrain(x, names)``, which the step supplies.
 Parameters are stored in float32; matmuls run in the spec's compute dtype.
 
-The layers' parameters are always stacked: one Block whose parameters have a
-leading ``layers`` axis, created by one vmapped initializer (so building a deep
-model compiles one small initializer, not n_layers copies of it). No strategy
-shards the ``layers`` axis. Two layer forms run them:
+Two layer forms (``scan_layers``):
 
-- unrolled (``scan_layers = False``, the default): a Python loop over static
-  slices ``layers[i]``. XLA sees n_layers copies of the layer, as in a plain
-  JAX step, and fuses and schedules across layer boundaries; compile time grows
-  with depth.
-- scanned (``scan_layers = True``): ``nnx.scan`` over the ``layers`` axis, one
-  compiled loop body (MaxText's scan_layers): compile time hardly grows with
-  depth, but the backward pass reads the forward activations back from
-  per-layer stacks and XLA cannot recompute across the loop boundary, so a
-  step moves more bytes (benchmarks/compile_depth.py measures both).
+- unrolled (``scan_layers = False``, the default): ``n_layers`` Blocks, each
+  with its own parameters, run by a Python loop. XLA sees every layer, as in a
+  plain JAX step, and fuses and schedules across layer boundaries; the
+  gradient of each layer's weights goes straight to its own optimizer update.
+  Compile time grows with depth.
+- scanned (``scan_layers = True``): one Block whose parameters have a leading
+  ``layers`` axis, run by ``nnx.scan`` (MaxText's scan_layers): one compiled
+  loop body, so compile time hardly grows with depth, but the backward pass
+  reads the forward activations back from per-layer stacks and XLA cannot
+  recompute across the loop boundary, so a step moves more bytes
+  (benchmarks/compile_depth.py measures both). No strategy shards ``layers``.
+
+Either way the layers are created stacked, by one vmapped initializer, and the
+unrolled form takes static slices of them: building a deep model traces one
+small initializer, never n_layers copies of it, and both forms start from the
+same weights.
 
 Attention goes through an ``attend(q, k, v)`` function that the step supplies
 (attention.py: XLA's, cuDNN's fused kernel, or the TPU's Pallas splash kernel).
@@ -84,9 +88,7 @@ class Block(nnx.Module):
         d, h, k, f = spec.d_model, spec.n_heads, spec.head_dim, spec.d_ff
         self.dtype = dtype
         self.attn_norm = RMSNorm(d)
-        self.wq = _param(rngs, (d, h, k), d, ("embed", "heads", "kv"))
-        self.wk = _param(rngs, (d, h, k), d, ("embed", "heads", "kv"))
-        self.wv = _param(rngs, (d, h, k), d, ("embed", "heads", "kv"))
+        self.wqkv = _param(rngs, (3, d, h, k), d, ("qkv", "embed", "heads", "kv"))  # q, k and v stacked
         self.wo = _param(rngs, (h, k, d), d, ("heads", "kv", "embed"))
         self.mlp_norm = RMSNorm(d)
         self.w_in = _param(rngs, (d, f), d, ("embed", "mlp"))
@@ -95,9 +97,9 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, constrain: Constrain, attend: Attend) -> jax.Array:
         dt = self.dtype
         h = self.attn_norm(x)
-        q = constrain(jnp.einsum("btd,dhk->bthk", h, self.wq[...].astype(dt)), ("batch", "seq", "heads", "kv"))
-        k = constrain(jnp.einsum("btd,dhk->bthk", h, self.wk[...].astype(dt)), ("batch", "seq", "heads", "kv"))
-        v = constrain(jnp.einsum("btd,dhk->bthk", h, self.wv[...].astype(dt)), ("batch", "seq", "heads", "kv"))
+        wqkv = self.wqkv[...].astype(dt)  # one cast for the three projections
+        q, k, v = (constrain(jnp.einsum("btd,dhk->bthk", h, wqkv[i]), ("batch", "seq", "heads", "kv"))
+                   for i in range(3))
         a = constrain(attend(rope(q), rope(k), v), ("batch", "seq", "heads", "kv"))
         x = x + constrain(jnp.einsum("bthk,hkd->btd", a, self.wo[...].astype(dt)), ("batch", "seq", None))
         h = self.mlp_norm(x)
@@ -113,8 +115,8 @@ class Transformer(nnx.Module):
       spec: the model size.
       dtype: compute dtype of the matmuls (parameters stay float32).
       remat: a config.REMAT_POLICIES name, applied to every layer.
-      scan_layers: run the stacked layers as one scanned layer, or unrolled
-        over static slices (the parameters are stacked either way).
+      scan_layers: one scanned layer with stacked parameters (``layers``), or
+        ``n_layers`` unrolled Blocks (``blocks``).
     """
 
     def __init__(self, spec: ModelSpec, *, dtype: str = "float32", remat: str = "none", scan_layers: bool = False,
@@ -130,7 +132,12 @@ class Transformer(nnx.Module):
         def stacked(layer_rngs: nnx.Rngs) -> Block:
             return Block(spec, self.dtype, layer_rngs)
 
-        self.layers = stacked(rngs)
+        if scan_layers:
+            self.layers = stacked(rngs)
+        else:
+            graphdef, state = nnx.split(stacked(rngs))
+            self.blocks = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+                                    for i in range(spec.n_layers)])
         self.final_norm = RMSNorm(spec.d_model)
         self.head = _param(rngs, (spec.d_model, spec.vocab), spec.d_model, ("embed", "vocab"))
 
@@ -150,36 +157,11 @@ class Transformer(nnx.Module):
 
             x = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.layers)
         else:
-            graphdef, stacked = nnx.split(self.layers)
-            leaves, tree = jax.tree.flatten(stacked)
-            per_leaf = [unstack(leaf) for leaf in leaves]
-            for i in range(self.spec.n_layers):
-                x = layer(nnx.merge(graphdef, jax.tree.unflatten(tree, [p[i] for p in per_leaf])), x)
+            for block in self.blocks:
+                x = layer(block, x)
         x = self.final_norm(x)
         logits = jnp.einsum("btd,dv->btv", x, self.head[...].astype(self.dtype))
         return constrain(logits, ("batch", "seq", "vocab")).astype(jnp.float32)
-
-
-@jax.custom_vjp
-def unstack(x: jax.Array) -> tuple[jax.Array, ...]:
-    """The slices ``x[0], x[1], ...`` along the leading axis, whose gradient is one stack.
-
-    Differentiating n separate ``x[i]`` would give n zero-padded arrays of x's
-    full shape, summed: work XLA simplifies away, but at a compile-time cost
-    that grows with n². Stacking the n slice gradients is what it amounts to.
-    """
-    return tuple(x[i] for i in range(x.shape[0]))
-
-
-def _unstack_fwd(x: jax.Array):
-    return unstack(x), None
-
-
-def _unstack_bwd(_, grads: tuple[jax.Array, ...]):
-    return (jnp.stack(grads),)
-
-
-unstack.defvjp(_unstack_fwd, _unstack_bwd)
 
 
 def remat_policy(name: str):

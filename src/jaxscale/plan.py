@@ -42,7 +42,7 @@ from jaxscale import flops, roofline
 from jaxscale.config import Profile, ProfileError
 from jaxscale.grid import Point, build_grid
 from jaxscale.records import SCHEMA_VERSION, RowWriter, read_rows
-from jaxscale.targets import (Target, TargetError, cuda_plugin_version, deviceless_cudnn, libtpu_version,
+from jaxscale.targets import (Target, TargetError, cuda_plugin_version, libtpu_version,
                               slice_devices)
 
 
@@ -106,7 +106,7 @@ def _plan_point(point: Point, profile: Profile, target: Target, efficiency: roof
     """(row, ProgramFigures or None) of one point."""
     from jaxscale import sweep
     from jaxscale.measure import compiled_memory, predict_comm, program_figures
-    from jaxscale.step import build_step, compile_program
+    from jaxscale.step import build_step, compile_step
 
     run, m = profile.run, point.model
     slice_name = target.slice_for(point.n_devices)
@@ -123,14 +123,13 @@ def _plan_point(point: Point, profile: Profile, target: Target, efficiency: roof
         row.update(peak_tflops_per_device=peak.tflops, peak_dtype=peak.dtype, peak_precision=peak.precision,
                    peak_source=peak.source, peak_reference=peak.reference)
     try:
-        program = build_step(point, run, devices)
-        with deviceless_cudnn(target):
-            _, compile_s, cost, memory, text = compile_program(program)
+        program, _, compile_s, cost, memory, text = compile_step(build_step(point, run, devices), run)
     except Exception as exc:  # the compilers report what does not fit as RESOURCE_EXHAUSTED
         message = _short(exc)
         row.update(status="over_budget" if "RESOURCE_EXHAUSTED" in message else "compile_error", error=message)
         return row, None
-    row.update(compile_s=compile_s, params=program.params, param_bytes=program.param_bytes,
+    row.update(attention_impl=program.attention.impl, attention_note=program.attention.note,
+               compile_s=compile_s, params=program.params, param_bytes=program.param_bytes,
                opt_state_bytes=program.opt_state_bytes, **compiled_memory(memory))
     budget = int(hbm * run.max_memory_fraction) if hbm else None
     total = row.get("compiled_total_bytes")

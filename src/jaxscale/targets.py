@@ -261,16 +261,20 @@ def slice_devices(topology: str) -> tuple:
 
 
 @contextlib.contextmanager
-def deviceless_cudnn(target: Target):
-    """Let JAX trace cuDNN fused attention for a GPU target on a machine without cuDNN.
+def deviceless_cudnn(devices):
+    """Let JAX trace cuDNN fused attention for compile-only GPU devices on a machine without cuDNN.
 
     ``jax.nn.dot_product_attention(implementation="cudnn")`` asks the local cuDNN
     library for its version while tracing, which a plan (the CUDA plugin only, no
     CUDA libraries) does not have. Inside this context, where that query fails, the
-    version is the one the target description names (dnn_version_info, 9.8.0), which
-    XLA's GPU compiler also compiles for. A JAX without that helper is left alone.
+    version is the one the devices' target description names (dnn_version_info,
+    9.8.0), which XLA's GPU compiler also compiles for. Where cuDNN answers, on
+    other platforms, and with a JAX without that helper, nothing changes.
+
+    Args:
+      devices: the devices a step compiles for (a target's, or the local ones).
     """
-    if target.platform != "gpu":
+    if devices[0].platform.lower() not in ("gpu", "cuda"):
         yield
         return
     try:
@@ -279,12 +283,14 @@ def deviceless_cudnn(target: Target):
     except (ImportError, AttributeError):
         yield
         return
+    kind = devices[0].device_kind
+    config = next((c for c in GPU_TARGETS.values() if f'"{kind}"' in c), "")
 
     def version():
         try:
             return original()
         except RuntimeError:  # no cuDNN on this machine
-            m = re.search(r"dnn_version_info \{ major: (\d+) minor: (\d+) patch: (\d+)", GPU_TARGETS[target.generation])
+            m = re.search(r"dnn_version_info \{ major: (\d+) minor: (\d+) patch: (\d+)", config)
             return int(m.group(1)) * 10000 + int(m.group(2)) * 100 + int(m.group(3)) if m else 90800
 
     fused.check_cudnn_version = version
