@@ -9,7 +9,7 @@ topology (compiled only: nothing runs there), prints per layer form
   cache off, so every compile is a real one;
 - step_ms: the median of ``--steps`` timed steps after two warm-up steps
   (local device only);
-- for the TPU, the program's kernels per step (hlo.program_stats).
+- kernels: the program's kernel launches per step (hlo.program_stats).
 
 then the 48-layer over the 12-layer compile time of each form. The README's
 layer-form trade-off quotes this table.
@@ -64,11 +64,10 @@ def measure(args, layers: int, scan: bool, devices, run_steps: bool) -> dict:
             "kernels": _kernels(step.hlo_text)}
 
 
-def _kernels(text: str) -> int | None:
+def _kernels(text: str) -> int:
     from jaxscale import hlo
 
-    stats = getattr(hlo, "program_stats", None)
-    return stats(text).kernels if stats else None
+    return hlo.program_stats(text).kernels
 
 
 def main() -> None:
@@ -104,7 +103,7 @@ def main() -> None:
                 r = measure(args, layers, form == "scan", devices, run_steps)
                 table[form, layers] = r
                 step = "" if r["step_ms"] is None else f"{r['step_ms']:.1f}"
-                print(f"{name:<10} {form:<9} {layers:>6} {r['compile_s']:>10.1f} {step:>9} {r['kernels'] if r['kernels'] is not None else '':>8}",
+                print(f"{name:<10} {form:<9} {layers:>6} {r['compile_s']:>10.1f} {step:>9} {r['kernels']:>8}",
                       flush=True)
         lo, hi = min(args.layers), max(args.layers)
         growth = ", ".join(f"{form} {table[form, hi]['compile_s'] / table[form, lo]['compile_s']:.2f}x"

@@ -213,5 +213,6 @@ def test_every_shipped_profile_has_a_one_line_summary():
         command, text = profile_summary(path)
         assert command == ("plan" if load_profile(name).mesh.topology else "run")
         assert text.endswith(".") and "\n" not in text and len(text) > 20, (name, text)
-    assert profile_summary(shipped_profiles()["gpu-8x"])[1] == ("One host with 8 GPUs (e.g. an 8x H100 VM): every "
-                                                                 "strategy over 1..8 GPUs.")
+    assert profile_summary(shipped_profiles()["gpu-8x"])[1] == (
+        "One host with 8 GPUs (e.g. an 8x H100 VM): every strategy over 1..8 GPUs, strong scaling at a global "
+        "batch of 16 sequences, no remat.")
