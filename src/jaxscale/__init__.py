@@ -32,7 +32,10 @@ _EXPORTS = {
     # the model and its step
     "Transformer": "jaxscale.model",
     "build_step": "jaxscale.step",
+    "compile_step": "jaxscale.step",
     "compile_point": "jaxscale.step",
+    "AttentionChoice": "jaxscale.attention",
+    "choose_attention": "jaxscale.attention:choose",
     # planning for a target (a TPU slice, a GPU cluster) without its hardware
     "Target": "jaxscale.targets",
     "parse_target": "jaxscale.targets",
@@ -40,6 +43,11 @@ _EXPORTS = {
     "plan_point": "jaxscale.plan",
     "predict_step": "jaxscale.plan",
     "loop_corrected_cost": "jaxscale.hlo",
+    "program_stats": "jaxscale.hlo",
+    "ProgramStats": "jaxscale.hlo",
+    "predict_roofline": "jaxscale.roofline:predict",
+    "Efficiency": "jaxscale.roofline",
+    "fit_efficiency": "jaxscale.roofline",
     # measuring
     "StepProfile": "jaxscale.measure",
     "profile_step": "jaxscale.measure",
@@ -80,7 +88,8 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        module, _, attr = _EXPORTS[name].partition(":")  # "module:attr" where the public name differs
+        value = getattr(importlib.import_module(module), attr or name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'jaxscale' has no attribute {name!r}")
@@ -101,12 +110,16 @@ if TYPE_CHECKING:
     from jaxscale.flops import (CHIPS, DEVICE_KINDS, attention_call_flops, device_peak, matmul_math_mode, mfu,
                                 param_count, train_flops)
     from jaxscale.grid import Point, build_grid
-    from jaxscale.hlo import loop_corrected_cost
+    from jaxscale.attention import AttentionChoice
+    from jaxscale.attention import choose as choose_attention
+    from jaxscale.hlo import ProgramStats, loop_corrected_cost, program_stats
+    from jaxscale.roofline import Efficiency, fit_efficiency
+    from jaxscale.roofline import predict as predict_roofline
     from jaxscale.measure import StepProfile, Timing, profile_step, time_pipelined
     from jaxscale.model import Transformer
     from jaxscale.plan import plan_point, predict_step, run_plan
     from jaxscale.records import read_rows
     from jaxscale.report import write_report
-    from jaxscale.step import build_step, compile_point
+    from jaxscale.step import build_step, compile_point, compile_step
     from jaxscale.targets import Target, parse_target
     from jaxscale.sweep import run_profile, run_sweep
