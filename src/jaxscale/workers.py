@@ -261,7 +261,10 @@ def supervise(argv: list[str], dist: Distributed) -> int:
     the abort and says which process stopped, against which coordinator.
     """
     env = {**os.environ, SUPERVISED_ENV: "1"}
-    child = subprocess.Popen([sys.executable, "-m", "jaxscale.cli", *argv], env=env, preexec_fn=die_with_parent)
+    # A session of its own: a terminal's Ctrl-C reaches this process alone, which passes it on once (in the
+    # terminal's process group the child would get it twice, and a second Ctrl-C aborts the point).
+    child = subprocess.Popen([sys.executable, "-m", "jaxscale.cli", *argv], env=env, preexec_fn=die_with_parent,
+                             start_new_session=True)
     previous = signal.signal(signal.SIGINT, lambda *_: child.send_signal(signal.SIGINT))
     try:
         code = child.wait()
