@@ -712,23 +712,6 @@ def cmd_plan(args) -> int:
             report.discard()  # releases it; removes the folder when no point was planned
 
 
-def plan_points(profile, target):
-    """The points a plan compiles, and the reasons points were dropped, each with the number of points it drops.
-
-    A device count over the target's chips drops every point at that count
-    (sizes x strategies x batches x remat policies x flag sets), not one.
-    """
-    from jaxscale import plan as planner
-    from jaxscale.grid import grid_size
-
-    points, dropped = planner.plan_grid(profile, target)
-    for n in profile.mesh.devices:
-        reason = f"{n} chips exceed the {target.n_chips} of {target.name}"
-        if n > target.n_chips and reason in dropped:
-            dropped[reason] = grid_size(profile, (n,))
-    return points, dropped
-
-
 def _plan(args, profile, target, report_dir: Path, console) -> int:
     from jaxscale.config import ProfileError
     from jaxscale.records import os_error_line
@@ -744,7 +727,7 @@ def _plan(args, profile, target, report_dir: Path, console) -> int:
     from jaxscale import plan as planner
 
     try:
-        points, dropped = plan_points(profile, target)
+        points, dropped = planner.plan_grid(profile, target)
     except ProfileError as e:
         return _fail(str(e))
     if dropped:

@@ -40,7 +40,7 @@ import pandas as pd
 from jaxscale import devices as devinfo
 from jaxscale import flops, roofline
 from jaxscale.config import Profile, ProfileError
-from jaxscale.grid import Point, build_grid
+from jaxscale.grid import Point, build_grid, grid_size
 from jaxscale.records import SCHEMA_VERSION, RowWriter, read_rows
 from jaxscale.targets import (Target, TargetError, cuda_plugin_version, libtpu_version,
                               slice_devices)
@@ -240,8 +240,8 @@ def plan_grid(profile: Profile, target: Target) -> tuple[list[Point], collection
         raise ProfileError(f"{profile.source}: [mesh] devices = {list(profile.mesh.devices)}: every count exceeds "
                            f"the {target.n_chips} chips of {target.name}; plan a larger topology or smaller counts")
     points, dropped = build_grid(profile, target.n_chips, 1) if not too_many else _grid_within(profile, target)
-    for n in too_many:
-        dropped[f"{n} chips exceed the {target.n_chips} of {target.name}"] += 1
+    for n in too_many:  # every point at that count: sizes x strategies x batches x remat policies x flag sets
+        dropped[f"{n} chips exceed the {target.n_chips} of {target.name}"] += grid_size(profile, (n,))
     return points, dropped
 
 
