@@ -386,7 +386,3 @@ def matmul_math_mode(platform: str, dtype: str, precision: str | None = None) ->
             return None, (f"float32 operands at matmul precision {setting}: {passes} bf16 MXU passes, "
                           "for which no datasheet peak exists")
     return None, f"no datasheet peak for float32 matmuls on {platform} at precision {setting}"
-
-
-def bytes_per_element(dtype: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]

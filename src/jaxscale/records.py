@@ -74,7 +74,6 @@ COLUMNS: tuple[str, ...] = (
     "loss_first", "loss_last", "trace_dir",
 )
 
-FAILURE_STATUSES = ("compile_error", "oom", "over_budget", "error", "crashed")
 # Statuses of rows that carry no failure: measured, or compiled for a target (jaxscale plan).
 SUCCESS_STATUSES = ("ok", "planned")
 
