@@ -31,7 +31,8 @@ from pathlib import Path
 
 import pandas as pd
 
-# 3: run_id. 2: remat as a policy name, xla_flags, isolation. Older files are read as they are.
+# 3: run_id, attention_impl and attention_note, the roofline model's terms and kernels_per_step.
+# 2: remat as a policy name, xla_flags, isolation. Older files are read as they are.
 SCHEMA_VERSION = 3
 
 COLUMNS: tuple[str, ...] = (
