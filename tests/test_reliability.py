@@ -332,13 +332,13 @@ def test_a_trace_selector_that_matches_nothing_is_refused(tmp_path):
 
 def test_plan_counts_every_dropped_point():
     """smoke on a 4-chip slice: 8 devices drop 12 points (3 sizes x 4 strategies), fsdp_tp at 1 drops 3."""
-    from jaxscale.cli import plan_points
+    from jaxscale.plan import plan_grid
     from jaxscale.config import load_profile
     from jaxscale.grid import grid_size
     from jaxscale.targets import parse_target
 
     profile = load_profile("smoke")
-    points, dropped = plan_points(profile, parse_target("V5E:2x2"))
+    points, dropped = plan_grid(profile, parse_target("V5E:2x2"))
     assert grid_size(profile) == 48 and sum(dropped.values()) == 15 and len(points) == 33
     assert dropped["8 chips exceed the 4 of v5e:2x2"] == 12
 
