@@ -86,6 +86,8 @@ def check_profiles(cpu_smoke: bool, backend_hint: str) -> tuple[dict, dict]:
     oversized = json.loads(json.dumps(raw))
     oversized["run"]["name"] = "oversized"
     oversized["model"]["sizes"] = [OVERSIZED]
+    if cpu_smoke:  # the same parameters in one scanned layer: a CPU compiles 32 unrolled ones for tens of seconds
+        oversized["run"]["scan_layers"] = True
     return raw, oversized
 
 

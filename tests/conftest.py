@@ -2,7 +2,40 @@
 
 import os
 
+import pytest
+
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Calibrations and the compilation cache of tests stay out of the user's cache.
 os.environ.setdefault("JAXSCALE_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".cache"))
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    """An analysis in this process draws no plots: for tests that read its tables and text, not its figures
+    (drawing is most of an analysis' time; test_report and test_cli's run check the plots)."""
+    from jaxscale import report
+
+    monkeypatch.setattr(report, "plot_families", lambda *args, **kwargs: [])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny `jaxscale run smoke` (dp and fsdp on 1 and 2 devices, fsdp on 2 traced) into a cache folder of its
+    own, with a planted calibration: test_tool reads its trace and its compilation cache, test_compare compares
+    it with a doctored copy."""
+    from types import SimpleNamespace
+
+    from helpers import TINY_SETS, cli_env, jaxscale, plant_calibration, sets
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    cache = root / "cache"
+    plant_calibration(cache)
+    args = ["run", "smoke", "--no-analyze", "--trace", "strategy=fsdp,n_devices=2",
+            *sets(*TINY_SETS, "mesh.devices=[1,2]", 'mesh.strategies=["dp","fsdp"]')]
+    env = cli_env(JAXSCALE_CACHE_DIR=cache)
+    proc = jaxscale(*args, "--out", root / "runs", cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr
+    (report,) = (root / "runs").iterdir()
+    return SimpleNamespace(report=report, cache=cache, args=args, env=env, cache_entries=sorted(
+        p.name for p in (cache / "xla").iterdir()))

@@ -18,7 +18,7 @@ import pytest
 from rich.console import Console
 
 import jaxscale
-from helpers import TINY_SETS, jaxscale as run_cli, sets
+from helpers import jaxscale as run_cli
 from jaxscale import cli
 from jaxscale.compare import (CompareError, estimate_run_drift, format_markdown, mann_whitney_null_cdf, ratio_interval,
                               read_side, run_ratio_interval, runtime_diff, verdict)
@@ -351,18 +351,14 @@ def test_read_side_keeps_runs_apart(tmp_path):
         read_side([tmp_path])
 
 
-def test_real_runs_compare_as_written(tmp_path):
-    """A tiny `jaxscale run`; its copy with one point slower and another jax in runtime.json.
+def test_real_runs_compare_as_written(tiny_run, tmp_path):
+    """A tiny `jaxscale run` (conftest's tiny_run); its copy with one point slower and another jax in runtime.json.
 
     Steps of a millisecond on a shared CPU can vary tenfold within a run, so
     the planted factor is twice the point's own max/min spread: every pairwise
     ratio then exceeds 2, whatever the noise (the synthetic tests plant 1.3x).
     """
-    proc = run_cli("run", "smoke", "--out", tmp_path / "runs", "--no-analyze",
-                   *sets(*TINY_SETS, "run.steps=8", "mesh.devices=[1,2]", "mesh.strategies=['dp','fsdp']"),
-                   cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    (base,) = (tmp_path / "runs").iterdir()
+    base = tiny_run.report
     new = tmp_path / "new"
     shutil.copytree(base, new)
     rows = read_rows(new / "runs.csv")
