@@ -4,7 +4,9 @@ import os
 
 import pytest
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+from helpers import FAST_COMPILE_FLAGS  # noqa: E402
+
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Calibrations and the compilation cache of tests stay out of the user's cache.
 os.environ.setdefault("JAXSCALE_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".cache"))

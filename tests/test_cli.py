@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from helpers import jaxscale, sets
+from helpers import FAST_COMPILE_FLAGS, jaxscale, sets
 from jaxscale.records import COLUMNS, read_rows
 
 MAY_BE_EMPTY = {"error", "flops_note", "trace_dir", "peak_bytes_in_use", "bytes_limit",  # CPU keeps no allocator stats
@@ -40,7 +40,7 @@ def test_run_writes_a_complete_row_per_point(smoke_report):
         assert filled.all(), f"column {column} empty in some ok row"
     assert (rows["backend"] == "cpu").all() and (rows["peak_source"] == "measured").all()
     assert (rows["attention_flops"] == "causal_half").all()
-    # the CLI forced 8 host devices itself: the environment had no XLA_FLAGS
+    # the CLI forced 8 host devices itself: the environment's XLA_FLAGS set no device count
     assert rows["n_devices"].max() == 8
     assert "1 of 8 grid points dropped" not in proc.stdout  # the count covers both sizes
     assert "2 of 16 grid points dropped" in proc.stdout and "model_axis=2" in proc.stdout
@@ -150,7 +150,7 @@ def test_rows_carry_the_run_id_and_runtime_json_the_users_flags(smoke_report):
     rows = read_rows(report / "runs.csv")
     assert set(rows["run_id"]) == {read_run_id(report)} and rows["run_id"].iloc[0]
     runtime = json.loads((report / "runtime.json").read_text())
-    assert runtime["xla_flags"] == ""  # the environment set none (helpers.cli_env drops XLA_FLAGS)
+    assert runtime["xla_flags"] == FAST_COMPILE_FLAGS  # the environment's (helpers.cli_env), without a device count
     assert runtime["xla_flags_added"] == "--xla_force_host_platform_device_count=8"
     assert {"cuda_version", "cudnn_version", "cuda_driver_version"} <= set(runtime)
     # paths are printed whole off a terminal, however long

@@ -18,17 +18,19 @@ HOST_DEVICES = 8
 def _prepare_runtime(compile_cache: bool = True) -> None:
     """Set up XLA before JAX initializes its backends.
 
-    Without XLA_FLAGS from the user, the host platform gets 8 virtual devices, so
-    a machine without an accelerator can still run multi-device meshes (the flag
-    only affects the CPU backend); JAXSCALE_ADDED_XLA_FLAGS says it was jaxscale's
-    doing, so records keep it apart from the user's flags. The persistent
-    compilation cache is JAX's own.
+    Unless the user's XLA_FLAGS set a host device count, the host platform gets 8
+    virtual devices, so a machine without an accelerator can still run
+    multi-device meshes (the flag only affects the CPU backend; the user's other
+    flags are kept); JAXSCALE_ADDED_XLA_FLAGS says it was jaxscale's doing, so
+    records keep it apart from the user's flags. The persistent compilation
+    cache is JAX's own.
     """
     from jaxscale.config import ADDED_XLA_FLAGS_ENV
 
-    if "XLA_FLAGS" not in os.environ:
+    user = os.environ.get("XLA_FLAGS", "")
+    if "--xla_force_host_platform_device_count" not in user:
         flag = f"--xla_force_host_platform_device_count={HOST_DEVICES}"
-        os.environ["XLA_FLAGS"] = flag
+        os.environ["XLA_FLAGS"] = f"{user} {flag}".strip()
         os.environ[ADDED_XLA_FLAGS_ENV] = flag
     from jaxscale.targets import quiet_plugins
 
