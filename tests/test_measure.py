@@ -32,7 +32,9 @@ def test_pipelined_timing_recovers_a_planted_step_time():
 
     timing = time_pipelined(dispatch, n_steps=10, warmup=2)
     assert len(timing.samples_s) == 10
-    assert SLEEP_S * 0.95 < timing.median_s < SLEEP_S * 1.3
+    # a sample spans a whole step: not less than its planted sleep (a dispatch alone takes microseconds);
+    # how much more depends on the machine's load, so no upper bound (the simulated clock below checks exactly)
+    assert timing.median_s >= SLEEP_S * 0.95
     assert float(state["x"][0]) == 2 + 12  # warm-up, reference, timed and tail steps all ran, in order
 
 

@@ -25,8 +25,6 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, stats
-
 from jaxscale.records import SUCCESS_STATUSES
 
 DEFAULT_TOLERANCE = 0.05
@@ -161,6 +159,8 @@ class PowerLawFit:
 
 
 def _t_crit(confidence: float, dof: int) -> float:
+    from scipy import stats  # scipy loads in about a second: only where a fit needs it
+
     return float(stats.t.ppf(0.5 + confidence / 2, dof))
 
 
@@ -169,6 +169,8 @@ def _t_test(estimate: float, stderr: float, dof: int, claimed: float) -> tuple[f
     if stderr == 0:
         # An exact fit: the claim either matches to rounding or is rejected outright.
         return (0.0, 1.0) if abs(diff) <= _EDGE_EPS else (math.copysign(math.inf, diff), 0.0)
+    from scipy import stats
+
     t = diff / stderr
     return float(t), float(2 * stats.t.sf(abs(t), dof))
 
@@ -284,6 +286,8 @@ def curvature_test(x: Sequence[float], y: Sequence[float], confidence: float = 0
     elif se == 0:
         p = 0.0 if abs(change) > tolerance else 1.0
     else:
+        from scipy import stats
+
         p = float(2 * stats.t.sf(abs(c2) / se, dof))
     significant = math.isfinite(p) and p < 1 - confidence and abs(change) > tolerance
     return Curvature(quadratic=c2, stderr=se, p_value=p, slope_change=change,
@@ -1060,6 +1064,8 @@ def _fit_contention(na: np.ndarray, xa: np.ndarray, confidence: float, with_kapp
 
     def residuals(p):
         return p[0] + np.log(na) - np.log(np.maximum(denominator(p), 1e-300)) - ly
+
+    from scipy import optimize
 
     result = optimize.least_squares(residuals, p0, method="lm", x_scale="jac")
     if not result.success or (denominator(result.x) <= 0).any():

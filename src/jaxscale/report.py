@@ -10,17 +10,12 @@ import re
 import textwrap
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from rich.table import Table
 
-matplotlib.use("Agg")  # files only; never open a window, works without a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from jaxscale.analyze import (DEFAULT_TOLERANCE, SHARED_HOST_NOTE, PowerLawFit, family_frame,  # noqa: E402
-                              fit_points, prepare_rows, succeeded, why_no_fits)
+from jaxscale.analyze import (DEFAULT_TOLERANCE, SHARED_HOST_NOTE, PowerLawFit, family_frame, fit_points,
+                              prepare_rows, succeeded, why_no_fits)
 
 LABELS = {
     "n_devices": "devices",
@@ -662,6 +657,12 @@ def _legend_label(row, series: list[str]) -> str:
 
 def _plot_one(runs: pd.DataFrame | None, rows: pd.DataFrame, y: str, family: str | None, path: Path,
               usl: pd.DataFrame | None = None, prepared: bool = False) -> bool:
+    import matplotlib  # loaded for plots only: about a second of every command otherwise
+
+    matplotlib.use("Agg")  # files only; never open a window, works without a display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
     panels, series, fixed = _split_series(rows)
     x = rows["x"].iloc[0]
     pct = f"{100 * float(_first(rows, 'confidence', 0.95)):g}%"
