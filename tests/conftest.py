@@ -41,3 +41,14 @@ def tiny_run(tmp_path_factory):
     (report,) = (root / "runs").iterdir()
     return SimpleNamespace(report=report, cache=cache, args=args, env=env, cache_entries=sorted(
         p.name for p in (cache / "xla").iterdir()))
+
+
+# The files that take longest (about a minute each on 2 cores), slowest first: with a file per worker
+# (`-n auto --dist loadfile`), starting them first lets the workers finish together.
+SLOW_FILES = ("test_plan.py", "test_reliability.py", "test_multihost.py", "test_workers.py", "test_step.py",
+              "test_cli.py", "test_compare.py", "test_tool.py", "test_speed_guard.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: file order kept within

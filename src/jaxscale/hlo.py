@@ -64,6 +64,7 @@ cannot see:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -414,7 +415,14 @@ def _constant(inst: Instruction | None) -> int | None:
 
 
 def parse(hlo: str | HloModule) -> HloModule:
-    return hlo if isinstance(hlo, HloModule) else HloModule.parse(hlo)
+    """The module of an HLO text. The FLOP count, the communication model and the roofline each read a step's
+    program: the last few texts are parsed once (a module is never changed after parsing)."""
+    return hlo if isinstance(hlo, HloModule) else _parse_text(hlo)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_text(text: str) -> HloModule:
+    return HloModule.parse(text)
 
 
 # ------------------------------------------------------------ matmul FLOPs
