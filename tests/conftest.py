@@ -22,25 +22,33 @@ def no_plots(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, worker_id):
     """One tiny `jaxscale run smoke` (dp and fsdp on 1 and 2 devices, fsdp on 2 traced) into a cache folder of its
     own, with a planted calibration: test_tool reads its trace and its compilation cache, test_compare compares
-    it with a doctored copy."""
+    it with a doctored copy. Run once per session: pytest-xdist workers share it through their common temporary
+    folder, the first to arrive running it under a lock."""
+    import fcntl
     from types import SimpleNamespace
 
     from helpers import TINY_SETS, cli_env, jaxscale, plant_calibration, sets
 
-    root = tmp_path_factory.mktemp("tiny_run")
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if worker_id != "master" else base) / "tiny_run"
+    root.mkdir(exist_ok=True)
     cache = root / "cache"
-    plant_calibration(cache)
     args = ["run", "smoke", "--no-analyze", "--trace", "strategy=fsdp,n_devices=2",
             *sets(*TINY_SETS, "mesh.devices=[1,2]", 'mesh.strategies=["dp","fsdp"]')]
     env = cli_env(JAXSCALE_CACHE_DIR=cache)
-    proc = jaxscale(*args, "--out", root / "runs", cwd=root, env=env)
-    assert proc.returncode == 0, proc.stderr
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "entries.txt").exists():
+            plant_calibration(cache)
+            proc = jaxscale(*args, "--out", root / "runs", cwd=root, env=env)
+            assert proc.returncode == 0, proc.stderr
+            (root / "entries.txt").write_text("\n".join(sorted(p.name for p in (cache / "xla").iterdir())))
     (report,) = (root / "runs").iterdir()
-    return SimpleNamespace(report=report, cache=cache, args=args, env=env, cache_entries=sorted(
-        p.name for p in (cache / "xla").iterdir()))
+    return SimpleNamespace(report=report, cache=cache, args=args, env=env,
+                           cache_entries=(root / "entries.txt").read_text().split("\n"))
 
 
 # The files that take longest (about a minute each on 2 cores), slowest first: with a file per worker

@@ -84,8 +84,8 @@ def _losses(step, n=3):
 
 
 def test_every_strategy_gives_the_single_device_loss():
-    """dp, fsdp and tp on 1, 2 and 8 devices, fsdp_tp on 2 (1 x 2) and 8 (4 x 2)."""
-    profile, points = _grid(devices=(1, 2, 8))
+    """dp, fsdp and tp on 1 and 8 devices, fsdp_tp on 8 (a 4 x 2 mesh: both axes sharded at once)."""
+    profile, points = _grid(devices=(1, 8))
     reference = None
     seen = set()
     for point in points:
@@ -123,11 +123,11 @@ def test_xla_flops_agree_with_the_analytic_count():
 
 def test_fsdp_argument_bytes_shrink_while_dp_stay_flat():
     model = {"d_model": 128, "n_layers": 2, "n_heads": 8, "d_ff": 512, "seq_len": 16, "vocab": 256}
-    profile, points = _grid(model, devices=[1, 2, 8], strategies=["dp", "fsdp"])
+    profile, points = _grid(model, devices=[1, 8], strategies=["dp", "fsdp"])
     args = {(p.strategy, p.n_devices): compile_point(p, profile.run).memory.argument_size_in_bytes for p in points}
     params = flops.param_count(128, 2, 256, 512)
     state_bytes = 3 * 4 * params  # float32 params, Adam mu and nu
-    for n in (1, 2, 8):
+    for n in (1, 8):
         assert args[("dp", n)] == pytest.approx(args[("dp", 1)], rel=0.01)
         # sharded state plus a replicated remainder (norm scales, the step count, tokens)
         assert args[("fsdp", n)] == pytest.approx(state_bytes / n, rel=0.05)
