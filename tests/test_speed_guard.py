@@ -60,47 +60,36 @@ def _guard(ours, plain):
 
 # One head of 128 (splash's lane width), 128 tokens (one splash block): libtpu compiles each step in seconds.
 TPU_MODEL = {"d_model": 128, "n_layers": 2, "n_heads": 1, "d_ff": 512, "seq_len": 128, "vocab": 512}
-
-
-@pytest.fixture(scope="module")
-def tpu():
-    if targets.libtpu_version() is None:
-        pytest.skip("the TPU compiler (libtpu) is not installed")
-    devices = list(targets.slice_devices("v5e:2x2"))
-    return {"unrolled": _ours(TPU_MODEL, 8, devices, scan=False), "scan": _ours(TPU_MODEL, 8, devices, scan=True),
-            "plain": _plain(TPU_MODEL, 8, devices, "splash")}
-
-
-def test_tpu_step_launches_and_moves_no_more_than_a_plain_step(tpu):
-    impl, ours = tpu["unrolled"]
-    assert impl == "splash"  # what auto picks on a TPU, and what the plain step calls
-    assert ours.counted_kernels and ours.flops_trusted
-    _guard(ours, tpu["plain"])
-
-
-def test_tpu_guard_catches_the_scanned_form(tpu):
-    _, scanned = tpu["scan"]
-    assert not _within(scanned, tpu["plain"])  # 287 kernels against 216: the loop's stacking and slicing
-
-
 GPU_MODEL = {"d_model": 512, "n_layers": 4, "n_heads": 4, "d_ff": 2048, "seq_len": 512, "vocab": 4096}
+# target: (slice, model, global batch, the attention auto picks and the plain step calls, the compiler to have)
+TARGETS = {"tpu": ("v5e:2x2", TPU_MODEL, 8, "splash", lambda: targets.libtpu_version() is not None,
+                   "the TPU compiler (libtpu) is not installed"),
+           "gpu": ("h100:1x1", GPU_MODEL, 4, "cudnn", lambda: targets.cuda_plugin_version() is not None,
+                   "XLA's GPU compiler (jax[cuda12-local]) is not installed")}
 
 
-@pytest.fixture(scope="module")
-def gpu():
-    if targets.cuda_plugin_version() is None:
-        pytest.skip("XLA's GPU compiler (jax[cuda12-local]) is not installed")
-    devices = list(targets.slice_devices("h100:1x1"))
-    return {"unrolled": _ours(GPU_MODEL, 4, devices, scan=False), "scan": _ours(GPU_MODEL, 4, devices, scan=True),
-            "plain": _plain(GPU_MODEL, 4, devices, "cudnn")}
+@pytest.fixture(scope="module", params=sorted(TARGETS))
+def compiled(request):
+    """Both layer forms of jaxscale's step and the plain step, compiled for the target; the GPU's run with the
+    GPU-planning test command (-k gpu)."""
+    topology, model, batch, attention, available, missing = TARGETS[request.param]
+    if not available():
+        pytest.skip(missing)
+    devices = list(targets.slice_devices(topology))
+    return {"target": request.param, "attention": attention,
+            "unrolled": _ours(model, batch, devices, scan=False), "scan": _ours(model, batch, devices, scan=True),
+            "plain": _plain(model, batch, devices, attention)}
 
 
-def test_gpu_step_launches_and_moves_no_more_than_a_plain_step(gpu):
-    impl, ours = gpu["unrolled"]
-    assert impl == "cudnn"
-    _guard(ours, gpu["plain"])
+def test_step_launches_and_moves_no_more_than_a_plain_step(compiled):
+    impl, ours = compiled["unrolled"]
+    assert impl == compiled["attention"]  # what auto picks on the target, and what the plain step calls
+    if compiled["target"] == "tpu":
+        assert ours.counted_kernels and ours.flops_trusted  # splash's kernels counted from their shapes
+    _guard(ours, compiled["plain"])
 
 
-def test_gpu_guard_catches_the_scanned_form(gpu):
-    _, scanned = gpu["scan"]
-    assert not _within(scanned, gpu["plain"])
+def test_guard_catches_the_scanned_form(compiled):
+    _, scanned = compiled["scan"]
+    # on the v5e, 287 kernels against 216: the loop's stacking and slicing
+    assert not _within(scanned, compiled["plain"])
