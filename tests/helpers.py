@@ -49,3 +49,17 @@ def plant_calibration(cache: Path, n_devices: int = 8, dtype: str = "float32") -
                                       "size": 1024, "dtype": dtype, "n_local_devices": n_devices,
                                       "measured_at": "planted"}}))
     return path
+
+
+TINY_MODEL = {"d_model": 64, "n_layers": 1, "n_heads": 8, "d_ff": 128, "seq_len": 16, "vocab": 128}
+
+
+def step_grid(model=TINY_MODEL, devices=(1, 2, 4, 8), strategies=("dp", "fsdp", "tp", "fsdp_tp"), batch=8, **run):
+    """A profile of one model over devices x strategies (model axis 2) and its grid on 8 devices."""
+    from jaxscale.config import build_profile
+    from jaxscale.grid import build_grid
+
+    profile = build_profile({"run": {"steps": 2, "warmup": 1, **run}, "model": dict(model),
+                             "batch": {"global_batch": batch},
+                             "mesh": {"devices": list(devices), "strategies": list(strategies), "model_axis": 2}})
+    return profile, build_grid(profile, 8)[0]
