@@ -35,14 +35,9 @@ def _prepare_runtime(compile_cache: bool = True) -> None:
     from jaxscale.targets import quiet_plugins
 
     quiet_plugins()
-    import jax
+    from jaxscale.workers import configure_compile_cache
 
-    if compile_cache and os.environ.get("JAXSCALE_COMPILE_CACHE", "1") != "0":
-        from jaxscale.devices import cache_dir
-
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    configure_compile_cache(compile_cache)
 
 
 def _fail(message: str) -> int:
@@ -123,11 +118,11 @@ def _profile_to_run(args, dist):
 
 def _claim_report(args, profile, recorded):
     """The report folder, held by this process: a new one (never reused) or the --resume one."""
-    from jaxscale.records import ReportDir, stamped
+    from jaxscale.records import ReportDir
 
     if args.resume:
         return ReportDir.reopen(args.resume, recorded)
-    return ReportDir.create(args.out or "reports", stamped(profile.run.name))
+    return ReportDir.for_run(profile.run.name, args.out)
 
 
 def _check_recorded_points(args, profile, points, recorded) -> None:

@@ -353,6 +353,15 @@ class ReportDir:
         self._parents = parents  # folders above it this process created, innermost first
 
     @classmethod
+    def for_run(cls, run_name: str, out: Path | str | None) -> "ReportDir":
+        """A run's new report folder ``<out>/<name>-<UTC time>`` (``reports`` by default), held by this process.
+
+        Raises:
+          ReportDirError: ``out`` cannot hold it.
+        """
+        return cls.create(out or "reports", stamped(run_name))
+
+    @classmethod
     def create(cls, parent: Path | str, stem: str, flag: str = "--out") -> "ReportDir":
         """A new folder ``parent/stem`` (``stem-2``, ``stem-3``, ... when taken): never an existing one.
 

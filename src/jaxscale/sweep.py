@@ -28,7 +28,7 @@ from jaxscale import flops
 from jaxscale.config import ADDED_XLA_FLAGS_ENV, Profile, ProfileError, load_profile
 from jaxscale.grid import GRID_COLUMNS, Point, build_grid
 from jaxscale.measure import describe_step, time_pipelined
-from jaxscale.records import SCHEMA_VERSION, ReportDir, RowWriter, read_rows, row_key, stamped
+from jaxscale.records import SCHEMA_VERSION, ReportDir, RowWriter, read_rows, row_key
 from jaxscale.step import CompiledStep, compile_point
 
 FAULT_ENV = "JAXSCALE_INJECT_FAULT"  # selector of points whose step raises at run time (tests)
@@ -379,15 +379,6 @@ def _run_compiled(compiled: CompiledStep, run, point: Point, peak, model_flops: 
     return out
 
 
-def new_report_dir(profile: Profile, out: Path | str | None) -> ReportDir:
-    """A new report folder ``<out>/<name>-<UTC time>`` (numbered when taken), created and held by this process.
-
-    Raises:
-      records.ReportDirError: ``out`` cannot hold it.
-    """
-    return ReportDir.create(out or "reports", stamped(profile.run.name))
-
-
 class _StopFlag:
     """First Ctrl-C: finish the current point, then stop. Second: abort now.
 
@@ -616,7 +607,7 @@ def run_sweep(profile: str | Profile, out: Path | str | None = None, overrides: 
     """
     if not isinstance(profile, Profile):
         profile = load_profile(profile, overrides)
-    report = new_report_dir(profile, out)
+    report = ReportDir.for_run(profile.run.name, out)
     try:
         runtime = open_runtime(profile)
         try:
