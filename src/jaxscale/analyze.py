@@ -25,15 +25,13 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
-from jaxscale.records import SUCCESS_STATUSES
+from jaxscale.records import COLLECTIVE_COLUMNS, SUCCESS_STATUSES
 
 DEFAULT_TOLERANCE = 0.05
 MEMORY_COLUMN = "memory_per_device_bytes"
 STATE_COLUMN = "state_bytes"
 ACTIVATION_COLUMN = "activation_bytes"
 SIZE_COLUMNS = ("size_name", "d_model", "n_layers", "n_heads", "d_ff", "seq_len", "vocab")
-COLLECTIVE_COLUMNS = ("all_reduce_bytes", "all_gather_bytes", "reduce_scatter_bytes", "all_to_all_bytes",
-                      "collective_permute_bytes")
 # y columns where a larger value is better; costs (time, bytes) are named by their suffix.
 HIGHER_IS_BETTER = frozenset({"tokens_per_s", "mfu", "hfu", "achieved_tflops_per_device", "efficiency",
                               "predicted_mfu"})

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -54,15 +54,13 @@ import numpy as np
 import pandas as pd
 
 from jaxscale.grid import KEY_COLUMNS
-from jaxscale.records import SUCCESS_STATUSES, drop_duplicates, file_digest, read_rows, run_labels
+from jaxscale.records import COLLECTIVE_COLUMNS, SUCCESS_STATUSES, drop_duplicates, file_digest, read_rows, run_labels
 from jaxscale.report import cell_bytes, cell_number
 
 # The point key: the grid key and the other columns that change the compiled program.
 MATCH_COLUMNS: tuple[str, ...] = ("size_name", *KEY_COLUMNS, "batch_mode", "dtype", "attention", "scan_layers")
 # Key columns older reports may lack, and the value they then had.
 KEY_DEFAULTS = {"xla_flags": "", "remat": "none"}
-COLLECTIVE_COLUMNS = ("all_reduce_bytes", "all_gather_bytes", "reduce_scatter_bytes", "all_to_all_bytes",
-                      "collective_permute_bytes")
 # runtime.json fields (and runs.csv columns) worth a line in the diff, in this order.
 RUNTIME_FIELDS = ("jax_version", "jaxlib_version", "flax_version", "libtpu_version", "cuda_version",
                   "cudnn_version", "backend", "device_kind", "topology", "process_count", "global_devices",
@@ -833,7 +831,7 @@ def method_line(table: pd.DataFrame) -> str:
             text += (f"; drift between runs {drift.sd:.3f} (log-scale SD, from {drift.n_points - drift.n_outliers}"
                      f" of {drift.n_points} points) widens the intervals over steps")
         else:
-            text += f"; too few points to estimate the drift between runs: intervals over steps cover steps only"
+            text += "; too few points to estimate the drift between runs: intervals over steps cover steps only"
     return text
 
 

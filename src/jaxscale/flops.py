@@ -7,7 +7,6 @@ can be checked by hand and reused on rows that came from elsewhere.
 from __future__ import annotations
 
 import dataclasses
-import re
 
 # How the attention score/value matmuls are counted in model FLOPs.
 ATTENTION_FULL = "full"  # PaLM appendix B: QK^T and AV over the whole s x s square

@@ -41,7 +41,7 @@ from jaxscale import devices as devinfo
 from jaxscale import flops, roofline
 from jaxscale.config import Profile, ProfileError
 from jaxscale.grid import Point, build_grid, grid_size
-from jaxscale.records import SCHEMA_VERSION, RowWriter, read_rows
+from jaxscale.records import SCHEMA_VERSION, RowWriter, error_text, read_rows
 from jaxscale.targets import (Target, TargetError, cuda_plugin_version, libtpu_version,
                               slice_devices)
 
@@ -89,10 +89,6 @@ def _runtime_columns(target: Target, device_kind: str, n_processes: int) -> dict
             "libtpu_version": libtpu_version() if target.platform == "tpu" else None, "n_processes": n_processes}
 
 
-def _short(exc: BaseException, limit: int = 600) -> str:
-    return f"{type(exc).__name__}: {exc}".replace("\n", " ").strip()[:limit]
-
-
 def plan_point(point: Point, profile: Profile, target: Target,
                efficiency: roofline.Efficiency | None = None) -> dict:
     """Compile one point for its slice of the target and predict its step; failures come back as rows.
@@ -125,7 +121,7 @@ def _plan_point(point: Point, profile: Profile, target: Target, efficiency: roof
     try:
         program, _, compile_s, cost, memory, text = compile_step(build_step(point, run, devices), run)
     except Exception as exc:  # the compilers report what does not fit as RESOURCE_EXHAUSTED
-        message = _short(exc)
+        message = error_text(exc)
         row.update(status="over_budget" if "RESOURCE_EXHAUSTED" in message else "compile_error", error=message)
         return row, None
     row.update(attention_impl=program.attention.impl, attention_note=program.attention.note,

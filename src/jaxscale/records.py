@@ -77,6 +77,14 @@ COLUMNS: tuple[str, ...] = (
 
 # Statuses of rows that carry no failure: measured, or compiled for a target (jaxscale plan).
 SUCCESS_STATUSES = ("ok", "planned")
+# Bytes each kind of collective moves per step, one column each.
+COLLECTIVE_COLUMNS = ("all_reduce_bytes", "all_gather_bytes", "reduce_scatter_bytes", "all_to_all_bytes",
+                      "collective_permute_bytes")
+
+
+def error_text(exc: BaseException, limit: int = 600) -> str:
+    """An exception as a row's ``error`` cell: its type and message on one line, cut to ``limit`` characters."""
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ").strip()[:limit]
 
 
 def _cell(value) -> str:

@@ -419,8 +419,8 @@ def fits_markdown(fits: pd.DataFrame, efficiency: pd.DataFrame | None = None, jo
     pct = f"{100 * confidence:g}%"
     out = ["# Scaling fits", "", *_how_to_read(fits, pct, tolerance)]
     if _shared_host_applies(fits, efficiency):
-        out += [f"> **Not graded here:** step time and throughput against device count. The rows ran on virtual "
-                f"CPU devices that share one host's cores, so adding devices cannot make a step faster; those "
+        out += ["> **Not graded here:** step time and throughput against device count. The rows ran on virtual "
+                "CPU devices that share one host's cores, so adding devices cannot make a step faster; those "
                 "fits read *not applicable*. Memory and model-size verdicts still hold.", ""]
     if fits.empty or (runs is not None and not succeeded(runs).any()):
         out += [f"No fits: {why_no_fits(runs) if runs is not None else 'the rows have no usable x and y columns'}.",

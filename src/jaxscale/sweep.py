@@ -27,8 +27,8 @@ from jaxscale import devices as devinfo
 from jaxscale import flops
 from jaxscale.config import ADDED_XLA_FLAGS_ENV, Profile, ProfileError, load_profile
 from jaxscale.grid import GRID_COLUMNS, Point, build_grid
-from jaxscale.measure import describe_step, time_pipelined
-from jaxscale.records import SCHEMA_VERSION, ReportDir, RowWriter, read_rows, row_key
+from jaxscale.measure import compiled_memory, describe_step, time_pipelined
+from jaxscale.records import SCHEMA_VERSION, ReportDir, RowWriter, error_text, read_rows, row_key
 from jaxscale.step import CompiledStep, compile_point
 
 FAULT_ENV = "JAXSCALE_INJECT_FAULT"  # selector of points whose step raises at run time (tests)
@@ -231,11 +231,6 @@ def _classify(exc: BaseException) -> str:
     return "error"
 
 
-def _short(exc: BaseException, limit: int = 500) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ").strip()
-    return text[:limit]
-
-
 def base_row(point: Point, profile: Profile, columns: dict) -> dict:
     """The columns of a point's row known before it runs: grid, run settings, runtime, analytic counts."""
     run, m = profile.run, point.model
@@ -267,14 +262,14 @@ def measure_point(point: Point, profile: Profile, peak: devinfo.PeakInfo, trace_
     try:
         compiled = compile_point(point, run)
     except Exception as exc:  # XLA and tracing errors come in many types
-        row.update(status="compile_error" if _classify(exc) != "oom" else "oom", error=_short(exc))
+        row.update(status="compile_error" if _classify(exc) != "oom" else "oom", error=error_text(exc, 500))
         return row
     row["attention_impl"], row["attention_note"] = compiled.attention.impl, compiled.attention.note
     row["compile_s"] = compiled.compile_s
     row["params"] = compiled.params
     row["hosts"] = ";".join(sorted({f"p{d.process_index}" for d in compiled.mesh.devices.flat}))
     row["param_bytes"], row["opt_state_bytes"] = compiled.param_bytes, compiled.opt_state_bytes
-    planned = _planned_bytes(compiled)
+    planned = compiled_memory(compiled.memory)["compiled_total_bytes"]
     over = budget is not None and planned is not None and planned > budget
     if jax.process_count() > 1:  # every process must take the same branch, or collectives would hang
         from jax.experimental import multihost_utils
@@ -289,7 +284,7 @@ def measure_point(point: Point, profile: Profile, peak: devinfo.PeakInfo, trace_
     try:
         profile_ = _run_compiled(compiled, run, point, peak, model_flops, trace_dir)
     except Exception as exc:
-        row.update(status=_classify(exc), error=_short(exc))
+        row.update(status=_classify(exc), error=error_text(exc, 500))
         _fill_compiled_columns(row, compiled, peak)
         gc.collect()
         return row
@@ -309,14 +304,6 @@ def _fake_memory_stats(in_use: int | None) -> tuple[int, int]:
     stats = json.loads(Path(os.environ[FAKE_MEMORY_ENV]).read_text())
     _fake_peak[0] = max(_fake_peak[0], int(in_use or 0))
     return _fake_peak[0], int(stats["bytes_limit"])
-
-
-def _planned_bytes(compiled: CompiledStep) -> int | None:
-    mem = compiled.memory
-    if mem is None:
-        return None
-    return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-               - mem.alias_size_in_bytes)
 
 
 def _fill_compiled_columns(row: dict, compiled: CompiledStep, peak) -> None:
