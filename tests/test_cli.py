@@ -119,6 +119,28 @@ def test_named_profiles_resolve_outside_the_source_tree(smoke_report):
     assert (report / "profile.toml").read_text() and report.name.startswith("smoke-")
 
 
+def test_run_and_plan_list_their_failures_alike():
+    """One printer for `run` (every failed row) and `plan` (its compile errors): the count, then a line each
+    with the point, its status and the start of its error, brackets and all."""
+    import io
+
+    from rich.console import Console
+
+    from jaxscale.cli import print_failures
+
+    rows = pd.DataFrame([{"size_name": "1b", "strategy": "fsdp", "n_devices": 16, "status": "compile_error",
+                          "error": "XlaRuntimeError: [tpu] " + "x" * 300},
+                         {"size_name": "d64-l2", "strategy": "dp", "n_devices": 2, "status": "oom", "error": "OOM"}])
+    out = io.StringIO()
+    assert print_failures(Console(file=out, width=400), rows) == 2
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "2 point(s) failed:"
+    assert lines[1] == "  1b fsdp n=16: compile_error: " + ("XlaRuntimeError: [tpu] " + "x" * 300)[:200]
+    assert lines[2] == "  d64-l2 dp n=2: oom: OOM"
+    empty = io.StringIO()
+    assert print_failures(Console(file=empty), rows.iloc[:0]) == 0 and empty.getvalue() == ""
+
+
 def test_tables_off_a_terminal_keep_every_cell_whole():
     import io
 

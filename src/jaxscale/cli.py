@@ -264,14 +264,17 @@ def _run(args, dist, profile, isolation, recorded, held, console) -> int:
         _analyze_into(console, result.rows, report_dir, quiet_errors=True)
     if result.interrupted:
         return _interrupted(console, held[0], ["jaxscale", "run", "--resume", str(report_dir)])
-    failed = result.failed
+    return 1 if print_failures(console, result.failed) else 0
+
+
+def print_failures(console, failed) -> int:
+    """A line per failed row (point, status, the error's start) under a count; returns the count."""
     if len(failed):
         console.print(f"[red]{len(failed)} point(s) failed:[/red]")
         for _, r in failed.iterrows():
             console.print(f"  {r['size_name']} {r['strategy']} n={r['n_devices']}: {r['status']}: "
-                          f"{str(r['error'])[:160]}", markup=False)
-        return 1
-    return 0
+                          f"{str(r['error'])[:200]}", markup=False)
+    return len(failed)
 
 
 def _print_dropped(console, dropped, kept: int) -> None:
@@ -750,11 +753,7 @@ def _plan(args, profile, target, report_dir: Path, console) -> int:
     console.print(f"rows: {report_dir / 'runs.csv'}", soft_wrap=True)
     if not args.no_analyze and (result.rows["status"] == "planned").sum() >= 2:
         _analyze_into(console, result.rows, report_dir, quiet_errors=True)
-    errors = result.rows[result.rows["status"] == "compile_error"]
-    for _, r in errors.iterrows():
-        console.print(f"  {r['size_name']} {r['strategy']} n={r['n_devices']}: compile_error: {str(r['error'])[:200]}",
-                      markup=False)
-    return 1 if len(errors) else 0
+    return 1 if print_failures(console, result.rows[result.rows["status"] == "compile_error"]) else 0
 
 
 def print_plan(console, rows) -> None:
