@@ -1,6 +1,7 @@
 """Test setup: 8 virtual CPU devices, set before JAX is imported anywhere."""
 
 import os
+import sys
 
 import pytest
 
@@ -8,6 +9,13 @@ from helpers import FAST_COMPILE_FLAGS  # noqa: E402
 
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Fault injection (hooks/jaxscale_faults.py) in this process and in every Python process a test starts.
+HOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (HOOKS, os.environ.get("PYTHONPATH")) if p)
+sys.path.insert(0, HOOKS)
+import jaxscale_faults  # noqa: E402
+
+jaxscale_faults.install_on_import()
 # Calibrations and the compilation cache of tests stay out of the user's cache.
 os.environ.setdefault("JAXSCALE_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".cache"))
 

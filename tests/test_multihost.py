@@ -103,7 +103,7 @@ def test_a_worker_that_dies_on_one_host_fails_its_point_on_every_host(tmp_path):
     timeout = 300  # longer than the whole run takes: a failure detected by heartbeats alone would exceed it
     grid = sets(*TINY_SETS, "mesh.devices=[2,4]", "mesh.strategies=dp", "run.isolation=process")
     procs = _launch(tmp_path, _port(), extra=grid, timeout=timeout,
-                    env_of={1: {"JAXSCALE_INJECT_CRASH": "n_devices=2"}})
+                    env_of={1: {"JAXSCALE_TEST_CRASH": "n_devices=2"}})
     outs = [p.communicate(timeout=400) for p in procs]
     assert procs[0].returncode == 1, outs[0][1][-3000:]
     assert procs[1].returncode in (0, 1), outs[1][1][-3000:]

@@ -82,7 +82,7 @@ def test_failures_are_rows_and_the_sweep_goes_on(tmp_path):
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     budget = 8_000_000  # bytes per device: the d_model=32 points fit, the d_model=256 ones do not
     fraction = budget * 8 / host
-    env = cli_env(JAXSCALE_INJECT_FAULT="strategy=fsdp,n_devices=2")
+    env = cli_env(JAXSCALE_TEST_FAULT="strategy=fsdp,n_devices=2")
     proc = jaxscale("run", "smoke", "--out", tmp_path, "--no-analyze",
                     *sets(*TINY_SETS, "model.d_model=[32,256]", "model.vocab=2048", "mesh.devices=[1,2]",
                           "mesh.strategies=[\"dp\",\"fsdp\"]", f"run.max_memory_fraction={fraction}"),
@@ -182,7 +182,7 @@ def test_interrupted_sweep_resumes_to_the_full_grid(sig, tmp_path):
 
 
 def test_resume_retry_failed_reruns_only_failures(tmp_path):
-    env = cli_env(JAXSCALE_INJECT_FAULT="strategy=dp,n_devices=2")
+    env = cli_env(JAXSCALE_TEST_FAULT="strategy=dp,n_devices=2")
     first = jaxscale("run", "smoke", "--out", tmp_path, "--no-analyze",
                      *sets(*TINY_SETS, "mesh.devices=[1,2]", "mesh.strategies=dp"), cwd=tmp_path, env=env)
     assert first.returncode == 1

@@ -5,6 +5,7 @@ import signal
 
 import pytest
 
+import jaxscale_faults
 from helpers import TINY_SETS, cli_env, jaxscale, sets
 from jaxscale import sweep, workers
 from jaxscale.config import ProfileError, load_profile
@@ -44,8 +45,8 @@ def test_each_point_has_its_own_peak_and_flag_sets_are_families(tmp_path, monkey
     give two families of rows and of fits."""
     stats = tmp_path / "stats.json"
     stats.write_text(json.dumps({"bytes_limit": 1 << 40}))
-    monkeypatch.setenv(sweep.FAKE_MEMORY_ENV, str(stats))
-    monkeypatch.setattr(sweep, "_fake_peak", [0])
+    monkeypatch.setenv(jaxscale_faults.MEMORY, str(stats))  # hooks/jaxscale_faults.py
+    jaxscale_faults.reset_peak()
 
     in_process = sweep.run_profile(load_profile("smoke", [*ONE_DEVICE, "model.d_model=[64,32]",
                                                           "run.isolation=none"]), tmp_path / "none").rows
@@ -79,7 +80,7 @@ def test_a_point_s_flags_reach_its_worker_s_xla(tmp_path):
 
 def test_a_killed_worker_is_a_crashed_row_and_resume_completes_the_grid(tmp_path):
     grid = [*TINY_SETS, "mesh.devices=[1,2]", "mesh.strategies=dp", "run.isolation=process"]
-    env = cli_env(JAXSCALE_INJECT_CRASH="n_devices=1")  # the worker SIGKILLs itself mid-step
+    env = cli_env(JAXSCALE_TEST_CRASH="n_devices=1")  # the worker SIGKILLs itself mid-step
     first = jaxscale("run", "smoke", "--out", tmp_path, "--no-analyze", *sets(*grid), cwd=tmp_path, env=env)
     assert first.returncode == 1, first.stderr
     (report,) = tmp_path.iterdir()

@@ -232,8 +232,6 @@ def _run(args, dist, profile, isolation, recorded, held, console) -> int:
             points, dropped = sw.plan(profile, runtime)
             if args.trace:
                 _check_trace(args.trace, points)
-            if os.environ.get(sw.FAULT_ENV):
-                sw.parse_selector(os.environ[sw.FAULT_ENV])
             if args.resume and lead:
                 _check_recorded_points(args, profile, points, recorded)
             if lead and not held:  # several hosts: process 0 holds the folder

@@ -31,12 +31,11 @@ from jaxscale.measure import compiled_memory, describe_step, time_pipelined
 from jaxscale.records import SCHEMA_VERSION, ReportDir, RowWriter, error_text, read_rows, row_key
 from jaxscale.step import CompiledStep, compile_point
 
-FAULT_ENV = "JAXSCALE_INJECT_FAULT"  # selector of points whose step raises at run time (tests)
-CRASH_ENV = "JAXSCALE_INJECT_CRASH"  # selector of points whose process kills itself (SIGKILL) mid-step (tests)
-# A JSON file of allocator statistics ({"bytes_limit": N}) for a backend that keeps
-# none (tests). Its peak_bytes_in_use behaves as a real allocator's: the high-water
-# mark since the process started, here of the compiled totals of the points run.
-FAKE_MEMORY_ENV = "JAXSCALE_FAKE_MEMORY_STATS"
+# Seams for the tests' fault injection (tests/hooks/jaxscale_faults.py), None in use:
+# before_step(point, i) runs before a measured step's i-th dispatch (it may raise, or end the process);
+# after_point(row) sees each measured row before it is recorded (it may change its memory columns).
+before_step: Callable[[Point, int], None] | None = None
+after_point: Callable[[dict], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,21 +288,11 @@ def measure_point(point: Point, profile: Profile, peak: devinfo.PeakInfo, trace_
         gc.collect()
         return row
     row.update(profile_)
-    if os.environ.get(FAKE_MEMORY_ENV):
-        row["peak_bytes_in_use"], row["bytes_limit"] = _fake_memory_stats(planned)
+    if after_point is not None:
+        after_point(row)
     if trace_dir is not None:
         row["trace_dir"] = str(trace_dir)
     return row
-
-
-_fake_peak = [0]
-
-
-def _fake_memory_stats(in_use: int | None) -> tuple[int, int]:
-    """(peak_bytes_in_use, bytes_limit) of the FAKE_MEMORY_ENV allocator after a point used ``in_use`` bytes."""
-    stats = json.loads(Path(os.environ[FAKE_MEMORY_ENV]).read_text())
-    _fake_peak[0] = max(_fake_peak[0], int(in_use or 0))
-    return _fake_peak[0], int(stats["bytes_limit"])
 
 
 def _fill_compiled_columns(row: dict, compiled: CompiledStep, peak) -> None:
@@ -320,17 +309,13 @@ def _fill_compiled_columns(row: dict, compiled: CompiledStep, peak) -> None:
 def _run_compiled(compiled: CompiledStep, run, point: Point, peak, model_flops: float, trace_dir) -> dict:
     params, opt_state = compiled.init_state()
     batches = [compiled.make_batch(i) for i in range(2)]
-    fault = os.environ.get(FAULT_ENV)
-    crash = os.environ.get(CRASH_ENV)
     state = {"params": params, "opt": opt_state}
     losses = []
+    hook = before_step
 
     def dispatch(i: int):
-        if fault and matches(point, parse_selector(fault)) and i >= 1:
-            raise RuntimeError(f"injected fault ({FAULT_ENV}={fault})")
-        if crash and matches(point, parse_selector(crash)) and i >= 1:
-            print(f"injected crash ({CRASH_ENV}={crash})", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
+        if hook is not None:
+            hook(point, i)
         state["params"], state["opt"], loss = compiled.compiled(state["params"], state["opt"], batches[i % 2])
         losses.append(loss)
         return loss
@@ -521,8 +506,6 @@ def run_profile(
 def _run_points(profile, report_dir, runtime, *, resume, retry_failed, trace, on_point, on_row) -> SweepResult:
     points, dropped = plan(profile, runtime)
     selector = parse_selector(trace) if trace else None
-    if os.environ.get(FAULT_ENV):
-        parse_selector(os.environ[FAULT_ENV])
     lead = runtime.lead
     csv_path = report_dir / "runs.csv"
     done: set[tuple] = set()
