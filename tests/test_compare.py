@@ -19,7 +19,7 @@ from rich.console import Console
 
 import jaxscale
 from helpers import jaxscale as run_cli
-from jaxscale import cli
+from jaxscale import cli, report
 from jaxscale.compare import (CompareError, estimate_run_drift, format_markdown, mann_whitney_null_cdf, ratio_interval,
                               read_side, run_ratio_interval, runtime_diff, verdict)
 from jaxscale.records import COLUMNS, RowWriter, read_rows
@@ -402,7 +402,7 @@ def _runs_rows() -> pd.DataFrame:
 def test_run_table_off_a_terminal_is_plain_and_whole():
     rows = _runs_rows()
     buffer = io.StringIO()
-    cli.print_runs(Console(file=buffer, width=80), rows)
+    report.print_runs(Console(file=buffer, width=80), rows)
     text = buffer.getvalue()
     assert "…" not in text and "│" not in text
     lines = text.splitlines()
@@ -420,7 +420,7 @@ def test_run_table_off_a_terminal_is_plain_and_whole():
 
 def test_run_table_on_a_terminal_stays_rich():
     buffer = io.StringIO()
-    cli.print_runs(Console(file=buffer, width=200, force_terminal=True), _runs_rows())
+    report.print_runs(Console(file=buffer, width=200, force_terminal=True), _runs_rows())
     text = buffer.getvalue()
     assert "jaxscale runs" in text and "\x1b[" in text  # styled for the terminal, not the plain log table
 
@@ -435,7 +435,7 @@ def _visible(text: str) -> list[str]:
 def test_run_table_on_a_terminal_fits_its_width_without_cutting_a_cell(width):
     rows = _runs_rows()
     buffer = io.StringIO()
-    cli.print_runs(Console(file=buffer, width=width, force_terminal=True), rows)
+    report.print_runs(Console(file=buffer, width=width, force_terminal=True), rows)
     lines = _visible(buffer.getvalue())
     assert max(map(len, lines)) <= width and not any("…" in line for line in lines)
     text = "\n".join(lines)

@@ -211,7 +211,7 @@ def cmd_run(args) -> int:
 
 
 def _run(args, dist, profile, isolation, recorded, held, console) -> int:
-    from jaxscale import workers
+    from jaxscale import report, workers
     from jaxscale.config import ProfileError
     from jaxscale.records import ReportDirError, os_error_line, stamped
 
@@ -243,7 +243,7 @@ def _run(args, dist, profile, isolation, recorded, held, console) -> int:
         else:  # another host's process: it records nothing, and names traces as process 0 would
             report_dir = Path(args.resume) if args.resume else Path(args.out or "reports") / stamped(profile.run.name)
         if dropped:
-            _print_dropped(console, dropped, len(points))
+            report.print_dropped(console, dropped, len(points))
         result = _sweep_with_progress(args, profile, runtime, report_dir, console)
     except OSError as e:
         return _fail(f"{os_error_line(e, str(report_dir))}; rows finished before are kept: free the space or fix "
@@ -254,7 +254,7 @@ def _run(args, dist, profile, isolation, recorded, held, console) -> int:
         runtime.close()
     if not lead:
         return 0 if not len(result.failed) else 1
-    print_runs(console, result.rows)
+    report.print_runs(console, result.rows)
     if result.skipped:
         console.print(f"{result.skipped} points were already recorded in {report_dir} and were skipped", soft_wrap=True)
     console.print(f"rows: {report_dir / 'runs.csv'}", soft_wrap=True)
@@ -262,24 +262,7 @@ def _run(args, dist, profile, isolation, recorded, held, console) -> int:
         _analyze_into(console, result.rows, report_dir, quiet_errors=True)
     if result.interrupted:
         return _interrupted(console, held[0], ["jaxscale", "run", "--resume", str(report_dir)])
-    return 1 if print_failures(console, result.failed) else 0
-
-
-def print_failures(console, failed) -> int:
-    """A line per failed row (point, status, the error's start) under a count; returns the count."""
-    if len(failed):
-        console.print(f"[red]{len(failed)} point(s) failed:[/red]")
-        for _, r in failed.iterrows():
-            console.print(f"  {r['size_name']} {r['strategy']} n={r['n_devices']}: {r['status']}: "
-                          f"{str(r['error'])[:200]}", markup=False)
-    return len(failed)
-
-
-def _print_dropped(console, dropped, kept: int) -> None:
-    total = sum(dropped.values()) + kept
-    console.print(f"[yellow]{sum(dropped.values())} of {total} grid points dropped:[/yellow]")
-    for reason, count in dropped.items():
-        console.print(f"  {count} x {reason}", markup=False)
+    return 1 if report.print_failures(console, result.failed) else 0
 
 
 def _sweep_with_progress(args, profile, runtime, report_dir, console):
@@ -299,79 +282,6 @@ def _sweep_with_progress(args, profile, runtime, report_dir, console):
                                 runtime=runtime)
         progress.update(task, description="done")
     return result
-
-
-def print_runs(console, rows) -> None:
-    """A short table of the sweep's rows: rich on a terminal, plain full-width text elsewhere.
-
-    Off a terminal (a pipe, a CI log) rich would squeeze the table into 80
-    columns and cut its cells; the plain table keeps every cell whole. On a
-    narrow terminal the least needed columns are left out instead of cutting cells.
-    """
-    headers, cells = _runs_cells(rows)
-    _print_cells(console, "jaxscale runs", headers, cells, {"size", "strategy", "mesh", "status", "remat", "xla_flags"},
-                 optional=("mesh", "params", "tokens/s", "cv", "xla_flags", "remat", "mem/device"))
-
-
-def _print_cells(console, title: str, headers: list[str], cells: list[list[str]], left: set[str],
-                 optional=(), wrap=()) -> None:
-    """Cells as a rich Table fitted to the terminal, else as plain full-width text."""
-    from rich.markup import escape
-
-    from jaxscale.report import console_table
-
-    cells = [[escape(c) for c in line] for line in cells]
-    table = console_table(title, headers, cells, left=left, wrap=wrap, optional=optional,
-                          width=console.width if console.is_terminal else None)
-    print_table(console, table)
-
-
-def _runs_cells(rows) -> tuple[list[str], list[list[str]]]:
-    """Column names and cell texts of the runs table; remat and xla_flags only where they vary."""
-    from jaxscale.report import cell_bytes, cell_number
-
-    headers = ["size", "strategy", "n", "mesh", "params", "step_time_s", "cv", "tokens/s", "mfu", "mem/device",
-               "status"]
-    extra = [c for c in ("remat", "xla_flags") if c in rows.columns and rows[c].astype(str).nunique() > 1]
-    cells = []
-    for _, r in rows.iterrows():
-        ok = r["status"] == "ok"
-        mem = r.get("peak_bytes_in_use")
-        if mem is None or mem == "" or (isinstance(mem, float) and mem != mem):
-            mem = r.get("compiled_total_bytes")
-        cells.append([str(r["size_name"]), str(r["strategy"]), str(r["n_devices"]), str(r["mesh_shape"]),
-                      cell_number(r.get("params"), "{:.3g}"), cell_number(r.get("step_time_s"), "{:.4g}") if ok else "",
-                      cell_number(r.get("step_time_cv"), "{:.1%}") if ok else "",
-                      cell_number(r.get("tokens_per_s"), "{:.4g}") if ok else "",
-                      cell_number(r.get("mfu"), "{:.1%}") if ok else "", cell_bytes(mem), str(r["status"]),
-                      *[str(r[c]) if r[c] is not None and r[c] == r[c] else "" for c in extra]])
-    return headers + extra, cells
-
-
-def print_table(console, table) -> None:
-    """A rich Table on a terminal; off one, the same cells as plain full-width text a log keeps whole."""
-    if console.is_terminal:
-        console.print(table)
-        return
-    from rich.text import Text
-
-    headers = [str(c.header) for c in table.columns]
-    columns = [[Text.from_markup(str(cell)).plain for cell in c.cells] for c in table.columns]
-    left = {str(c.header) for c in table.columns if c.justify == "left"}
-    if table.title:
-        print(table.title, file=console.file)
-    print(_plain_table(headers, [list(r) for r in zip(*columns)], left), file=console.file, flush=True)
-
-
-def _plain_table(headers: list[str], cells: list[list[str]], left: set[str]) -> str:
-    """Columns padded to their widest cell, two spaces apart, nothing cut."""
-    widths = [max([len(h)] + [len(line[i]) for line in cells]) for i, h in enumerate(headers)]
-
-    def line(texts):
-        return "  ".join(t.ljust(w) if h in left else t.rjust(w)
-                         for t, w, h in zip(texts, widths, headers)).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(c) for c in cells])
 
 
 def _analyze_into(console, rows, out_dir: Path, expectations=(), confidence: float = 0.95,
@@ -419,7 +329,7 @@ def _print_fits(console, fits, rows, out_dir: Path) -> None:
     if fits.empty or not analyze.succeeded(rows).any():
         _note(f"no fits: {analyze.why_no_fits(rows)}")
     if not fits.empty:
-        print_table(console, report.fits_console_table(fits, console.width if console.is_terminal else None))
+        report.print_table(console, report.fits_console_table(fits, console.width if console.is_terminal else None))
     console.print(f"fits: {out_dir / 'fits.csv'}, summary: {out_dir / 'summary.md'}, plots: {out_dir / 'plots'}",
                   soft_wrap=True)
 
@@ -711,6 +621,7 @@ def cmd_plan(args) -> int:
 
 
 def _plan(args, profile, target, report_dir: Path, console) -> int:
+    from jaxscale import report
     from jaxscale.config import ProfileError
     from jaxscale.records import os_error_line
 
@@ -729,7 +640,7 @@ def _plan(args, profile, target, report_dir: Path, console) -> int:
     except ProfileError as e:
         return _fail(str(e))
     if dropped:
-        _print_dropped(console, dropped, len(points))
+        report.print_dropped(console, dropped, len(points))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         task = progress.add_task("starting", total=len(points))
@@ -747,32 +658,11 @@ def _plan(args, profile, target, report_dir: Path, console) -> int:
             return _fail(f"{os_error_line(e, str(report_dir))}; free the space or fix the permissions, then plan "
                          "again")
         progress.update(task, description="done")
-    print_plan(console, result.rows)
+    report.print_plan(console, result.rows)
     console.print(f"rows: {report_dir / 'runs.csv'}", soft_wrap=True)
     if not args.no_analyze and (result.rows["status"] == "planned").sum() >= 2:
         _analyze_into(console, result.rows, report_dir, quiet_errors=True)
-    return 1 if print_failures(console, result.rows[result.rows["status"] == "compile_error"]) else 0
-
-
-def print_plan(console, rows) -> None:
-    """The plan's rows: what fits, predicted step time and MFU, plain text off a terminal."""
-    from jaxscale.report import cell_bytes, cell_number
-
-    headers = ["size", "strategy", "n", "slice", "batch", "remat", "status", "state/chip", "total/chip", "of HBM",
-               "compute_s", "comm_s", "step_s", "mfu"]
-    cells = []
-    for _, r in rows.iterrows():
-        hbm = r.get("device_memory_bytes")
-        total = r.get("compiled_total_bytes")
-        share = cell_number(float(total) / float(hbm), "{:.0%}") if cell_number(total, "{}") and cell_number(hbm, "{}") else ""
-        state = (r.get("param_bytes") or 0) + (r.get("opt_state_bytes") or 0)
-        cells.append([str(r["size_name"]), str(r["strategy"]), str(r["n_devices"]), str(r.get("topology") or ""),
-                      str(r["global_batch"]), str(r.get("remat") or ""), str(r["status"]), cell_bytes(state or None),
-                      cell_bytes(total), share, cell_number(r.get("predicted_compute_s"), "{:.3g}"),
-                      cell_number(r.get("predicted_comm_s"), "{:.3g}"), cell_number(r.get("predicted_step_time_s"), "{:.3g}"),
-                      cell_number(r.get("predicted_mfu"), "{:.1%}")])
-    _print_cells(console, "jaxscale plan", headers, cells, {"size", "strategy", "slice", "remat", "status"},
-                 optional=("compute_s", "comm_s", "state/chip", "batch", "remat", "slice", "of HBM"))
+    return 1 if report.print_failures(console, result.rows[result.rows["status"] == "compile_error"]) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
