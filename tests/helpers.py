@@ -18,10 +18,8 @@ TINY_SETS = ["model.d_model=32", "model.n_layers=1", "model.n_heads=4", "model.s
 
 def cli_env(**extra) -> dict:
     """This environment without the tests' host device count, which the CLI is to force itself."""
-    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE_FLAGS}
-    env.update({k: str(v) for k, v in extra.items()})
-    if "XLA_FLAGS" in extra:
-        env["XLA_FLAGS"] = f"{extra['XLA_FLAGS']} {FAST_COMPILE_FLAGS}"
+    env = {**os.environ, **{k: str(v) for k, v in extra.items()}}
+    env["XLA_FLAGS"] = f"{extra.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
     return env
 
 
