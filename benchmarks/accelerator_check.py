@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({time.perf_counter() - start:.0f} s)", flush=True)
 
     if not args.cpu_smoke:  # this process opens the device now: give its allocator what the workers had
-        from jaxscale.workers import allocator_for
+        from jaxscale.memory import allocator_for
 
         os.environ.update(allocator_for(grid["run"].get("max_memory_fraction", 0.95)).env)
     comparison = compare_steps(grid, str(out / "grid.toml"), args.rounds, args.steps, args.forms)

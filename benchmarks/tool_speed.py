@@ -63,12 +63,12 @@ def agreement(profile_name: str, n_points: int, rounds: int = 3, n: int = 20) ->
     import jax
 
     from jaxscale.config import load_profile
-    from jaxscale.measure import time_pipelined
+    from jaxscale.timing import time_pipelined
     from jaxscale.step import compile_point
-    from jaxscale.sweep import plan
+    from jaxscale.sweep import grid_for
 
     profile = load_profile(profile_name)
-    points, _ = plan(profile)
+    points, _ = grid_for(profile)
     stride = max(1, len(points) // n_points)
     out = []
     for point in points[::stride][:n_points]:

@@ -13,7 +13,7 @@ import pytest
 
 from jaxscale import flops
 from jaxscale.devices import CALIBRATION_VERSION, axis_crossings, mesh_axis_links, spec_peak
-from jaxscale.measure import predict_comm
+from jaxscale.prediction import predict_comm
 
 
 def _grid(shape, process_of, slice_of=lambda i: 0, platform="gpu"):
@@ -116,7 +116,7 @@ TWO_PROCESSES = textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec as P
     from jaxscale import sharding
     from jaxscale.devices import resolve_peak
-    from jaxscale.measure import predict_comm
+    from jaxscale.prediction import predict_comm
     mesh = sharding.make_mesh(2, 2)  # data=2, model=2, as jaxscale lays out a grid point
     x_sh, w_sh = NamedSharding(mesh, P("data", None)), NamedSharding(mesh, P())
     grad = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w))), in_shardings=(w_sh, x_sh), out_shardings=w_sh)

@@ -8,7 +8,8 @@ from helpers import jaxscale, sets
 from jaxscale import flops, roofline, targets
 from jaxscale.config import ProfileError, build_profile
 from jaxscale.grid import build_grid
-from jaxscale.plan import plan_point, run_plan
+from jaxscale.measure import plan_point
+from jaxscale.plan import run_plan
 from jaxscale.records import read_rows
 
 MODEL = {"d_model": 128, "n_layers": 2, "n_heads": 16, "d_ff": 512, "seq_len": 64, "vocab": 256}

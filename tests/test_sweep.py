@@ -1,74 +1,60 @@
-"""What runtime.json records about the toolchain: the user's XLA flags, CUDA and cuDNN versions."""
-
-import importlib.metadata
-import types
+"""The sweep loop: trace selectors, the grid for a runtime, and rows recorded as they come."""
 
 import pytest
 
+from helpers import TINY_SETS
 from jaxscale import sweep
-from jaxscale.config import ADDED_XLA_FLAGS_ENV
+from jaxscale.config import ProfileError, load_profile
+from jaxscale.records import append_rows, point_key, read_rows
 
 
-def test_the_users_xla_flags_are_told_from_jaxscales():
-    flag = "--xla_force_host_platform_device_count=8"
-    assert sweep.split_xla_flags(flag, flag) == ("", flag)
-    assert sweep.split_xla_flags(f"--xla_a=1 {flag}", flag) == ("--xla_a=1", flag)
-    assert sweep.split_xla_flags("--xla_gpu_autotune_level=0", "") == ("--xla_gpu_autotune_level=0", "")
+def test_a_selector_names_grid_columns_and_matches_their_values():
+    assert sweep.parse_selector("strategy=fsdp, n_devices=8") == {"strategy": "fsdp", "n_devices": "8"}
+    with pytest.raises(ProfileError, match="unknown column 'step_time_s'"):
+        sweep.parse_selector("step_time_s=1")
+    with pytest.raises(ProfileError, match="column=value pairs"):
+        sweep.parse_selector("fsdp")
+    points, _ = sweep.grid_for(load_profile("smoke", [*TINY_SETS, "mesh.devices=[1,2]"]))
+    chosen = [p for p in points if sweep.matches(p, sweep.parse_selector("n_devices=2,strategy=dp"))]
+    assert [(p.strategy, p.n_devices) for p in chosen] == [("dp", 2)]
+    assert not any(sweep.matches(p, None) for p in points)  # no selector traces nothing
 
 
-def test_toolchain_records_what_the_user_set(monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0 --xla_force_host_platform_device_count=8")
-    monkeypatch.setenv(ADDED_XLA_FLAGS_ENV, "--xla_force_host_platform_device_count=8")
-    out = sweep.toolchain_versions("cpu")
-    assert out["xla_flags"] == "--xla_gpu_autotune_level=0"
-    assert out["xla_flags_added"] == "--xla_force_host_platform_device_count=8"
-    monkeypatch.delenv(ADDED_XLA_FLAGS_ENV)  # flags the user set that happen to match jaxscale's stay the user's
-    assert sweep.toolchain_versions("cpu")["xla_flags_added"] == ""
+def test_the_grid_follows_the_runtimes_devices_not_this_process():
+    class EightOnTwoHosts:
+        device_count, process_count = 8, 2
+
+    profile = load_profile("smoke", [*TINY_SETS, "mesh.devices=[1,2,4,8]"])
+    here, _ = sweep.grid_for(profile)
+    there, dropped = sweep.grid_for(profile, EightOnTwoHosts())
+    assert {p.n_devices for p in here} == {1, 2, 4, 8}  # the tests' 8 CPU devices
+    # a mesh smaller than the hosts cannot take a device from each of them
+    assert {p.n_devices for p in there} == {2, 4, 8} and sum(dropped.values()) > 0
 
 
-def test_version_integers_as_text():
-    assert sweep.cuda_version_text(12090) == "12.9"  # cudaRuntimeGetVersion: 1000 major + 10 minor
-    assert sweep.cuda_version_text(13000) == "13.0"
-    assert sweep.cudnn_version_text(90800) == "9.8.0"  # cuDNN 9: 10000 major + 100 minor + patch
-    assert sweep.cudnn_version_text(91002) == "9.10.2"
-    assert sweep.cudnn_version_text(8907) == "8.9.7"  # cuDNN 8: 1000 major + 100 minor + patch
+def test_rows_are_appended_as_they_come_and_a_stop_keeps_them(tmp_path):
+    seen = []
+    stopped = append_rows(["a", "b", "c"], lambda p, i: {"size_name": p, "n_devices": i, "status": "ok"},
+                          tmp_path / "runs.csv", on_point=lambda p, i, n: seen.append(("point", p, i, n)),
+                          on_row=lambda row: seen.append(("row", row["size_name"])),
+                          should_stop=lambda i: i == 1)
+    assert stopped  # asked to stop after "b", with "c" still to do
+    assert seen == [("point", "a", 0, 3), ("row", "a"), ("point", "b", 1, 3), ("row", "b")]
+    rows = read_rows(tmp_path / "runs.csv")
+    assert list(rows["size_name"]) == ["a", "b"] and list(rows["n_devices"]) == [0, 1]
+    assert not append_rows(["d"], lambda p, i: {"size_name": p}, tmp_path / "runs.csv", should_stop=lambda i: True)
 
 
-def _plugin(**functions):
-    return types.SimpleNamespace(**{name: (lambda v=v: v() if callable(v) else v) for name, v in functions.items()})
+def test_a_point_key_is_the_same_built_here_and_read_back(tmp_path):
+    from jaxscale.records import RowWriter
 
-
-def test_cuda_versions_come_from_jax_then_from_the_wheels(monkeypatch):
-    from jax._src import lib as jax_lib
-
-    def no_cudnn():
-        raise RuntimeError("cuDNN not found.")
-
-    monkeypatch.setattr(jax_lib, "cuda_versions", _plugin(cuda_runtime_get_version=12090, cudnn_get_version=no_cudnn,
-                                                           cuda_driver_get_version=13000), raising=False)
-    installed = {"nvidia-cudnn-cu13": "9.13.0.50", "nvidia-cuda-runtime": "13.0.96"}
-
-    def version(name):
-        if name in installed:
-            return installed[name]
-        raise importlib.metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(importlib.metadata, "version", version)
-    assert sweep.cuda_versions() == {"cuda_version": "12.9", "cudnn_version": "9.13.0.50",
-                                     "cuda_driver_version": "13.0"}
-    # Off a GPU the plugin is not asked; the wheels still answer (CUDA 13's runtime wheel has no suffix).
-    assert sweep.cuda_versions(ask_plugin=False) == {"cuda_version": "13.0.96", "cudnn_version": "9.13.0.50",
-                                                     "cuda_driver_version": None}
-    monkeypatch.setattr(jax_lib, "cuda_versions", None, raising=False)
-    installed.clear()
-    assert sweep.cuda_versions() == {"cuda_version": None, "cudnn_version": None, "cuda_driver_version": None}
-
-
-@pytest.mark.skipif(not sweep.cuda_versions()["cuda_version"], reason="needs JAX's CUDA plugin and a GPU")
-def test_cuda_versions_on_a_gpu_are_known():
-    import jax
-
-    if jax.default_backend() != "gpu":
-        pytest.skip("no GPU backend")
-    versions = sweep.toolchain_versions("gpu")
-    assert versions["cuda_version"] and versions["cudnn_version"] and versions["cuda_driver_version"]
+    points, _ = sweep.grid_for(load_profile("smoke", [*TINY_SETS, "mesh.devices=[2]"]))
+    built = [{**p.grid_columns(), "dtype": "float32", "attention": "auto", "scan_layers": False} for p in points]
+    with RowWriter(tmp_path / "runs.csv") as writer:
+        for row in built:
+            writer.append(row)
+    read = read_rows(tmp_path / "runs.csv").to_dict("records")
+    assert [point_key(r) for r in read] == [point_key(r) for r in built]
+    assert len({point_key(r) for r in built}) == len(built)  # one key per point
+    assert point_key({**built[0], "size_name": "renamed"}) == point_key(built[0])  # a label is not the program
+    assert point_key({**built[0], "scan_layers": True}) != point_key(built[0])

@@ -3,30 +3,15 @@
 import json
 import signal
 
-import pytest
 
 import jaxscale_faults
 from helpers import TINY_SETS, cli_env, jaxscale, sets
-from jaxscale import sweep, workers
-from jaxscale.config import ProfileError, load_profile
+from jaxscale import sweep
+from jaxscale.config import load_profile
 from jaxscale.grid import build_grid
 from jaxscale.records import read_rows, row_key
 
 ONE_DEVICE = [*TINY_SETS, "mesh.devices=[1]", "mesh.strategies=dp"]
-
-
-def test_isolation_choice():
-    run = load_profile("smoke", ["run.isolation=process"]).run
-    assert workers.choose_isolation(run) == "process"
-    run = load_profile("smoke", ["run.isolation=none"]).run
-    assert workers.choose_isolation(run) == "none"
-    # the tests run on the CPU (JAX_PLATFORMS=cpu): auto keeps points in-process
-    assert workers.choose_isolation(load_profile("smoke").run) == "none"
-    flagged = load_profile("smoke", ['run.xla_flags=["", "--xla_cpu_enable_fast_math=false"]']).run
-    assert workers.choose_isolation(flagged) == "process"  # XLA reads its flags once per process
-    with pytest.raises(ProfileError, match="isolation = 'none' with \\[run\\] xla_flags"):
-        workers.choose_isolation(load_profile("smoke", ['run.xla_flags=["--xla_cpu_enable_fast_math=false"]',
-                                                        "run.isolation=none"]).run)
 
 
 def test_flags_with_in_process_isolation_are_refused_with_one_line(tmp_path):
@@ -122,35 +107,3 @@ def test_accelerator_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert "ratio" in (out / "summary.md").read_text()
     assert (out / "command.txt").read_text().split()[2:] == ["--cpu-smoke", "--out", str(out), "--rounds", "2",
                                                               "--steps", "2"]
-
-
-def test_the_gpu_allocator_takes_max_memory_fraction_unless_the_user_set_it_up():
-    from jaxscale.workers import allocator_for
-
-    ours = allocator_for(0.9, environ={})
-    assert ours.env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"} and (ours.memory_fraction, ours.set_by) == (0.9, "jaxscale")
-    for env, fraction in (({"XLA_PYTHON_CLIENT_MEM_FRACTION": ".5"}, 0.5), ({"XLA_CLIENT_MEM_FRACTION": "0.6"}, 0.6),
-                          ({"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}, 0.75),  # JAX's default share
-                          ({"XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}, None)):  # on demand: no fixed limit
-        theirs = allocator_for(0.9, environ=env)
-        assert theirs.env == {} and theirs.set_by == "user" and theirs.memory_fraction == fraction
-        assert theirs.settings == env
-
-
-def test_the_budget_is_a_fraction_of_the_devices_memory():
-    """On the H200 (profiles/results/nvidia-h200-accelerator-check/device.json) the allocator at a 0.95
-    share reported bytes_limit 142,606,336,000: the device's memory is then 150.11 GB, within 0.5% of
-    the 143,771 MiB nvidia-smi reported for the card (what CUDA keeps for itself is the rest)."""
-    import dataclasses
-
-    from jaxscale import devices as devinfo
-    from jaxscale.sweep import memory_budget
-
-    peak = devinfo.spec_peak("NVIDIA H200", "gpu", "bfloat16", memory_bytes=142_606_336_000)
-    gpu = memory_budget(peak, 0.9, allocator_fraction=0.95, platform="gpu")
-    assert gpu.device_memory_bytes == pytest.approx(143_771 * 2 ** 20, rel=0.005)
-    assert gpu.budget_bytes == int(0.9 * gpu.device_memory_bytes) and gpu.bytes_limit == 142_606_336_000
-    capped = memory_budget(peak, 0.99, allocator_fraction=0.95, platform="gpu")
-    assert capped.budget_bytes == 142_606_336_000  # never more than the allocator can give
-    tpu = memory_budget(dataclasses.replace(peak, memory_bytes=16 * 2 ** 30), 0.95, platform="tpu")
-    assert (tpu.device_memory_bytes, tpu.budget_bytes) == (16 * 2 ** 30, int(0.95 * 16 * 2 ** 30))

@@ -40,8 +40,8 @@ _EXPORTS = {
     "Target": "jaxscale.targets",
     "parse_target": "jaxscale.targets",
     "run_plan": "jaxscale.plan",
-    "plan_point": "jaxscale.plan",
-    "predict_step": "jaxscale.plan",
+    "plan_point": "jaxscale.measure",
+    "predict_step": "jaxscale.prediction",
     "loop_corrected_cost": "jaxscale.hlo",
     "program_stats": "jaxscale.hlo",
     "ProgramStats": "jaxscale.hlo",
@@ -51,8 +51,8 @@ _EXPORTS = {
     # measuring
     "StepProfile": "jaxscale.measure",
     "profile_step": "jaxscale.measure",
-    "Timing": "jaxscale.measure",
-    "time_pipelined": "jaxscale.measure",
+    "Timing": "jaxscale.timing",
+    "time_pipelined": "jaxscale.timing",
     "count_collectives": "jaxscale.comms",
     "find_collectives": "jaxscale.comms",
     "resolve_peak": "jaxscale.devices",
@@ -115,11 +115,13 @@ if TYPE_CHECKING:
     from jaxscale.hlo import ProgramStats, loop_corrected_cost, program_stats
     from jaxscale.roofline import Efficiency, fit_efficiency
     from jaxscale.roofline import predict as predict_roofline
-    from jaxscale.measure import StepProfile, Timing, profile_step, time_pipelined
+    from jaxscale.measure import StepProfile, plan_point, profile_step
     from jaxscale.model import Transformer
-    from jaxscale.plan import plan_point, predict_step, run_plan
+    from jaxscale.plan import run_plan
+    from jaxscale.prediction import predict_step
     from jaxscale.records import read_rows
     from jaxscale.report import write_report
     from jaxscale.step import build_step, compile_point, compile_step
     from jaxscale.targets import Target, parse_target
     from jaxscale.sweep import run_profile, run_sweep
+    from jaxscale.timing import Timing, time_pipelined

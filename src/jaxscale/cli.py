@@ -35,7 +35,7 @@ def _prepare_runtime(compile_cache: bool = True) -> None:
     from jaxscale.targets import quiet_plugins
 
     quiet_plugins()
-    from jaxscale.workers import configure_compile_cache
+    from jaxscale.runtimes import configure_compile_cache
 
     configure_compile_cache(compile_cache)
 
@@ -177,13 +177,13 @@ def _interrupted(console, report, command: list[str], then: str = "continue with
 
 
 def cmd_run(args) -> int:
-    from jaxscale import workers
+    from jaxscale import distributed
     from jaxscale.config import ProfileError
     from jaxscale.records import ReportDirError, check_output_dir
 
-    dist = workers.Distributed.from_args(args)
-    if dist.wanted and not workers.supervised():
-        return workers.supervise(args.argv, dist)
+    dist = distributed.Distributed.from_args(args)
+    if dist.wanted and not distributed.supervised():
+        return distributed.supervise(args.argv, dist)
     from rich.console import Console
 
     console = Console()
@@ -194,7 +194,9 @@ def cmd_run(args) -> int:
                 raise ProfileError("--retry-failed reruns the failed points of a recorded sweep: give it with "
                                    "--resume REPORT_DIR")
             profile, recorded = _profile_to_run(args, dist)
-            isolation = workers.choose_isolation(profile.run)
+            from jaxscale.runtimes import choose_isolation
+
+            isolation = choose_isolation(profile.run)
             if not dist.wanted:  # one process: the folder is its own before any backend starts
                 held.append(_claim_report(args, profile, recorded))
             elif args.out and not args.resume:
@@ -211,7 +213,7 @@ def cmd_run(args) -> int:
 
 
 def _run(args, dist, profile, isolation, recorded, held, console) -> int:
-    from jaxscale import report, workers
+    from jaxscale import distributed, report
     from jaxscale.config import ProfileError
     from jaxscale.records import ReportDirError, os_error_line, stamped
 
@@ -220,16 +222,16 @@ def _run(args, dist, profile, isolation, recorded, held, console) -> int:
 
     try:
         if isolation == "none" and dist.wanted:
-            workers.init_distributed(dist)
+            distributed.init_distributed(dist)
         runtime = sw.open_runtime(profile, dist, compile_cache=not args.no_compile_cache)
-    except workers.WorkerError as e:
+    except distributed.SetupError as e:
         return _error(e)
     report_dir = Path(args.resume or args.out or "reports")
     try:
         lead = runtime.lead
         console.quiet = not lead
         try:
-            points, dropped = sw.plan(profile, runtime)
+            points, dropped = sw.grid_for(profile, runtime)
             if args.trace:
                 _check_trace(args.trace, points)
             if args.resume and lead:
@@ -248,7 +250,7 @@ def _run(args, dist, profile, isolation, recorded, held, console) -> int:
     except OSError as e:
         return _fail(f"{os_error_line(e, str(report_dir))}; rows finished before are kept: free the space or fix "
                      f"the permissions, then `jaxscale run --resume {report_dir}`")
-    except workers.WorkerError as e:
+    except distributed.SetupError as e:
         return _error(e)
     finally:
         runtime.close()
@@ -484,14 +486,14 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_devices(args) -> int:
-    from jaxscale import workers
+    from jaxscale import distributed
 
     _prepare_runtime(compile_cache=False)
-    dist = workers.Distributed.from_args(args)
+    dist = distributed.Distributed.from_args(args)
     try:
         if dist.wanted:
-            workers.init_distributed(dist)
-    except workers.WorkerError as e:
+            distributed.init_distributed(dist)
+    except distributed.SetupError as e:
         return _error(e)
     from jaxscale import devices as devinfo
 

@@ -1,134 +1,198 @@
-"""Warm up, then time a step: raw per-step samples first, statistics after.
+"""One point → one row: measured (compile and time it here) or planned (compile it for a target, predict it).
 
-Timing is pipelined. Steps are dispatched asynchronously with two in flight;
-the host blocks on step i's output only after step i+1 has been queued, and
-records the moment each step's output becomes ready. A step's duration is the
-interval between two consecutive completions. Because the next step is always
-queued before the host waits, the device never idles on the host, so host
-dispatch overhead does not inflate short steps, yet every step still gets its
-own sample for the spread (p10, p90, cv). ``time_blocking`` (dispatch, block,
-repeat) is kept for comparison: it includes the dispatch latency in each step.
+The only row builder. Every row starts from ``base_row`` (grid, run settings,
+runtime, analytic counts) and takes the compiled program's columns from the
+same code; a measured row then adds its timings (``describe_step``), a planned
+row its predicted step (prediction.py). Failures come back as rows with a
+failure status (``compile_error``, ``oom``, ``over_budget``, ``error``), never
+raised. ``profile_step`` measures any jitted function the same way.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import statistics
+import datetime as dt
+import gc
 import time
-from typing import Any, Callable
+from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
 
+from jaxscale import flops, roofline
+from jaxscale.config import Profile
+from jaxscale.devices import PeakInfo, resolve_peak, spec_peak
+from jaxscale.grid import Point
+from jaxscale.memory import MemoryBudget, compiled_memory, device_memory
+from jaxscale.prediction import hidden_flops, predict_comm, program_figures
+from jaxscale.records import SCHEMA_VERSION, error_text
+from jaxscale.step import CompiledStep, build_step, compile_point, compile_step, cost_dict
+from jaxscale.targets import Target, runtime_columns, slice_devices
+from jaxscale.timing import Timing, time_pipelined
 
-@dataclasses.dataclass(frozen=True)
-class Timing:
-    """Per-step wall times of the timed steps and their statistics (seconds)."""
-
-    samples_s: tuple[float, ...]
-    warmup_s: float = 0.0  # wall time of the untimed warm-up steps (first execution included)
-
-    @property
-    def median_s(self) -> float:
-        return float(statistics.median(self.samples_s))
-
-    @property
-    def mean_s(self) -> float:
-        return float(np.mean(self.samples_s))
-
-    @property
-    def p10_s(self) -> float:
-        return float(np.percentile(self.samples_s, 10))
-
-    @property
-    def p90_s(self) -> float:
-        return float(np.percentile(self.samples_s, 90))
-
-    @property
-    def cv(self) -> float:
-        """Coefficient of variation: sample standard deviation / mean."""
-        if len(self.samples_s) < 2:
-            return 0.0
-        return float(np.std(self.samples_s, ddof=1) / np.mean(self.samples_s))
+# Seams for the tests' fault injection (tests/hooks/jaxscale_faults.py), None in use:
+# before_step(point, i) runs before a measured step's i-th dispatch (it may raise, or end the process);
+# after_point(row) sees each measured row before it is recorded (it may change its memory columns).
+before_step: Callable[[Point, int], None] | None = None
+after_point: Callable[[dict], None] | None = None
 
 
-def time_pipelined(dispatch: Callable[[int], Any], n_steps: int, warmup: int) -> Timing:
-    """Time ``n_steps`` calls of ``dispatch(i)`` after ``warmup`` untimed ones.
+def base_row(point: Point, profile: Profile, columns: dict) -> dict:
+    """The columns of a point's row known before it compiles: grid, run settings, runtime, analytic counts."""
+    run, m = profile.run, point.model
+    row = {**point.grid_columns(), "dtype": run.dtype, "attention": run.attention, "scan_layers": run.scan_layers,
+           "profile": run.name, "row_source": "measured", "schema_version": SCHEMA_VERSION,
+           "timestamp_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           **columns, "status": "ok", "error": ""}
+    row.update(params=flops.param_count(m.d_model, m.n_layers, m.vocab, m.d_ff),
+               tokens_per_step=point.global_batch * m.seq_len,
+               model_flops_per_step=flops.train_flops(m.d_model, m.n_layers, m.seq_len, m.vocab, point.global_batch,
+                                                      m.d_ff, recompute=False, causal=run.causal_flops),
+               attention_flops=flops.ATTENTION_CAUSAL if run.causal_flops else flops.ATTENTION_FULL)
+    return row
+
+
+def _program_columns(program, compile_s: float) -> dict:
+    """Columns of a compiled step's program: the attention kernel, compile time, parameter and state bytes."""
+    return {"attention_impl": program.attention.impl if program.attention else None,
+            "attention_note": program.attention.note if program.attention else None,
+            "compile_s": compile_s, "params": program.params, "param_bytes": program.param_bytes,
+            "opt_state_bytes": program.opt_state_bytes}
+
+
+def flops_ratio(point: Point, xla_flops: float, custom_call_flops: float | None) -> tuple[float, str]:
+    """(the HLO's FLOPs over the analytic count of the step it compiled, a note where they disagree).
+
+    The analytic count is the one the program does: recompute included under
+    ``remat = "full"``, attention over the whole square, except that fused
+    attention kernels (counted from their shapes, ``custom_call_flops``) stand
+    in for attention's matmuls. Outside 0.95–1.25 the note says so: the norms,
+    softmax, loss and AdamW explain a few percent, not more.
+    """
+    m, recompute = point.model, point.remat == "full"
+    full = flops.train_flops(m.d_model, m.n_layers, m.seq_len, m.vocab, point.global_batch, m.d_ff,
+                             recompute=recompute, causal=False)
+    analytic = full
+    if custom_call_flops:
+        causal = flops.train_flops(m.d_model, m.n_layers, m.seq_len, m.vocab, point.global_batch, m.d_ff,
+                                   recompute=recompute, causal=True)
+        analytic += custom_call_flops - 2 * (full - causal)
+    ratio = xla_flops / analytic
+    if 0.95 <= ratio <= 1.25:
+        return ratio, ""
+    return ratio, (f"the HLO counts {ratio:.2f}x the analytic FLOPs with "
+                   f"{'its fused attention kernels' if custom_call_flops else 'full attention'}"
+                   f"{' and recompute' if recompute else ''}: beyond the norms, softmax, loss and AdamW work that "
+                   "explains a few percent")
+
+
+def _classify(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    if "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text:
+        return "oom"
+    return "error"
+
+
+# ------------------------------------------------------------- measured rows
+
+
+def measure_point(point: Point, profile: Profile, peak: PeakInfo, columns: dict, trace_dir: Path | None = None,
+                  memory: MemoryBudget | None = None) -> dict:
+    """Compile and time one grid point on this process's devices; failures come back as a row, never raised.
 
     Args:
-      dispatch: enqueues step i and returns something to block on (its loss).
-        Successive steps must depend on each other (donated state), so the device
-        runs them in order.
-      n_steps: number of timed steps (samples).
-      warmup: untimed steps run first; at least one is always run, since the
-        first call also pays one-time costs (allocation, autotuning).
+      point: the grid point.
+      profile: its profile (run settings).
+      peak: the run's PeakInfo (devices.resolve_peak).
+      columns: the runtime's columns of a row (runtimes.runtime_columns).
+      trace_dir: where jax.profiler writes the point's trace, or None.
+      memory: the budget a point may plan to use per device, or None for none.
 
     Returns:
-      Timing with ``n_steps`` samples.
+      The row as a dict of schema columns.
     """
-    i = 0
-    start = time.perf_counter()
-    for _ in range(max(warmup, 1)):
-        out = dispatch(i)
-        i += 1
-    jax.block_until_ready(out)
-    warmup_s = time.perf_counter() - start
-    # n_steps + 1 completions give n_steps intervals. Each is stamped only after
-    # its successor was dispatched, the last included (an untimed tail step), so
-    # every interval has the same structure whether the backend dispatches
-    # asynchronously or runs a step inside the dispatch call.
-    pending = collections.deque([dispatch(i)])
-    i += 1
-    stamps = []
-    while len(stamps) < n_steps + 1:
-        pending.append(dispatch(i))
-        i += 1
-        jax.block_until_ready(pending.popleft())
-        stamps.append(time.perf_counter())
-    jax.block_until_ready(pending.popleft())
-    return Timing(tuple(float(b - a) for a, b in zip(stamps, stamps[1:])), warmup_s=warmup_s)
+    run = profile.run
+    row = base_row(point, profile, columns)
+    budget = memory.budget_bytes if memory else None
+    if memory:
+        row["device_memory_bytes"], row["bytes_limit"] = memory.device_memory_bytes, memory.bytes_limit
+    try:
+        compiled = compile_point(point, run)
+    except Exception as exc:  # XLA and tracing errors come in many types
+        row.update(status="compile_error" if _classify(exc) != "oom" else "oom", error=error_text(exc, 500))
+        return row
+    row.update(_program_columns(compiled, compiled.compile_s))
+    row["hosts"] = ";".join(sorted({f"p{d.process_index}" for d in compiled.mesh.devices.flat}))
+    planned = compiled_memory(compiled.memory)["compiled_total_bytes"]
+    over = budget is not None and planned is not None and planned > budget
+    if jax.process_count() > 1:  # every process must take the same branch, or collectives would hang
+        from jax.experimental import multihost_utils
+
+        over = bool(multihost_utils.broadcast_one_to_all(np.int32(over)))
+    if over:
+        row.update(status="over_budget", error=f"compiled step needs {planned} bytes per device, over the budget "
+                                               f"of {budget}: max_memory_fraction={run.max_memory_fraction} of the "
+                                               f"device's {memory.device_memory_bytes} bytes ({memory.source})")
+        _fill_compiled_columns(row, compiled)
+        return row
+    try:
+        timed = _run_compiled(compiled, run, point, peak, row["model_flops_per_step"], trace_dir)
+    except Exception as exc:
+        row.update(status=_classify(exc), error=error_text(exc, 500))
+        _fill_compiled_columns(row, compiled)
+        gc.collect()
+        return row
+    row.update(timed)
+    if after_point is not None:
+        after_point(row)
+    if trace_dir is not None:
+        row["trace_dir"] = str(trace_dir)
+    return row
 
 
-def time_blocking(dispatch: Callable[[int], Any], n_steps: int, warmup: int) -> Timing:
-    """Per-step blocking: dispatch, wait, repeat. Includes host dispatch latency."""
-    i = 0
-    for _ in range(max(warmup, 1)):
-        jax.block_until_ready(dispatch(i))
-        i += 1
-    samples = []
-    for _ in range(n_steps):
-        start = time.perf_counter()
-        jax.block_until_ready(dispatch(i))
-        samples.append(time.perf_counter() - start)
-        i += 1
-    return Timing(tuple(samples))
+def _fill_compiled_columns(row: dict, compiled: CompiledStep) -> None:
+    """The memory and FLOP columns of a point that compiled but did not run."""
+    row.update(compiled_memory(compiled.memory))
+    flops_ = compiled.cost.get("flops")
+    if flops_ is not None:
+        hidden = hidden_flops(compiled.hlo_text)
+        row["xla_flops_per_step"] = (flops_ + hidden.flops_per_device) * compiled.point.n_devices
+        row["custom_call_flops_per_step"] = hidden.flops_per_device * compiled.point.n_devices
 
 
-def device_memory(devices) -> tuple[int | None, int | None]:
-    """(largest peak_bytes_in_use, smallest bytes_limit) over the addressable devices.
+def _run_compiled(compiled: CompiledStep, run, point: Point, peak, model_flops: float, trace_dir) -> dict:
+    params, opt_state = compiled.init_state()
+    batches = [compiled.make_batch(i) for i in range(2)]
+    state = {"params": params, "opt": opt_state}
+    losses = []
+    hook = before_step
 
-    None where the backend keeps no allocator statistics (the CPU). The peak is
-    the allocator's high-water mark since the process started.
-    """
-    peaks, limits = [], []
-    for d in devices:
-        if d.process_index != jax.process_index():
-            continue
-        try:
-            stats = d.memory_stats()
-        except Exception:
-            stats = None
-        if not stats:
-            continue
-        if "peak_bytes_in_use" in stats:
-            peaks.append(int(stats["peak_bytes_in_use"]))
-        if "bytes_limit" in stats:
-            limits.append(int(stats["bytes_limit"]))
-    return (max(peaks) if peaks else None), (min(limits) if limits else None)
+    def dispatch(i: int):
+        if hook is not None:
+            hook(point, i)
+        state["params"], state["opt"], loss = compiled.compiled(state["params"], state["opt"], batches[i % 2])
+        losses.append(loss)
+        return loss
 
-
-# ------------------------------------------------------------- step profiles
+    if trace_dir is not None:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        with jax.profiler.trace(str(trace_dir)):
+            timing = time_pipelined(dispatch, run.steps, run.warmup)
+    else:
+        timing = time_pipelined(dispatch, run.steps, run.warmup)
+    step = describe_step(timing=timing, compile_s=compiled.compile_s, cost=compiled.cost, memory=compiled.memory,
+                         hlo_text=compiled.hlo_text, devices=list(compiled.mesh.devices.flat), peak=peak,
+                         model_flops=model_flops, mesh=compiled.mesh).to_row()
+    out = {k: v for k, v in step.items() if k not in ("n_devices",)}
+    out["tokens_per_s"] = point.global_batch * point.model.seq_len / timing.median_s
+    out["loss_first"], out["loss_last"] = float(losses[0]), float(losses[-1])
+    if step["xla_flops_per_step"]:
+        out["xla_over_model_flops"], note = flops_ratio(point, step["xla_flops_per_step"],
+                                                        step["custom_call_flops_per_step"])
+        out["flops_note"] = "; ".join(filter(None, [step["flops_note"], note])) or None
+    del state, batches, params, opt_state
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,17 +282,6 @@ class StepProfile:
         return row
 
 
-def compiled_memory(memory) -> dict:
-    """Per-device bytes from XLA's CompiledMemoryStats; total = argument + output + temp − alias."""
-    if memory is None:
-        return {k: None for k in ("compiled_argument_bytes", "compiled_output_bytes", "compiled_temp_bytes",
-                                  "compiled_alias_bytes", "compiled_total_bytes")}
-    arg, out = int(memory.argument_size_in_bytes), int(memory.output_size_in_bytes)
-    temp, alias = int(memory.temp_size_in_bytes), int(memory.alias_size_in_bytes)
-    return {"compiled_argument_bytes": arg, "compiled_output_bytes": out, "compiled_temp_bytes": temp,
-            "compiled_alias_bytes": alias, "compiled_total_bytes": arg + out + temp - alias}
-
-
 def describe_step(
     *,
     timing: Timing,
@@ -298,173 +351,6 @@ def describe_step(
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class ProgramFigures:
-    """What the optimized HLO says of one step, as row columns, and the schedule they came from.
-
-    Attributes:
-      stats: hlo.ProgramStats of the per-device program.
-      schedule: its roofline.Schedule (re-predicted by a calibration).
-      columns: the row's counting and predicted columns (xla_flops_per_step,
-        custom_call_flops_per_step, xla_bytes_accessed_per_device, kernels_per_step,
-        arithmetic_intensity, ridge_point, bound, predicted_*, roofline_*).
-      note: why a figure is empty, or how custom kernels were counted.
-    """
-
-    stats: Any
-    schedule: Any
-    columns: dict
-    note: str
-
-
-def program_figures(hlo_text: str, comm: "CommPrediction", peak_tflops: float | None, hbm_gbytes_per_s: float | None,
-                    n_devices: int, model_flops: float | None, efficiency=None) -> ProgramFigures:
-    """Counts and the roofline prediction of a per-device program (shared by measured and planned rows).
-
-    ``xla_flops_per_step`` is left empty, with the reason in the note, where the
-    count cannot be trusted (a loop whose trip count cannot be read, a kernel
-    whose FLOPs cannot be counted): never a wrong number.
-    """
-    from jaxscale import hlo, roofline
-
-    module = hlo.parse(hlo_text)
-    stats = hlo.program_stats(module, n_devices)
-    schedule = roofline.Schedule.from_hlo(module, comm.seconds_of)
-    efficiency = efficiency or roofline.Efficiency()
-    cols: dict = {"xla_flops_per_step": stats.flops * n_devices if stats.flops_trusted else None,
-                  "custom_call_flops_per_step": stats.attention_flops * n_devices,
-                  "xla_bytes_accessed_per_device": stats.hbm_bytes, "kernels_per_step": stats.kernels,
-                  "predicted_comm_s": comm.seconds}
-    notes = []
-    if not stats.flops_trusted:
-        notes.append(f"xla_flops_per_step left empty: {stats.flops_note}")
-    elif stats.counted_kernels:
-        notes.append(f"xla_flops_per_step includes {stats.flops_note}")
-    if stats.flops_trusted and stats.hbm_bytes:
-        cols["arithmetic_intensity"] = stats.flops / stats.hbm_bytes
-    if peak_tflops and hbm_gbytes_per_s:
-        cols["ridge_point"] = peak_tflops * 1e12 / (hbm_gbytes_per_s * 1e9)
-        if comm.seconds is not None:
-            t = schedule.predict(peak_tflops * 1e12, hbm_gbytes_per_s * 1e9, efficiency)
-            cols.update(t.columns(), bound=t.bound, roofline_eta_compute=efficiency.compute,
-                        roofline_eta_memory=efficiency.memory, roofline_efficiency=efficiency.source)
-            if model_flops and t.step_s:
-                cols["predicted_mfu"] = model_flops / (t.step_s * n_devices * peak_tflops * 1e12)
-    return ProgramFigures(stats, schedule, cols, "; ".join(notes))
-
-
-@dataclasses.dataclass(frozen=True)
-class HiddenFlops:
-    """FLOPs of the fused attention kernels (cuDNN, Pallas), which XLA's cost analysis does not see, per device
-    per step."""
-
-    flops_per_device: int
-    calls: int
-    note: str
-
-
-def hidden_flops(hlo_text: str) -> HiddenFlops:
-    """FLOPs of the fused attention kernels of a per-device HLO module, from their shapes (hlo.program_stats).
-
-    XLA's cost analysis counts none of them; hlo.loop_corrected_cost leaves them out
-    too, so that its FLOPs plus these are the whole step.
-    """
-    from jaxscale import hlo
-
-    module = hlo.parse(hlo_text)
-    stats = hlo.program_stats(module)
-    calls = sum(module.multiplicity.get(k.computation, 0) for items in hlo.kernels(module).values()
-                for k in items if k.attention)
-    notes = []
-    if stats.attention_flops:
-        notes.append(f"xla_flops_per_step includes {stats.attention_flops:.4g} FLOPs per device of {calls} fused "
-                     "attention kernels that XLA's cost analysis does not count, from their shapes")
-    if stats.opaque_kernels:
-        notes.append(f"custom-call kernels whose FLOPs cannot be counted: {', '.join(stats.opaque_kernels)}; "
-                     "xla_flops_per_step left empty")
-    return HiddenFlops(int(stats.attention_flops), calls, "; ".join(notes))
-
-
-@dataclasses.dataclass(frozen=True)
-class CommPrediction:
-    """Collectives of a step and their predicted time per mesh axis."""
-
-    collectives: Any
-    links: dict
-    traffic_bytes: dict  # axis name -> ring traffic bytes per device
-    seconds_by_axis: dict  # axis name -> seconds, None where the link has no figure
-    seconds: float | None
-    note: str
-    per_collective: dict = dataclasses.field(default_factory=dict)  # key -> (seconds of one execution, axis)
-
-    def seconds_of(self, key: str) -> tuple[float, str]:
-        """(seconds of one execution, the axis it runs on) of a collective, by channel id or instruction name."""
-        return self.per_collective.get(key, (0.0, ""))
-
-    def axis_columns(self) -> dict:
-        out = {}
-        for axis in ("data", "model"):
-            link = self.links.get(axis)
-            out[f"comm_link_{axis}"] = link.label if link else None
-            out[f"comm_link_{axis}_gbytes_per_s"] = link.gbytes_per_s if link else None
-            out[f"collective_traffic_{axis}_bytes"] = int(self.traffic_bytes.get(axis, 0)) if link else None
-            out[f"predicted_comm_{axis}_s"] = self.seconds_by_axis.get(axis) if link else None
-        return out
-
-
-def predict_comm(hlo_text: str, mesh, peak, torus: tuple[int, ...] | None = None) -> CommPrediction:
-    """Collectives of a per-device HLO module and their time over the link of each mesh axis they run on.
-
-    Each collective is attributed to the mesh axes its replica groups span
-    (comms.collective_axes); one spanning several axes is charged to the
-    slowest of their links. An axis's time is its ring traffic over its link's
-    one-way bandwidth (on a TPU, over every torus dimension the axis spans,
-    wraparounds included: devices.mesh_axis_links); the step's predicted_comm_s
-    is the sum over axes (every collective in full, none overlapping another).
-
-    Args:
-      hlo_text: optimized HLO of the per-device program.
-      mesh: a jax Mesh, or an array of devices (one axis named ``data``).
-      peak: a devices.PeakInfo (its platform and links), or None.
-      torus: a TPU slice's shape (default: read off the mesh devices' coordinates).
-    """
-    from jaxscale import devices as devinfo
-    from jaxscale.comms import collective_axes, count_collectives
-
-    if hasattr(mesh, "axis_names"):
-        grid, names = np.asarray(mesh.devices, dtype=object), tuple(mesh.axis_names)
-    else:
-        grid = np.asarray(mesh, dtype=object).reshape(-1)
-        names = ("data",)
-    collectives = count_collectives(hlo_text, grid.size)
-    platform = (peak.platform if peak and peak.platform else getattr(grid.flat[0], "platform", "cpu"))
-    links = devinfo.mesh_axis_links(grid, names, platform, peak.local_link if peak else None,
-                                    peak.remote_link if peak else None, torus)
-    traffic = {name: 0.0 for name in names}
-    per_collective = {}
-    for c in collectives.items:
-        axes = collective_axes([list(g) for g in c.groups], grid.shape)
-        if not axes or not c.traffic_bytes:
-            continue
-        slowest = names[min(axes, key=lambda a: links[names[a]].gbytes_per_s or 0.0)]
-        traffic[slowest] += c.traffic_bytes
-        bw = links[slowest].gbytes_per_s
-        per_collective[c.channel or c.name] = (c.full_bytes * c.ring_factor / (bw * 1e9) if bw else 0.0, slowest)
-    seconds = {}
-    for name in names:
-        bw = links[name].gbytes_per_s
-        seconds[name] = 0.0 if traffic[name] == 0 else (traffic[name] / (bw * 1e9) if bw else None)
-    missing = [f"{n} ({links[n].label})" for n in names if seconds[n] is None]
-    note = ""
-    if missing:
-        note = f"no bandwidth figure for the link of mesh axis {', '.join(missing)}: predicted_comm_s left empty"
-    if collectives.unknown_trip_counts:
-        note = "; ".join(filter(None, [note, f"{collectives.unknown_trip_counts} loop(s) with no readable trip "
-                                              "count: their collectives were counted once"]))
-    total = None if missing else float(sum(seconds.values()))
-    return CommPrediction(collectives, links, traffic, seconds, total, note, per_collective)
-
-
 def profile_step(fn, *args, n_steps: int = 10, warmup: int = 2, model_flops: float | None = None,
                  peak_tflops: float | None = None) -> StepProfile:
     """Profile any jitted (or jittable) function on the shardings its arguments carry.
@@ -484,9 +370,6 @@ def profile_step(fn, *args, n_steps: int = 10, warmup: int = 2, model_flops: flo
     Returns:
       A StepProfile (``.to_row()`` for a CSV row).
     """
-    from jaxscale import devices as devinfo
-    from jaxscale.step import cost_dict
-
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
     start = time.perf_counter()
     compiled = jitted.lower(*args).compile()
@@ -505,11 +388,11 @@ def profile_step(fn, *args, n_steps: int = 10, warmup: int = 2, model_flops: flo
     dtype = "bfloat16" if any(d == jax.numpy.bfloat16 for d in floats) else "float32"
     timing = time_pipelined(lambda i: compiled(*args), n_steps, warmup)
     if peak_tflops is not None:
-        peak = devinfo.PeakInfo(tflops=peak_tflops, dtype=dtype, source="given", reference="profile_step(peak_tflops=)",
+        peak = PeakInfo(tflops=peak_tflops, dtype=dtype, source="given", reference="profile_step(peak_tflops=)",
                                 hbm_gbytes_per_s=None, interconnect_gbytes_per_s=None, interconnect="unknown",
                                 memory_bytes=None, precision="given by the caller")
     else:
-        peak = devinfo.resolve_peak(dtype)
+        peak = resolve_peak(dtype)
     try:
         memory = compiled.memory_analysis()
     except Exception:
@@ -517,3 +400,65 @@ def profile_step(fn, *args, n_steps: int = 10, warmup: int = 2, model_flops: flo
     return describe_step(timing=timing, compile_s=compile_s, cost=cost_dict(compiled), memory=memory,
                          hlo_text=compiled.as_text() or "", devices=used, peak=peak, model_flops=model_flops,
                          mesh=mesh)
+
+
+# ------------------------------------------------------------- planned rows
+
+
+def plan_point(point: Point, profile: Profile, target: Target,
+               efficiency: roofline.Efficiency | None = None) -> dict:
+    """Compile one point for its slice of the target and predict its step; failures come back as rows.
+
+    ``efficiency``: η_c and η_m of the prediction (default: roofline.default_efficiency of the chip).
+    """
+    return planned_row(point, profile, target, efficiency)[0]
+
+
+def planned_row(point: Point, profile: Profile, target: Target, efficiency: roofline.Efficiency | None):
+    """(row, prediction.ProgramFigures or None) of one point compiled for a target: the figures let a
+    calibration predict the row again at other efficiencies."""
+    run = profile.run
+    slice_name = target.slice_for(point.n_devices)
+    devices = target.devices_for(point.n_devices)
+    kind = devices[0].device_kind
+    n_hosts = len({d.process_index for d in slice_devices(slice_name)})
+    row = base_row(point, profile, runtime_columns(target, kind, n_hosts))
+    row.update(row_source=f"planned:{target.name}", topology=slice_name, status="planned",
+               hosts=";".join(f"p{p}" for p in sorted({d.process_index for d in devices})))
+    peak = spec_peak(kind, target.platform, run.dtype)
+    hbm = peak.memory_bytes if peak else None
+    row["device_memory_bytes"] = hbm
+    if peak:
+        row.update(peak_tflops_per_device=peak.tflops, peak_dtype=peak.dtype, peak_precision=peak.precision,
+                   peak_source=peak.source, peak_reference=peak.reference)
+    try:
+        program, _, compile_s, cost, memory, text = compile_step(build_step(point, run, devices), run)
+    except Exception as exc:  # the compilers report what does not fit as RESOURCE_EXHAUSTED
+        message = error_text(exc)
+        row.update(status="over_budget" if "RESOURCE_EXHAUSTED" in message else "compile_error", error=message)
+        return row, None
+    row.update(_program_columns(program, compile_s), **compiled_memory(memory))
+    budget = int(hbm * run.max_memory_fraction) if hbm else None
+    total = row.get("compiled_total_bytes")
+    if budget is not None and total is not None and total > budget:
+        row.update(status="over_budget", error=f"compiled step needs {total} bytes per chip, over "
+                                               f"{run.max_memory_fraction} of the {hbm} bytes of HBM")
+    torus = tuple(int(x) for x in slice_name.split(":")[1].split("x")) if target.platform == "tpu" else None
+    comm = predict_comm(text, program.mesh, peak, torus)
+    row.update(**comm.collectives.columns(), **comm.axis_columns())
+    efficiency = efficiency or roofline.default_efficiency(kind)
+    figures = program_figures(text, comm, peak.tflops if peak else None, peak.hbm_gbytes_per_s if peak else None,
+                              point.n_devices, row["model_flops_per_step"], efficiency)
+    row.update(figures.columns)
+    notes = [figures.note, comm.note]
+    if row.get("xla_flops_per_step"):
+        row["xla_over_model_flops"], note = flops_ratio(point, row["xla_flops_per_step"],
+                                                        row.get("custom_call_flops_per_step"))
+        notes.append(note)
+    if peak and peak.tflops is None:
+        notes.append(peak.note)
+    local = peak.local_link if peak else None
+    row["comm_bandwidth_gbytes_per_s"] = local.gbytes_per_s if local else None
+    row["comm_bandwidth_source"] = f"{local.name}: {local.source}" if local and local.gbytes_per_s else None
+    row["flops_note"] = "; ".join(filter(None, notes)) or None
+    return row, figures

@@ -28,8 +28,11 @@ import socket
 import sys
 import warnings
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import pandas as pd
+
+from jaxscale.grid import KEY_COLUMNS, TEXT_KEY_COLUMNS
 
 # 3: run_id, attention_impl and attention_note, the roofline model's terms and kernels_per_step.
 # 2: remat as a policy name, xla_flags, isolation. Older files are read as they are.
@@ -144,6 +147,41 @@ class RowWriter:
         self.close()
 
 
+def append_rows(points: Sequence, row_of: Callable[[Any, int], dict], path: Path | None, *,
+                on_point: Callable[[Any, int, int], None] | None = None,
+                on_row: Callable[[dict], None] | None = None,
+                should_stop: Callable[[int], bool] | None = None) -> bool:
+    """Make each point's row and append it to the CSV at ``path`` as it comes: the loop of a sweep and of a plan.
+
+    Args:
+      points: the points, in order.
+      row_of: ``(point, index) -> row``; a failure is a row, not an exception.
+      path: the CSV (RowWriter), or None on a process that records nothing.
+      on_point: called before each point with (point, index, total).
+      on_row: called with each row once it is written.
+      should_stop: called after each point with its index; True stops before the next one.
+
+    Returns:
+      True when should_stop ended the loop before its last point.
+    """
+    writer = RowWriter(path) if path is not None else None
+    try:
+        for i, point in enumerate(points):
+            if on_point:
+                on_point(point, i, len(points))
+            row = row_of(point, i)
+            if writer:
+                writer.append(row)
+            if on_row:
+                on_row(row)
+            if should_stop is not None and should_stop(i) and i + 1 < len(points):
+                return True
+        return False
+    finally:
+        if writer:
+            writer.close()
+
+
 def _truncate_torn_tail(path: Path) -> None:
     """Cut a partial last line left by a kill, so appended rows start on a fresh line."""
     data = path.read_bytes()
@@ -209,8 +247,6 @@ def read_rows(path: Path | str) -> pd.DataFrame:
 
 def row_key(row) -> tuple:
     """The grid key of a row as read back (see grid.Point.key)."""
-    from jaxscale.grid import KEY_COLUMNS, TEXT_KEY_COLUMNS
-
     out = []
     for column in KEY_COLUMNS:
         value = row[column]
@@ -221,19 +257,38 @@ def row_key(row) -> tuple:
     return tuple(out)
 
 
+# The columns that decide a point's program: its grid key and the run settings that change what compiles.
+# Labels (size_name, batch_mode) are not part of it: two rows of the same program are the same point.
+POINT_KEY = (*KEY_COLUMNS, "dtype", "attention", "scan_layers")
+
+
+def point_key(values) -> tuple:
+    """A row's (or a dict's) POINT_KEY as comparable text, the same whether the row was read back or built here.
+
+    Missing and empty cells are "", whole floats integers, booleans and text lower case.
+    """
+    out = []
+    for column in POINT_KEY:
+        value = values.get(column)
+        if value is None or (isinstance(value, float) and value != value):
+            value = ""
+        elif isinstance(value, float) and value == int(value):
+            value = int(value)
+        out.append(str(value).lower())
+    return tuple(out)
+
+
 # ------------------------------------------------------------------ duplicates
 
-# What identifies a point beyond grid.KEY_COLUMNS: where its row came from and what else changes the program.
-POINT_EXTRA_COLUMNS = ("row_source", "topology", "size_name", "batch_mode", "dtype", "attention", "scan_layers")
+# Besides POINT_KEY, what keeps two records of one point apart: where each came from, and its labels.
+RECORD_EXTRA_COLUMNS = ("row_source", "topology", "size_name", "batch_mode")
 
 
 def point_columns(frame: pd.DataFrame) -> list[str]:
     """The columns of ``frame`` that identify a grid point (empty when it holds no jaxscale rows)."""
-    from jaxscale.grid import KEY_COLUMNS
-
     if not {"strategy", "n_devices"} <= set(frame.columns):
         return []
-    return [c for c in (*KEY_COLUMNS, *POINT_EXTRA_COLUMNS) if c in frame.columns]
+    return [c for c in (*POINT_KEY, *RECORD_EXTRA_COLUMNS) if c in frame.columns]
 
 
 def run_labels(frame: pd.DataFrame, fallback: str = "") -> pd.Series:

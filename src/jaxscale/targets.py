@@ -30,6 +30,8 @@ import importlib.metadata
 import os
 import re
 
+from jaxscale.config import ADDED_XLA_FLAGS_ENV
+
 # The standard slice shapes of each generation, smallest first (Cloud TPU docs:
 # v5e and v6e slices are 2-D, v5p and v4 3-D); the chip count is their product.
 SLICE_SHAPES: dict[str, tuple[str, ...]] = {
@@ -182,6 +184,99 @@ def cuda_plugin_version() -> str | None:
         return importlib.metadata.version("jax-cuda12-plugin")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def runtime_columns(target: Target | None = None, device_kind: str | None = None,
+                    n_processes: int | None = None) -> dict:
+    """The runtime columns of a row: backend, device kind, process count and the versions that compiled it.
+
+    Without a target: this process's local devices (libtpu's version wherever it
+    is installed). For a target: its platform, the given device kind and the
+    hosts of its slice (libtpu's version on a TPU target only).
+    """
+    import flax
+    import jax
+    import jaxlib
+
+    versions = {"jax_version": jax.__version__, "jaxlib_version": jaxlib.__version__,
+                "flax_version": flax.__version__}
+    if target is None:
+        d = jax.local_devices()[0]
+        return {"backend": d.platform, "device_kind": d.device_kind, **versions,
+                "libtpu_version": libtpu_version(), "n_processes": jax.process_count()}
+    return {"backend": target.platform, "device_kind": device_kind, **versions,
+            "libtpu_version": libtpu_version() if target.platform == "tpu" else None, "n_processes": n_processes}
+
+
+def toolchain_versions(backend: str | None = None) -> dict:
+    """What else decides a step's speed: libtpu, the CUDA plugin, runtime, driver and cuDNN, and XLA flags.
+
+    ``xla_flags`` is what the user set in XLA_FLAGS; ``xla_flags_added`` what
+    jaxscale added itself (the CPU's virtual device count), which only the CPU
+    backend reads. The CUDA plugin is asked for its libraries' versions on a
+    GPU backend only (elsewhere loading them would only print that no GPU is there).
+    """
+    user, added = split_xla_flags(os.environ.get("XLA_FLAGS", ""), os.environ.get(ADDED_XLA_FLAGS_ENV, ""))
+    return {"libtpu_version": libtpu_version(), "cuda_plugin_version": cuda_plugin_version(),
+            **cuda_versions(ask_plugin=backend == "gpu"), "xla_flags": user, "xla_flags_added": added}
+
+
+def split_xla_flags(flags: str, added: str) -> tuple[str, str]:
+    """(the user's flags, jaxscale's own) of an XLA_FLAGS value, given the flags jaxscale added to it."""
+    mine = set(added.split())
+    words = flags.split()
+    return " ".join(w for w in words if w not in mine), " ".join(w for w in words if w in mine)
+
+
+# Wheels that carry the CUDA runtime and cuDNN, CUDA 12 and 13 names (13's runtime dropped the suffix).
+CUDA_PACKAGES = ("nvidia-cuda-runtime-cu12", "nvidia-cuda-runtime", "nvidia-cuda-runtime-cu13")
+CUDNN_PACKAGES = ("nvidia-cudnn-cu12", "nvidia-cudnn-cu13")
+
+
+def cuda_versions(ask_plugin: bool = True) -> dict:
+    """CUDA runtime, driver and cuDNN versions as the CUDA plugin JAX loaded reports them.
+
+    Each falls back to the version of the installed wheel (CUDA 12 or 13
+    names) where the plugin cannot say (or ``ask_plugin`` is False); None
+    where neither can (no CUDA).
+    """
+    out = {"cuda_version": None, "cudnn_version": None, "cuda_driver_version": None}
+    versions = None
+    if ask_plugin:
+        try:
+            from jax._src import lib as jax_lib
+
+            versions = getattr(jax_lib, "cuda_versions", None)
+        except ImportError:
+            pass
+    if versions is not None:
+        for field, name, text in (("cuda_version", "cuda_runtime_get_version", cuda_version_text),
+                                  ("cudnn_version", "cudnn_get_version", cudnn_version_text),
+                                  ("cuda_driver_version", "cuda_driver_get_version", cuda_version_text)):
+            try:
+                out[field] = text(int(getattr(versions, name)()))
+            except Exception:  # no driver, no library, or a plugin without the function
+                pass
+    for field, packages in (("cuda_version", CUDA_PACKAGES), ("cudnn_version", CUDNN_PACKAGES)):
+        for package in packages if out[field] is None else ():
+            try:
+                out[field] = importlib.metadata.version(package)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return out
+
+
+def cuda_version_text(value: int) -> str:
+    """CUDA's integer version (1000·major + 10·minor, e.g. 12090) as "12.9"."""
+    return f"{value // 1000}.{value % 1000 // 10}"
+
+
+def cudnn_version_text(value: int) -> str:
+    """cuDNN's integer version as "9.8.0": 10000·major + 100·minor + patch from cuDNN 9, 1000·major before."""
+    if value >= 90000:
+        return f"{value // 10000}.{value % 10000 // 100}.{value % 100}"
+    return f"{value // 1000}.{value % 1000 // 100}.{value % 100}"
 
 
 def require_libtpu() -> None:

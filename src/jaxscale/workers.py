@@ -1,4 +1,4 @@
-"""Processes: the supervisor, jax.distributed set-up, and one worker process per grid point.
+"""Worker processes: one per grid point, forked from a zygote; a crash costs one row.
 
 A sweep measures its points either in its own process (isolation ``none``) or
 each in a fresh worker process (``process``), started by the process that owns
@@ -35,265 +35,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-SUPERVISED_ENV = "JAXSCALE_SUPERVISED"
+import jax
+
+from jaxscale import devices
+from jaxscale.config import ModelSpec, build_profile
+from jaxscale.distributed import (SUPERVISED_ENV, Distributed, Owners, SetupError, die_with_parent,
+                                  init_distributed)
+from jaxscale.grid import Point
+from jaxscale.measure import base_row, measure_point
+from jaxscale.memory import MemoryBudget, allocator_for, memory_budget
+from jaxscale.runtimes import accelerator_present, configure_compile_cache
+from jaxscale.targets import runtime_columns
+
 STDERR_TAIL_CHARS = 1500
 _POLL_S = 0.1
-
-# Device nodes of accelerators JAX can drive: NVIDIA GPUs, TPUs (accel for v4 and
-# earlier, vfio for v5 and later), AMD GPUs.
-ACCELERATOR_NODES = ("/dev/nvidia0", "/dev/accel0", "/dev/vfio/0", "/dev/kfd")
-
-
-class WorkerError(RuntimeError):
-    """The runtime could not be set up (no probe row, no distributed session); one line for the user."""
-
-
-# ------------------------------------------------------------- isolation
-
-
-def accelerator_present() -> bool:
-    """True where JAX may find a GPU or TPU, judged without initializing any backend."""
-    platforms = {p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()}
-    if platforms and platforms <= {"cpu"}:
-        return False
-    return any(os.path.exists(node) for node in ACCELERATOR_NODES)
-
-
-def choose_isolation(run) -> str:
-    """``process`` or ``none`` for a RunSpec, before anything initializes JAX.
-
-    ``auto`` means worker processes wherever the backend keeps allocator
-    statistics (a GPU or TPU is present), and in-process on the CPU, where
-    there is no allocator peak to protect and a worker still costs its backend
-    start and cache load (about 0.5 s a point on 2 cores, a third more time
-    for the smoke profile with a warm cache). Non-empty XLA flag sets always
-    need workers: XLA reads its flags once per process.
-
-    Raises:
-      ProfileError: flag sets with ``isolation = "none"``.
-    """
-    from jaxscale.config import ProfileError
-
-    flagged = [f for f in run.xla_flags if f]
-    if flagged:
-        if run.isolation == "none":
-            raise ProfileError(f"[run] isolation = 'none' with [run] xla_flags = {list(run.xla_flags)}: XLA reads "
-                               "its flags once per process, so flag sets need a worker process per point; set "
-                               "[run] isolation = \"process\" or \"auto\" (--set run.isolation=process)")
-        return "process"
-    if run.isolation != "auto":
-        return run.isolation
-    return "process" if accelerator_present() else "none"
-
-
-# ------------------------------------------------------ device memory
-
-# What decides how much device memory JAX's GPU allocator may take. The user's
-# setting of any of them wins over max_memory_fraction.
-ALLOCATOR_ENV = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
-                 "XLA_PYTHON_CLIENT_ALLOCATOR")
-# JAX's own default share of a GPU's memory (docs: GPU memory allocation).
-JAX_DEFAULT_MEM_FRACTION = 0.75
-
-
-@dataclasses.dataclass(frozen=True)
-class Allocator:
-    """How a point's process sets up JAX's GPU allocator (no effect on a CPU or TPU).
-
-    Attributes:
-      env: variables to set before the backend starts ({} where the user's own win).
-      memory_fraction: the share of the device's memory the allocator may take,
-        where it is known (None: the user chose an allocator whose limit is not a fraction).
-      set_by: ``jaxscale`` (from ``max_memory_fraction``) or ``user`` (their environment).
-      settings: the allocator variables in effect, as set.
-    """
-
-    env: dict
-    memory_fraction: float | None
-    set_by: str
-    settings: dict
-
-    def describe(self) -> dict:
-        return {"memory_fraction": self.memory_fraction, "set_by": self.set_by, "env": self.settings}
-
-
-def allocator_for(max_memory_fraction: float, environ=None) -> Allocator:
-    """JAX's GPU allocator limit from ``[run] max_memory_fraction``, unless the user set it up themselves.
-
-    JAX's allocator takes 75% of a GPU by default, so without this a step that
-    needs 80% would fail on a device that has room for it, and the budget would
-    be a fraction of a fraction. Where the user has set any of ALLOCATOR_ENV,
-    nothing is changed and their setting is recorded.
-    """
-    environ = os.environ if environ is None else environ
-    user = {k: environ[k] for k in ALLOCATOR_ENV if environ.get(k)}
-    if not user:
-        value = f"{max_memory_fraction:g}"
-        return Allocator({"XLA_PYTHON_CLIENT_MEM_FRACTION": value}, max_memory_fraction, "jaxscale",
-                         {"XLA_PYTHON_CLIENT_MEM_FRACTION": value})
-    fraction = user.get("XLA_CLIENT_MEM_FRACTION") or user.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
-    if user.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default").lower() == "platform":
-        known = None  # allocates on demand from the driver: no fixed limit
-    else:
-        known = float(fraction) if fraction else JAX_DEFAULT_MEM_FRACTION
-    return Allocator({}, known, "user", user)
-
-
-def allocator_in_process(max_memory_fraction: float) -> Allocator:
-    """allocator_for, applied to this process's environment if JAX's backends have not started yet."""
-    allocator = allocator_for(max_memory_fraction)
-    if not allocator.env:
-        return allocator
-    if _backends_started():
-        return Allocator({}, None, "unknown", {"note": "JAX's backends started before jaxscale could set the "
-                                                       "allocator up; its limit is JAX's or the caller's"})
-    os.environ.update(allocator.env)
-    return allocator
-
-
-def _backends_started() -> bool:
-    try:
-        from jax._src import xla_bridge
-
-        return bool(getattr(xla_bridge, "_backends", None))
-    except Exception:  # an internal module: where it moves, assume the worst
-        return True
-
-
-# ------------------------------------------------------ jax.distributed
-
-
-@dataclasses.dataclass(frozen=True)
-class Distributed:
-    """How to join jax.distributed: explicit values, or JAX's cluster detection where they are None.
-
-    Attributes:
-      coordinator: HOST:PORT of process 0's coordinator.
-      num_processes, process_id: this process's place in the session.
-      timeout: seconds to wait for the coordinator and peers, and after which a
-        silent peer is declared dead.
-      auto: join where a cluster is detected (Cloud TPU, SLURM, MPI) although
-        nothing explicit was given.
-    """
-
-    coordinator: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-    timeout: int = 120
-    auto: bool = True
-
-    @classmethod
-    def from_args(cls, args) -> "Distributed":
-        return cls(coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
-                   timeout=args.timeout, auto=args.distributed != "off")
-
-    @property
-    def wanted(self) -> bool:
-        explicit = self.coordinator or self.num_processes is not None or self.process_id is not None
-        return bool(explicit or (self.auto and cluster_detected()))
-
-    def where(self) -> str:
-        return self.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or "the detected coordinator"
-
-    def who(self) -> str:
-        return f"process {self.process_id}" if self.process_id is not None else "this process"
-
-
-def cluster_detected() -> bool:
-    """True where JAX's own cluster detection has several processes to find."""
-    env = os.environ
-
-    def more_than_one(name: str) -> bool:
-        try:
-            return int(env.get(name, "1")) > 1
-        except ValueError:
-            return False
-
-    return (more_than_one("SLURM_NTASKS") or more_than_one("OMPI_COMM_WORLD_SIZE")
-            or "," in env.get("TPU_WORKER_HOSTNAMES", "") or bool(env.get("JAX_COORDINATOR_ADDRESS")))
-
-
-def init_distributed(dist: Distributed, collectives: bool = True) -> None:
-    """Join jax.distributed, bounding the wait for the coordinator and the heartbeat by ``dist.timeout``.
-
-    Args:
-      dist: the session to join.
-      collectives: set up CPU collectives across processes (gloo) for a process
-        that will run steps; an owner that only uses the key-value store skips it.
-
-    Raises:
-      WorkerError: one line naming the process, the coordinator and the cause.
-    """
-    import jax
-
-    if collectives:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = {"coordinator_address": dist.coordinator, "num_processes": dist.num_processes,
-              "process_id": dist.process_id}
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    try:
-        jax.distributed.initialize(**kwargs, initialization_timeout=dist.timeout,
-                                   heartbeat_timeout_seconds=dist.timeout, shutdown_timeout_seconds=dist.timeout)
-    except Exception as e:  # jax raises XlaRuntimeError / RuntimeError / ValueError here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        pid = dist.process_id if dist.process_id is not None else "?"
-        raise WorkerError(f"process {pid} could not join jax.distributed at {dist.where()} within {dist.timeout} s: "
-                          f"{first}") from None
-
-
-def die_with_parent() -> None:
-    """In a child: be killed when its parent dies (Linux), as if one process."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def supervise(argv: list[str], dist: Distributed) -> int:
-    """Run this command in a child process and explain how it ended.
-
-    When a peer dies, JAX's distributed runtime aborts the survivors from C++
-    after the heartbeat timeout; no Python code runs then. The parent outlives
-    the abort and says which process stopped, against which coordinator.
-    """
-    env = {**os.environ, SUPERVISED_ENV: "1"}
-    # A session of its own: a terminal's Ctrl-C reaches this process alone, which passes it on once (in the
-    # terminal's process group the child would get it twice, and a second Ctrl-C aborts the point).
-    child = subprocess.Popen([sys.executable, "-m", "jaxscale.cli", *argv], env=env, preexec_fn=die_with_parent,
-                             start_new_session=True)
-    previous = signal.signal(signal.SIGINT, lambda *_: child.send_signal(signal.SIGINT))
-    try:
-        code = child.wait()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if code < 0 or code == 134:
-        reason = signal.Signals(-code).name if code < 0 else "SIGABRT"
-        print(f"jaxscale: error: {dist.who()} stopped ({reason}): the jax.distributed service at {dist.where()} "
-              f"reported a peer that stopped sending heartbeats for {dist.timeout} s, or the coordinator itself is "
-              "gone; rows finished before are kept, and `jaxscale run --resume REPORT_DIR` on every host continues "
-              "the sweep", file=sys.stderr)
-        return 1
-    return code
-
-
-def supervised() -> bool:
-    return bool(os.environ.get(SUPERVISED_ENV))
-
-
-def configure_compile_cache(enabled: bool) -> None:
-    """JAX's persistent compilation cache under jaxscale's cache folder (before the first compile)."""
-    import jax
-
-    if enabled and os.environ.get("JAXSCALE_COMPILE_CACHE", "1") != "0":
-        from jaxscale.devices import cache_dir
-
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 # ------------------------------------------------------------- the owner
@@ -320,36 +76,6 @@ class Ended:
         return f"{how}; stderr: {tail[-STDERR_TAIL_CHARS:]}" if tail else how
 
 
-class _Owners:
-    """The owners' jax.distributed session: a key-value store shared by the hosts, no devices."""
-
-    def __init__(self, dist: Distributed):
-        init_distributed(dist, collectives=False)
-        from jax._src.distributed import global_state
-
-        self.client = global_state.client
-        self.process_id = int(global_state.process_id)
-        self.num_processes = int(global_state.num_processes)
-        self.host = (global_state.coordinator_address or "127.0.0.1").rsplit(":", 1)[0]
-        self.timeout = dist.timeout
-
-    def set(self, key: str, value: Any) -> None:
-        self.client.key_value_set(f"jaxscale/{key}", json.dumps(value))
-
-    def get(self, key: str) -> Any:
-        """The value process 0 (or a peer) publishes under key, waiting up to the timeout."""
-        try:
-            return json.loads(self.client.blocking_key_value_get(f"jaxscale/{key}", self.timeout * 1000))
-        except Exception as e:
-            raise WorkerError(f"process {self.process_id}: no {key!r} from the other hosts within {self.timeout} s "
-                              f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
-
-    def entries(self, prefix: str) -> dict[str, Any]:
-        """Every key under prefix, right now (no wait)."""
-        pairs = self.client.key_value_dir_get(f"jaxscale/{prefix}/")
-        return {k.rsplit("/", 1)[-1]: json.loads(v) for k, v in pairs}
-
-
 class WorkerRuntime:
     """The owner's side of isolation ``process``: a probe worker, then one worker per point.
 
@@ -361,15 +87,12 @@ class WorkerRuntime:
     isolation = "process"
 
     def __init__(self, profile, *, dist: Distributed | None = None, compile_cache: bool = True):
-        from jaxscale import devices as devinfo
-        from jaxscale import sweep
-
         self.profile = profile
         self.compile_cache = compile_cache
         self.base_xla_flags = os.environ.get("XLA_FLAGS", "")
         self.allocator = allocator_for(profile.run.max_memory_fraction)
         self.dist = dist if dist is not None and dist.wanted else None
-        self.owners = _Owners(self.dist) if self.dist else None
+        self.owners = Owners(self.dist) if self.dist else None
         self.lead = self.owners is None or self.owners.process_id == 0
         self._tmp = Path(tempfile.mkdtemp(prefix="jaxscale-workers-"))
         self._count = 0
@@ -382,18 +105,18 @@ class WorkerRuntime:
             else:
                 ended = self._run_everywhere("probe", probe)
                 if ended.result is None:
-                    raise WorkerError(f"the worker that inspects the devices failed: {ended.describe()}")
+                    raise SetupError(f"the worker that inspects the devices failed: {ended.describe()}")
                 info = ended.result
         except BaseException:
             self.close()
             raise
         self.device_count, self.process_count = info["device_count"], info["process_count"]
         self.describe, self.columns = info["describe"], info["columns"]
-        self.peak = devinfo.PeakInfo(**info["peak"])
+        self.peak = devices.PeakInfo(**info["peak"])
         self.memory_facts = info["memory"]
-        self.memory = sweep.MemoryBudget(**info["memory"])
+        self.memory = MemoryBudget(**info["memory"])
 
-    # -- the sweep's interface (see sweep.InProcess)
+    # -- the runtime interface (see runtimes.py)
 
     def broadcast(self, values: list[int]) -> list[int]:
         """Process 0's values, on every host."""
@@ -405,8 +128,6 @@ class WorkerRuntime:
 
     def measure(self, point, index: int, trace_dir: Path | None) -> dict:
         """Run one point in a worker (one per host) and return its row; a crash becomes a ``crashed`` row."""
-        from jaxscale import sweep
-
         spec = {"task": "point", "profile": self.profile.raw, "source": self.profile.source,
                 "point": dataclasses.asdict(point), "trace_dir": str(trace_dir) if trace_dir else None,
                 "memory": self.memory_facts}
@@ -414,7 +135,7 @@ class WorkerRuntime:
         if ended.result is not None and ended.result.get("row") is not None:
             row = ended.result["row"]
         else:
-            row = sweep.base_row(point, self.profile, self.columns)
+            row = base_row(point, self.profile, self.columns)
             row.update(status="crashed", error=ended.describe())
         row["isolation"] = "process"
         return row
@@ -582,7 +303,7 @@ class _Zygote:
         self._proc.stdin.flush()
         reply = self.read(timeout=60)
         if not reply or "pid" not in reply:
-            raise WorkerError("the zygote that forks jaxscale's workers stopped answering")
+            raise SetupError("the zygote that forks jaxscale's workers stopped answering")
         return _Forked(self, reply["pid"])
 
     def close(self) -> None:
@@ -625,10 +346,6 @@ def zygote_main(owner_pid: int) -> int:
         return 1
     import traceback
 
-    import jax  # noqa: F401  (imported here once, for every forked worker)
-
-    from jaxscale import sweep  # noqa: F401
-
     out = sys.stdout.buffer
 
     def reply(message: dict) -> None:
@@ -670,33 +387,23 @@ def _free_port() -> int:
 # ------------------------------------------------------------- the worker
 
 
-def _point_from_dict(d: dict):
-    from jaxscale.config import ModelSpec
-    from jaxscale.grid import Point
-
+def _point_from_dict(d: dict) -> Point:
     return Point(**{**d, "model": ModelSpec(**d["model"])})
 
 
 def _do_task(spec: dict) -> dict:
     """``probe``: the devices, runtime columns, peak and memory budget; ``point``: the point's row."""
-    import jax
-
-    from jaxscale import devices as devinfo
-    from jaxscale import sweep
-
     if spec["task"] == "probe":
-        peak = devinfo.resolve_peak(spec["dtype"])
-        memory = sweep.memory_budget(peak, spec["fraction"], spec.get("allocator_fraction"))
+        peak = devices.resolve_peak(spec["dtype"])
+        memory = memory_budget(peak, spec["fraction"], spec.get("allocator_fraction"))
         return {"device_count": jax.device_count(), "process_count": jax.process_count(),
-                "describe": devinfo.describe(), "columns": sweep.runtime_columns(),
+                "describe": devices.describe(), "columns": runtime_columns(),
                 "peak": dataclasses.asdict(peak), "memory": dataclasses.asdict(memory)}
-    from jaxscale.config import build_profile
-
     profile = build_profile(spec["profile"], spec["source"])
     point = _point_from_dict(spec["point"])
-    peak = devinfo.resolve_peak(profile.run.dtype)
+    peak = devices.resolve_peak(profile.run.dtype)
     trace_dir = Path(spec["trace_dir"]) if spec.get("trace_dir") else None
-    return {"row": sweep.measure_point(point, profile, peak, trace_dir, sweep.MemoryBudget(**spec["memory"]))}
+    return {"row": measure_point(point, profile, peak, runtime_columns(), trace_dir, MemoryBudget(**spec["memory"]))}
 
 
 def worker_main(spec_path: str) -> int:
@@ -709,8 +416,6 @@ def worker_main(spec_path: str) -> int:
     die_with_parent()  # here rather than in a preexec_fn: the owner may hold JAX's threads, and fork with them
     if os.getppid() != spec["owner_pid"]:
         return 1  # the owner died before the line above ran
-    import jax
-
     configure_compile_cache(spec.get("compile_cache", True))
     dist = spec.get("distributed")
     if dist:

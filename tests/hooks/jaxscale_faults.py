@@ -1,7 +1,7 @@
-"""Fault injection for the tests, through jaxscale.sweep's seams (before_step, after_point).
+"""Fault injection for the tests, through jaxscale.measure's seams (before_step, after_point).
 
 A process the tests start imports this at start-up (sitecustomize.py beside it; conftest puts this
-folder on PYTHONPATH), and it sets the seams once jaxscale.sweep is imported. What they do is read
+folder on PYTHONPATH), and it sets the seams once jaxscale.measure is imported. What they do is read
 from the environment at each call, so a variable set after start-up (a worker's, set by its owner)
 counts too:
 
@@ -50,15 +50,15 @@ def reset_peak() -> None:
     _peak[0] = 0
 
 
-def install(sweep) -> None:
-    sweep.before_step, sweep.after_point = before_step, after_point
+def install(measure) -> None:
+    measure.before_step, measure.after_point = before_step, after_point
 
 
-class _AfterSweepImport:
-    """A finder that lets jaxscale.sweep load as usual, then installs the seams on it."""
+class _AfterMeasureImport:
+    """A finder that lets jaxscale.measure load as usual, then installs the seams on it."""
 
     def find_spec(self, name, path=None, target=None):
-        if name != "jaxscale.sweep":
+        if name != "jaxscale.measure":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
@@ -75,7 +75,7 @@ class _AfterSweepImport:
 
 
 def install_on_import() -> None:
-    if "jaxscale.sweep" in sys.modules:
-        install(sys.modules["jaxscale.sweep"])
+    if "jaxscale.measure" in sys.modules:
+        install(sys.modules["jaxscale.measure"])
     else:
-        sys.meta_path.insert(0, _AfterSweepImport())
+        sys.meta_path.insert(0, _AfterMeasureImport())
