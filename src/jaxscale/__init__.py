@@ -24,10 +24,10 @@ _EXPORTS = {
     "train_flops": "jaxscale.flops",
     "param_count": "jaxscale.flops",
     "mfu": "jaxscale.flops",
-    "CHIPS": "jaxscale.flops",
-    "DEVICE_KINDS": "jaxscale.flops",
-    "device_peak": "jaxscale.flops",
-    "matmul_math_mode": "jaxscale.flops",
+    "CHIPS": "jaxscale.chips",
+    "DEVICE_KINDS": "jaxscale.chips",
+    "device_peak": "jaxscale.chips",
+    "matmul_math_mode": "jaxscale.chips",
     "attention_call_flops": "jaxscale.flops",
     # the model and its step
     "Transformer": "jaxscale.model",
@@ -103,12 +103,12 @@ if TYPE_CHECKING:
     from jaxscale.analyze import (PowerLawFit, add_memory_column, check_expectation, curvature_test, default_fits,
                                   default_joint_fit, fit_power_law, fit_table, fit_usl, grade, joint_fit,
                                   parse_expectation, plan_vs_measured, predict_table, scaling_efficiency, usl_table)
+    from jaxscale.chips import CHIPS, DEVICE_KINDS, device_peak, matmul_math_mode
     from jaxscale.comms import count_collectives, find_collectives
     from jaxscale.compare import compare
     from jaxscale.config import ModelSpec, Profile, ProfileError, build_profile, load_profile
     from jaxscale.devices import calibrate, mesh_axis_links, resolve_peak, spec_peak
-    from jaxscale.flops import (CHIPS, DEVICE_KINDS, attention_call_flops, device_peak, matmul_math_mode, mfu,
-                                param_count, train_flops)
+    from jaxscale.flops import attention_call_flops, mfu, param_count, train_flops
     from jaxscale.grid import Point, build_grid
     from jaxscale.attention import AttentionChoice
     from jaxscale.attention import choose as choose_attention

@@ -21,7 +21,7 @@ The predicted step time is the per-op roofline of roofline.py, each term a colum
 
 ``predicted_mfu`` is model FLOPs over (predicted step time × chips × peak).
 η_c and η_m are the part's measured practical fractions where jaxscale has
-them (flops.PRACTICAL), else 1; ``run_plan(..., calibrate=RUN_DIR)`` fits them
+them (chips.PRACTICAL), else 1; ``run_plan(..., calibrate=RUN_DIR)`` fits them
 to the measured steps of the same chip instead (``roofline_efficiency`` says which).
 """
 
@@ -38,7 +38,7 @@ from typing import Callable
 import pandas as pd
 
 from jaxscale import devices as devinfo
-from jaxscale import flops, roofline
+from jaxscale import chips, flops, roofline
 from jaxscale.config import Profile, ProfileError
 from jaxscale.grid import Point, build_grid, grid_size
 from jaxscale.records import SCHEMA_VERSION, RowWriter, error_text, read_rows
@@ -166,7 +166,7 @@ def _plan_point(point: Point, profile: Profile, target: Target, efficiency: roof
 def _repredict(row: dict, figures, efficiency: roofline.Efficiency) -> dict:
     """A planned row's predicted columns at other efficiencies (its program's schedule walked again)."""
     peak, bw = row.get("peak_tflops_per_device"), None
-    chip = flops.chip_for_kind(str(row.get("device_kind") or ""))
+    chip = chips.chip_for_kind(str(row.get("device_kind") or ""))
     bw = chip.hbm_gbytes_per_s if chip else None
     if figures is None or not peak or not bw or "predicted_step_time_s" not in figures.columns:
         return row
@@ -285,7 +285,7 @@ def run_plan(profile: Profile, target: Target, report_dir: Path,
             row, figures = _plan_point(point, profile, target, None)
             early[i] = (row, figures)
             r = by_key[row_key]
-            peak, chip = row.get("peak_tflops_per_device"), flops.chip_for_kind(kind)
+            peak, chip = row.get("peak_tflops_per_device"), chips.chip_for_kind(kind)
             if figures is not None and peak and chip:
                 samples.append(roofline.Sample.of_schedule(figures.schedule, peak * 1e12,
                                                            chip.hbm_gbytes_per_s * 1e9, float(r["step_time_s"])))

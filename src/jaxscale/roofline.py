@@ -68,11 +68,11 @@ class Efficiency:
 
 
 def default_efficiency(device_kind: str) -> Efficiency:
-    """The part's measured practical efficiencies (flops.PRACTICAL) where jaxscale has them, else the datasheet's."""
-    from jaxscale import flops
+    """The part's measured practical efficiencies (chips.PRACTICAL) where jaxscale has them, else the datasheet's."""
+    from jaxscale import chips
 
-    chip = flops.chip_for_kind(device_kind)
-    practical = flops.PRACTICAL.get(chip.key) if chip else None
+    chip = chips.chip_for_kind(device_kind)
+    practical = chips.PRACTICAL.get(chip.key) if chip else None
     if practical is None:
         return Efficiency()
     compute, memory, how = practical
