@@ -42,9 +42,9 @@ _EXPORTS = {
     "run_plan": "jaxscale.plan",
     "plan_point": "jaxscale.plan",
     "predict_step": "jaxscale.plan",
-    "loop_corrected_cost": "jaxscale.hlo",
-    "program_stats": "jaxscale.hlo",
-    "ProgramStats": "jaxscale.hlo",
+    "loop_corrected_cost": "jaxscale.hlo_cost",
+    "program_stats": "jaxscale.hlo_cost",
+    "ProgramStats": "jaxscale.hlo_cost",
     "predict_roofline": "jaxscale.roofline:predict",
     "Efficiency": "jaxscale.roofline",
     "fit_efficiency": "jaxscale.roofline",
@@ -112,7 +112,7 @@ if TYPE_CHECKING:
     from jaxscale.grid import Point, build_grid
     from jaxscale.attention import AttentionChoice
     from jaxscale.attention import choose as choose_attention
-    from jaxscale.hlo import ProgramStats, loop_corrected_cost, program_stats
+    from jaxscale.hlo_cost import ProgramStats, loop_corrected_cost, program_stats
     from jaxscale.roofline import Efficiency, fit_efficiency
     from jaxscale.roofline import predict as predict_roofline
     from jaxscale.measure import StepProfile, Timing, profile_step, time_pipelined

@@ -245,7 +245,7 @@ def describe_step(
 ) -> StepProfile:
     """Combine a timing with the program's counts, XLA's memory analysis and the peak table into a StepProfile.
 
-    FLOPs, HBM bytes and kernels come from the optimized HLO (hlo.program_stats),
+    FLOPs, HBM bytes and kernels come from the optimized HLO (hlo_cost.program_stats),
     the predicted terms and ``bound`` from the roofline model of the same program
     (roofline.Schedule), so a measured row can be set beside its prediction.
 
@@ -303,7 +303,7 @@ class ProgramFigures:
     """What the optimized HLO says of one step, as row columns, and the schedule they came from.
 
     Attributes:
-      stats: hlo.ProgramStats of the per-device program.
+      stats: hlo_cost.ProgramStats of the per-device program.
       schedule: its roofline.Schedule (re-predicted by a calibration).
       columns: the row's counting and predicted columns (xla_flops_per_step,
         custom_call_flops_per_step, xla_bytes_accessed_per_device, kernels_per_step,
@@ -325,10 +325,10 @@ def program_figures(hlo_text: str, comm: "CommPrediction", peak_tflops: float | 
     count cannot be trusted (a loop whose trip count cannot be read, a kernel
     whose FLOPs cannot be counted): never a wrong number.
     """
-    from jaxscale import hlo, roofline
+    from jaxscale import hlo, hlo_cost, roofline
 
     module = hlo.parse(hlo_text)
-    stats = hlo.program_stats(module, n_devices)
+    stats = hlo_cost.program_stats(module, n_devices)
     schedule = roofline.Schedule.from_hlo(module, comm.seconds_of)
     efficiency = efficiency or roofline.Efficiency()
     cols: dict = {"xla_flops_per_step": stats.flops * n_devices if stats.flops_trusted else None,
@@ -364,16 +364,16 @@ class HiddenFlops:
 
 
 def hidden_flops(hlo_text: str) -> HiddenFlops:
-    """FLOPs of the fused attention kernels of a per-device HLO module, from their shapes (hlo.program_stats).
+    """FLOPs of the fused attention kernels of a per-device HLO module, from their shapes (hlo_cost.program_stats).
 
-    XLA's cost analysis counts none of them; hlo.loop_corrected_cost leaves them out
+    XLA's cost analysis counts none of them; hlo_cost.loop_corrected_cost leaves them out
     too, so that its FLOPs plus these are the whole step.
     """
-    from jaxscale import hlo
+    from jaxscale import hlo, hlo_cost
 
     module = hlo.parse(hlo_text)
-    stats = hlo.program_stats(module)
-    calls = sum(module.multiplicity.get(k.computation, 0) for items in hlo.kernels(module).values()
+    stats = hlo_cost.program_stats(module)
+    calls = sum(module.multiplicity.get(k.computation, 0) for items in hlo_cost.kernels(module).values()
                 for k in items if k.attention)
     notes = []
     if stats.attention_flops:
