@@ -9,7 +9,7 @@ topology (compiled only: nothing runs there), prints per layer form
   cache off, so every compile is a real one;
 - step_ms: the median of ``--steps`` timed steps after two warm-up steps
   (local device only);
-- kernels: the program's kernel launches per step (hlo.program_stats).
+- kernels: the program's kernel launches per step (hlo_cost.program_stats).
 
 then the 48-layer over the 12-layer compile time of each form. The README's
 layer-form trade-off quotes this table.
@@ -65,9 +65,9 @@ def measure(args, layers: int, scan: bool, devices, run_steps: bool) -> dict:
 
 
 def _kernels(text: str) -> int:
-    from jaxscale import hlo
+    from jaxscale import hlo_cost
 
-    return hlo.program_stats(text).kernels
+    return hlo_cost.program_stats(text).kernels
 
 
 def main() -> None:

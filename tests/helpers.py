@@ -61,3 +61,53 @@ def step_grid(model=TINY_MODEL, devices=(1, 2, 4, 8), strategies=("dp", "fsdp", 
                              "batch": {"global_batch": batch},
                              "mesh": {"devices": list(devices), "strategies": list(strategies), "model_axis": 2}})
     return profile, build_grid(profile, 8)[0]
+
+
+GEMM_CONFIG = ('backend_config={"gemm_backend_config":{"alpha_real":1,"beta":0,"dot_dimension_numbers":'
+               '{"lhs_batch_dimensions":[],"lhs_contracting_dimensions":["%s"],"rhs_batch_dimensions":[],'
+               '"rhs_contracting_dimensions":["0"]},"epilogue":"DEFAULT"}}')
+
+# A cuBLASLt gemm in a 3-trip loop, a Triton gemm fusion, a Pallas kernel with its cost estimate, a
+# transcendental and an elementwise op: FLOPs by hand below.
+KERNELS = f"""
+HloModule m, is_scheduled=true
+
+%triton_gemm (p0: bf16[64,32], p1: bf16[32,16]) -> bf16[64,16] {{
+  %p0 = bf16[64,32]{{1,0}} parameter(0)
+  %p1 = bf16[32,16]{{1,0}} parameter(1)
+  ROOT %d = bf16[64,16]{{1,0}} dot(%p0, %p1), lhs_contracting_dims={{1}}, rhs_contracting_dims={{0}}
+}}
+
+%body (p: (s32[], bf16[64,32])) -> (s32[], bf16[64,32]) {{
+  %p = (s32[], bf16[64,32]{{1,0}}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = bf16[64,32]{{1,0}} get-tuple-element(%p), index=1
+  %w = bf16[32,32]{{1,0}} constant({{...}})
+  %g = (bf16[64,32]{{1,0}}, s8[4194304]{{0}}) custom-call(%x, %w), custom_call_target="__cublas$lt$matmul", {GEMM_CONFIG % 1}
+  %y = bf16[64,32]{{1,0}} get-tuple-element(%g), index=0
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], bf16[64,32]{{1,0}}) tuple(%next, %y)
+}}
+
+%cond (p: (s32[], bf16[64,32])) -> pred[] {{
+  %p = (s32[], bf16[64,32]{{1,0}}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}}
+
+ENTRY %main (a: bf16[64,32], b: bf16[32,16]) -> bf16[64,16] {{
+  %a = bf16[64,32]{{1,0}} parameter(0)
+  %b = bf16[32,16]{{1,0}} parameter(1)
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[64,32]{{1,0}}) tuple(%zero, %a)
+  %w = (s32[], bf16[64,32]{{1,0}}) while(%init), condition=%cond, body=%body, backend_config={{"known_trip_count":{{"n":"3"}}}}
+  %x = bf16[64,32]{{1,0}} get-tuple-element(%w), index=1
+  %e = bf16[64,32]{{1,0}} exponential(%x)
+  %m = bf16[64,32]{{1,0}} multiply(%e, %x)
+  %f = bf16[64,16]{{1,0}} fusion(%m, %b), kind=kCustom, calls=%triton_gemm, backend_config={{"fusion_backend_config":{{"kind":"__triton_gemm"}}}}
+  %k = bf16[64,16]{{1,0}} custom-call(%f), custom_call_target="tpu_custom_call", backend_config={{"custom_call_config": {{"body": "TUzvUg", "cost_estimate": {{"flops": 5000, "transcendentals": 0, "bytes_accessed": 4096}}}}}}
+  ROOT %r = bf16[64,16]{{1,0}} bitcast(%k)
+}}
+"""

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxscale.comms import HloModule, collective_axes, count_collectives, replica_groups
+from jaxscale.comms import collective_axes, count_collectives, replica_groups
 from jaxscale.config import build_profile
 from jaxscale.grid import build_grid
+from jaxscale.hlo import HloModule
 from jaxscale.step import compile_point
 
 HLO = """

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from jaxscale import flops
+from jaxscale import chips
 from jaxscale.devices import CALIBRATION_VERSION, axis_crossings, mesh_axis_links, spec_peak
 from jaxscale.prediction import predict_comm
 
@@ -32,7 +32,7 @@ def test_axis_crossings_of_host_grids():
 
 def test_gpu_cluster_data_axis_crosses_hosts_model_axis_stays_on_nvlink():
     """4 hosts x 8 H100s, one process per host, mesh (data=4, model=8) as the gpu-cluster profile lays it out."""
-    chip = flops.chip_for_kind("NVIDIA H100 80GB HBM3")
+    chip = chips.chip_for_kind("NVIDIA H100 80GB HBM3")
     links = mesh_axis_links(_grid((4, 8), lambda i: i // 8), ("data", "model"), "gpu", chip.local_link,
                             chip.remote_link)
     assert links["data"].crosses == "hosts" and links["data"].link.name == "InfiniBand NDR"
@@ -46,7 +46,7 @@ def test_gpu_cluster_data_axis_crosses_hosts_model_axis_stays_on_nvlink():
 
 
 def test_tpu_hosts_of_one_slice_share_ici_and_slices_meet_over_dcn():
-    chip = flops.chip_for_kind("TPU v5 lite")
+    chip = chips.chip_for_kind("TPU v5 lite")
     one_slice = mesh_axis_links(_grid((4, 8), lambda i: i // 8, platform="tpu"), ("data", "model"), "tpu",
                                 chip.local_link, chip.remote_link)
     assert one_slice["data"].crosses == "none" and one_slice["data"].link.name == "ICI"
@@ -64,11 +64,11 @@ def test_a_real_tpu_topology_spans_hosts_inside_one_slice():
     devices = topologies.get_topology_desc(topology_name="v5e:4x4", platform="tpu").devices
     assert {d.device_kind for d in devices} == {"TPU v5 lite"} and len({d.process_index for d in devices}) == 4
     grid = np.array(sorted(devices, key=lambda d: (d.process_index, d.id))).reshape(4, 4)
-    chip = flops.chip_for_kind(devices[0].device_kind)
+    chip = chips.chip_for_kind(devices[0].device_kind)
     links = mesh_axis_links(grid, ("data", "model"), "tpu", chip.local_link, chip.remote_link)
     assert links["data"].crosses == links["model"].crosses == "none"
     v5p = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices
-    assert flops.chip_for_kind(v5p[0].device_kind).key == "tpu-v5p"  # libtpu reports "TPU v5"
+    assert chips.chip_for_kind(v5p[0].device_kind).key == "tpu-v5p"  # libtpu reports "TPU v5"
 
 
 # An all-reduce over the data axis of a (data=2, model=4) mesh and an all-gather over its model axis.
@@ -82,7 +82,7 @@ ENTRY %main (a: f32[1024,256]) -> f32[1024,256] {
 
 
 def test_each_axis_is_predicted_over_its_own_link():
-    chip = flops.chip_for_kind("NVIDIA H100 80GB HBM3")
+    chip = chips.chip_for_kind("NVIDIA H100 80GB HBM3")
     mesh = SimpleNamespace(devices=_grid((2, 4), lambda i: i // 4), axis_names=("data", "model"))
     peak = spec_peak("NVIDIA H100 80GB HBM3", "gpu", "bfloat16")
     p = predict_comm(HLO, mesh, peak)
@@ -181,12 +181,12 @@ def test_a_mesh_axis_gets_two_ici_ports_of_the_chip(kind, bidirectional_gbytes_p
     """Cloud TPU pages give each chip's ICI both ways over all its ports; a ring along one torus dimension
     sends over 2 ports, one way each."""
     per_port_one_way = bidirectional_gbytes_per_s / 2 / ports
-    assert flops.chip_for_kind(kind).local_link.gbytes_per_s == pytest.approx(2 * per_port_one_way)
+    assert chips.chip_for_kind(kind).local_link.gbytes_per_s == pytest.approx(2 * per_port_one_way)
 
 
 def test_dcn_per_chip_from_the_pod_figures():
-    assert flops.chip_for_kind("TPU v6 lite").remote_link.gbytes_per_s == pytest.approx(25.6e12 / 8 / 256 / 1e9)
-    assert flops.chip_for_kind("TPU v5").remote_link.gbytes_per_s == pytest.approx(50e9 / 8 / 1e9)  # 50 Gbps/chip
+    assert chips.chip_for_kind("TPU v6 lite").remote_link.gbytes_per_s == pytest.approx(25.6e12 / 8 / 256 / 1e9)
+    assert chips.chip_for_kind("TPU v5").remote_link.gbytes_per_s == pytest.approx(50e9 / 8 / 1e9)  # 50 Gbps/chip
 
 
 def test_an_ici_axis_gets_each_torus_dimension_it_spans_and_wraparound_where_the_slice_has_it():
@@ -195,7 +195,7 @@ def test_an_ici_axis_gets_each_torus_dimension_it_spans_and_wraparound_where_the
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
-    chip = flops.chip_for_kind("TPU v5 lite")
+    chip = chips.chip_for_kind("TPU v5 lite")
     ici = chip.local_link.gbytes_per_s
 
     def axis_links(topology, shape):
@@ -214,7 +214,7 @@ def test_an_ici_axis_gets_each_torus_dimension_it_spans_and_wraparound_where_the
     assert rows["model"].label == "ICI (1 torus dim, wraparound)"
     part = axis_links("v5e:16x16", (64, 4))["model"]  # 4 chips of a 16-chip edge: a line, no ring
     assert part.gbytes_per_s == ici / 2 and part.label == "ICI (1 torus dim, no wraparound)"
-    v5p = flops.chip_for_kind("TPU v5")
+    v5p = chips.chip_for_kind("TPU v5")
     devices = topologies.get_topology_desc(topology_name="v5p:4x4x4", platform="tpu").devices
     grid = np.array(sorted(devices, key=lambda d: (tuple(d.coords), d.core_on_chip))).reshape(-1, 1)
     cube = mesh_axis_links(grid, ("data", "model"), "tpu", v5p.local_link, v5p.remote_link, (4, 4, 4))["data"]

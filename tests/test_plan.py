@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from helpers import jaxscale, sets
-from jaxscale import flops, roofline, targets
+from jaxscale import chips, flops, roofline, targets
 from jaxscale.config import ProfileError, build_profile
 from jaxscale.grid import build_grid
 from jaxscale.measure import plan_point
@@ -93,7 +93,7 @@ def test_prediction_is_the_stated_model_and_matches_the_ring_formula(planned):
     # dp: one all-reduce of the gradients; a ring moves 2(n-1)/n of it through each chip over ICI. v5e:2x2 has
     # no wraparound: the data axis spans both torus dimensions, half a ring's bandwidth each
     r = planned[("dp", 4, "none")]
-    ici = flops.device_peak("TPU v5 lite", "bf16").local_link.gbytes_per_s
+    ici = chips.device_peak("TPU v5 lite", "bf16").local_link.gbytes_per_s
     assert r["comm_link_data"] == "ICI (2 torus dims, no wraparound)" and r["comm_link_data_gbytes_per_s"] == ici
     assert r["predicted_comm_s"] == pytest.approx(2 * 3 / 4 * r["all_reduce_bytes"] / (ici * 1e9), rel=0.01)
     for (strategy, n, remat), r in planned.items():
@@ -244,7 +244,7 @@ def test_gpu_h200_plans_count_the_flops_the_measured_steps_did(h200_plan):
 @GPU
 def test_gpu_h200_plans_against_the_measured_steps(h200_plan):
     """Measured on one H200 (tests/data/h200-gpu-1x-cudnn): the plan with the H200's measured practical
-    efficiencies (flops.PRACTICAL: GEMM microbenchmarks and a streaming op, not these steps) within 10% of
+    efficiencies (chips.PRACTICAL: GEMM microbenchmarks and a streaming op, not these steps) within 10% of
     each step; the datasheet roofline (η = 1) 23-28% short of each; calibrated on any one size, the other
     three within 10%."""
     planned, measured = h200_plan

@@ -2,7 +2,7 @@
 
 Both steps are compiled for a target the machine does not have (a v5e:2x2 TPU
 slice with libtpu; one H100 with XLA's GPU compiler, in the GPU-planning test
-command) and their optimized HLO is read by hlo.program_stats: kernels launched
+command) and their optimized HLO is read by hlo_cost.program_stats: kernels launched
 and HBM bytes moved per step. jaxscale's may exceed the plain step's by at most
 5% on either. The plain step (plain_step.py) is written without jaxscale's
 code: same architecture, unrolled layers, the kernel the target's attention
@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxscale import hlo, targets
+from jaxscale import hlo_cost, targets
 from jaxscale.config import build_profile
 from jaxscale.grid import build_grid
 from jaxscale.step import build_step, compile_step
@@ -33,7 +33,7 @@ def _ours(model: dict, batch: int, devices, scan: bool):
                              "mesh": {"devices": [len(devices)], "strategies": ["dp"]}})
     point = build_grid(profile, len(devices), 1)[0][0]
     program, _, _, _, _, text = compile_step(build_step(point, profile.run, devices), profile.run)
-    return program.attention.impl, hlo.program_stats(text, len(devices))
+    return program.attention.impl, hlo_cost.program_stats(text, len(devices))
 
 
 def _plain(model: dict, batch: int, devices, attention: str):
@@ -46,7 +46,7 @@ def _plain(model: dict, batch: int, devices, attention: str):
     tokens = jax.ShapeDtypeStruct((batch, model["seq_len"] + 1), jnp.int32, sharding=split)
     with targets.deviceless_cudnn(devices):
         lowered = step.step.lower(*placed, tokens)
-    return hlo.program_stats(lowered.compile().as_text(), len(devices))
+    return hlo_cost.program_stats(lowered.compile().as_text(), len(devices))
 
 
 def _within(ours, plain) -> bool:

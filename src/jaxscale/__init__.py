@@ -24,10 +24,10 @@ _EXPORTS = {
     "train_flops": "jaxscale.flops",
     "param_count": "jaxscale.flops",
     "mfu": "jaxscale.flops",
-    "CHIPS": "jaxscale.flops",
-    "DEVICE_KINDS": "jaxscale.flops",
-    "device_peak": "jaxscale.flops",
-    "matmul_math_mode": "jaxscale.flops",
+    "CHIPS": "jaxscale.chips",
+    "DEVICE_KINDS": "jaxscale.chips",
+    "device_peak": "jaxscale.chips",
+    "matmul_math_mode": "jaxscale.chips",
     "attention_call_flops": "jaxscale.flops",
     # the model and its step
     "Transformer": "jaxscale.model",
@@ -42,9 +42,9 @@ _EXPORTS = {
     "run_plan": "jaxscale.plan",
     "plan_point": "jaxscale.measure",
     "predict_step": "jaxscale.prediction",
-    "loop_corrected_cost": "jaxscale.hlo",
-    "program_stats": "jaxscale.hlo",
-    "ProgramStats": "jaxscale.hlo",
+    "loop_corrected_cost": "jaxscale.hlo_cost",
+    "program_stats": "jaxscale.hlo_cost",
+    "ProgramStats": "jaxscale.hlo_cost",
     "predict_roofline": "jaxscale.roofline:predict",
     "Efficiency": "jaxscale.roofline",
     "fit_efficiency": "jaxscale.roofline",
@@ -103,16 +103,16 @@ if TYPE_CHECKING:
     from jaxscale.analyze import (PowerLawFit, add_memory_column, check_expectation, curvature_test, default_fits,
                                   default_joint_fit, fit_power_law, fit_table, fit_usl, grade, joint_fit,
                                   parse_expectation, plan_vs_measured, predict_table, scaling_efficiency, usl_table)
+    from jaxscale.chips import CHIPS, DEVICE_KINDS, device_peak, matmul_math_mode
     from jaxscale.comms import count_collectives, find_collectives
     from jaxscale.compare import compare
     from jaxscale.config import ModelSpec, Profile, ProfileError, build_profile, load_profile
     from jaxscale.devices import calibrate, mesh_axis_links, resolve_peak, spec_peak
-    from jaxscale.flops import (CHIPS, DEVICE_KINDS, attention_call_flops, device_peak, matmul_math_mode, mfu,
-                                param_count, train_flops)
+    from jaxscale.flops import attention_call_flops, mfu, param_count, train_flops
     from jaxscale.grid import Point, build_grid
     from jaxscale.attention import AttentionChoice
     from jaxscale.attention import choose as choose_attention
-    from jaxscale.hlo import ProgramStats, loop_corrected_cost, program_stats
+    from jaxscale.hlo_cost import ProgramStats, loop_corrected_cost, program_stats
     from jaxscale.roofline import Efficiency, fit_efficiency
     from jaxscale.roofline import predict as predict_roofline
     from jaxscale.measure import StepProfile, plan_point, profile_step

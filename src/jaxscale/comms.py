@@ -45,8 +45,7 @@ import re
 
 import numpy as np
 
-from jaxscale.hlo import (  # noqa: F401  (the parser lives in hlo.py; re-exported for callers of comms)
-    AttentionCall, HloModule, Instruction, attention_calls, backend_config, parse, shape_bytes)
+from jaxscale.hlo import HloModule, Instruction, parse, shape_bytes
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _OPCODE_KIND = {**{k: k for k in KINDS}, **{f"{k}-start": k for k in KINDS}, "ragged-all-to-all": "all-to-all"}

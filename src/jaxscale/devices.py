@@ -1,8 +1,8 @@
 """What the devices are, what peak they are measured against, and which link each mesh axis uses.
 
-The peak per device comes from the spec table in flops.py when the device kind
+The peak per device comes from the spec table in chips.py when the device kind
 is known (peak_source ``spec``), for the math mode the run's matmuls execute in
-(flops.matmul_math_mode), otherwise from a calibration measured here on this
+(chips.matmul_math_mode), otherwise from a calibration measured here on this
 machine and cached (peak_source ``measured``). An unknown kind is never given a
 neighbour's figure. The CPU is always calibrated: its "peak" depends on the
 host and on how many virtual devices share its cores.
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxscale import flops
+from jaxscale import chips
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,7 @@ class PeakInfo:
         each, whatever n is, so the per-device figures are ``for_devices(n)``.
       note: why tflops is None, else "".
       local_link, remote_link: links inside and across hosts (GPU) or slices
-        (TPU), see flops.Chip; None where unknown.
+        (TPU), see chips.Chip; None where unknown.
       platform: ``gpu``, ``tpu`` or ``cpu``.
     """
 
@@ -66,8 +66,8 @@ class PeakInfo:
     shared_host: bool = False
     precision: str = ""
     note: str = ""
-    local_link: flops.Link | None = None
-    remote_link: flops.Link | None = None
+    local_link: chips.Link | None = None
+    remote_link: chips.Link | None = None
     platform: str = ""
 
     def __post_init__(self):
@@ -75,7 +75,7 @@ class PeakInfo:
         for name in ("local_link", "remote_link"):
             value = getattr(self, name)
             if isinstance(value, dict):
-                object.__setattr__(self, name, flops.Link(**value))
+                object.__setattr__(self, name, chips.Link(**value))
 
     def for_devices(self, n: int) -> tuple[float | None, float | None]:
         """(peak TFLOP/s, memory GB/s) per device for a mesh of n devices."""
@@ -117,19 +117,19 @@ def spec_peak(device_kind: str, platform: str, dtype: str, precision: str | None
       entry. A known kind whose datasheet has no peak for the math mode the
       matmuls run in gets tflops None and a note: never another mode's figure.
     """
-    chip = flops.chip_for_kind(device_kind)
+    chip = chips.chip_for_kind(device_kind)
     if chip is None:
         return None
-    mode, how = flops.matmul_math_mode(platform, dtype, precision)
-    peak = flops.device_peak(device_kind, mode) if mode else None
+    mode, how = chips.matmul_math_mode(platform, dtype, precision)
+    peak = chips.device_peak(device_kind, mode) if mode else None
     note = ""
     if peak is None:
         note = (f"{chip.name}: {how}; " if mode is None else
                 f"{chip.name}: {how}, and the datasheet gives no {mode} peak; ") + "MFU and HFU left empty"
-    def split(link: flops.Link) -> flops.Link:
+    def split(link: chips.Link) -> chips.Link:
         if per_chip == 1 or link.gbytes_per_s is None:
             return link
-        return flops.Link(link.name, link.gbytes_per_s / per_chip, f"{link.source}; shared by {per_chip} cores")
+        return chips.Link(link.name, link.gbytes_per_s / per_chip, f"{link.source}; shared by {per_chip} cores")
 
     local, remote = split(chip.local_link), split(chip.remote_link)
     memory = memory_bytes or (int(chip.memory_gbytes * 1e9 / per_chip) if chip.memory_gbytes else None)
@@ -159,7 +159,7 @@ class AxisLink:
 
     axis: str
     crosses: str
-    link: flops.Link | None
+    link: chips.Link | None
     factor: float = 1.0
     rings: str = ""
 
@@ -194,7 +194,7 @@ def ici_wraparound(device_kind: str, torus: tuple[int, ...]) -> tuple[bool, ...]
 def tpu_axis_rings(group, torus: tuple[int, ...], wrap: tuple[bool, ...]) -> tuple[float, str]:
     """(bandwidth factor, description) of a mesh axis whose devices (one group along it) lie on a TPU torus.
 
-    The chip's ICI figure (flops.Chip.local_link) is a ring along one torus dimension
+    The chip's ICI figure (chips.Chip.local_link) is a ring along one torus dimension
     with its wraparound: both of the chip's ports on that dimension, one way each. A
     dimension the group spans whole and that has a wraparound adds 1; one without
     (a line, or part of a dimension) adds ½, since data from the ends must cross
@@ -237,8 +237,8 @@ def axis_crossings(host_of: np.ndarray) -> list[bool]:
     return out
 
 
-def mesh_axis_links(devices: np.ndarray, axis_names, platform: str, local_link: flops.Link | None,
-                    remote_link: flops.Link | None, torus: tuple[int, ...] | None = None) -> dict[str, AxisLink]:
+def mesh_axis_links(devices: np.ndarray, axis_names, platform: str, local_link: chips.Link | None,
+                    remote_link: chips.Link | None, torus: tuple[int, ...] | None = None) -> dict[str, AxisLink]:
     """The link each mesh axis uses, from where its devices sit.
 
     On a TPU, ICI joins every chip of a slice, hosts included, so only an
@@ -366,7 +366,7 @@ def resolve_peak(dtype: str, measure_if_missing: bool = True) -> PeakInfo:
     """The peak for this runtime's devices: the spec table, else a cached or fresh calibration.
 
     The spec peak is the one of the math mode the run's matmuls execute in
-    (flops.matmul_math_mode, with the jax_default_matmul_precision in effect).
+    (chips.matmul_math_mode, with the jax_default_matmul_precision in effect).
     """
     device = jax.local_devices()[0]
     kind = device.device_kind
@@ -383,7 +383,7 @@ def resolve_peak(dtype: str, measure_if_missing: bool = True) -> PeakInfo:
             raise LookupError(f"no spec peak for device kind {kind!r} and no calibration; run `jaxscale calibrate`")
         cached = calibrate(dtype)
     measured_link = cached.get("interconnect_gbytes_per_s")
-    local = flops.Link("measured all-reduce (jaxscale calibrate)", measured_link,
+    local = chips.Link("measured all-reduce (jaxscale calibrate)", measured_link,
                        "jaxscale calibrate: all-reduce over the local devices") if measured_link else None
     return PeakInfo(tflops=cached["tflops"], dtype=dtype, source="measured",
                     reference=f"jaxscale calibrate, {cached['size']}^3 {dtype} matmul on {cached['n_local_devices']} "

@@ -191,7 +191,9 @@ def _run_compiled(compiled: CompiledStep, run, point: Point, peak, model_flops: 
         out["xla_over_model_flops"], note = flops_ratio(point, step["xla_flops_per_step"],
                                                         step["custom_call_flops_per_step"])
         out["flops_note"] = "; ".join(filter(None, [step["flops_note"], note])) or None
-    del state, batches, params, opt_state
+    state.clear()  # the donated buffers go before the next point allocates its own
+    batches.clear()
+    del params, opt_state
     return out
 
 
@@ -298,7 +300,7 @@ def describe_step(
 ) -> StepProfile:
     """Combine a timing with the program's counts, XLA's memory analysis and the peak table into a StepProfile.
 
-    FLOPs, HBM bytes and kernels come from the optimized HLO (hlo.program_stats),
+    FLOPs, HBM bytes and kernels come from the optimized HLO (hlo_cost.program_stats),
     the predicted terms and ``bound`` from the roofline model of the same program
     (roofline.Schedule), so a measured row can be set beside its prediction.
 

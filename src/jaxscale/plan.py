@@ -21,7 +21,7 @@ The predicted step time is the per-op roofline of roofline.py, each term a colum
 
 ``predicted_mfu`` is model FLOPs over (predicted step time × chips × peak).
 η_c and η_m are the part's measured practical fractions where jaxscale has
-them (flops.PRACTICAL), else 1; ``run_plan(..., calibrate=RUN_DIR)`` fits them
+them (chips.PRACTICAL), else 1; ``run_plan(..., calibrate=RUN_DIR)`` fits them
 to the measured steps of the same chip instead (``roofline_efficiency`` says which).
 """
 
@@ -37,7 +37,7 @@ from typing import Callable
 
 import pandas as pd
 
-from jaxscale import flops, roofline
+from jaxscale import chips, roofline
 from jaxscale.config import Profile, ProfileError, build_profile
 from jaxscale.grid import Point, build_grid, grid_size
 from jaxscale.records import SCHEMA_VERSION, append_rows, point_key, read_rows
@@ -48,7 +48,7 @@ from jaxscale.targets import Target, TargetError, cuda_plugin_version, slice_dev
 def _repredict(row: dict, figures, efficiency: roofline.Efficiency) -> dict:
     """A planned row's predicted columns at other efficiencies (its program's schedule walked again)."""
     peak, bw = row.get("peak_tflops_per_device"), None
-    chip = flops.chip_for_kind(str(row.get("device_kind") or ""))
+    chip = chips.chip_for_kind(str(row.get("device_kind") or ""))
     bw = chip.hbm_gbytes_per_s if chip else None
     if figures is None or not peak or not bw or "predicted_step_time_s" not in figures.columns:
         return row
@@ -147,7 +147,7 @@ def run_plan(profile: Profile, target: Target, report_dir: Path,
             if on_point:
                 on_point(point, i, len(points))
             early[i] = runtime.measure(point, i, None)
-            peak, chip = early[i].get("peak_tflops_per_device"), flops.chip_for_kind(kind)
+            peak, chip = early[i].get("peak_tflops_per_device"), chips.chip_for_kind(kind)
             figures = runtime.figures[i]
             if figures is not None and peak and chip:
                 samples.append(roofline.Sample.of_schedule(figures.schedule, peak * 1e12,

@@ -3,7 +3,7 @@
 - ``predict_comm``: the step's collectives and their time over the link of
   each mesh axis they span (devices.mesh_axis_links).
 - ``program_figures``: the HLO's FLOPs, HBM bytes and kernels
-  (hlo.program_stats), and the roofline terms of its schedule (roofline.py).
+  (hlo_cost.program_stats), and the roofline terms of its schedule (roofline.py).
 - ``hidden_flops``: FLOPs of fused attention kernels (cuDNN, Pallas) that
   XLA's cost analysis does not count.
 - ``predict_step``: the headline terms of a schedule on a chip.
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxscale import hlo, roofline
+from jaxscale import hlo, hlo_cost, roofline
 from jaxscale.comms import collective_axes, count_collectives
 from jaxscale.devices import mesh_axis_links
 
@@ -61,7 +61,7 @@ class ProgramFigures:
     """What the optimized HLO says of one step, as row columns, and the schedule they came from.
 
     Attributes:
-      stats: hlo.ProgramStats of the per-device program.
+      stats: hlo_cost.ProgramStats of the per-device program.
       schedule: its roofline.Schedule (re-predicted by a calibration).
       columns: the row's counting and predicted columns (xla_flops_per_step,
         custom_call_flops_per_step, xla_bytes_accessed_per_device, kernels_per_step,
@@ -84,7 +84,7 @@ def program_figures(hlo_text: str, comm: CommPrediction, peak_tflops: float | No
     whose FLOPs cannot be counted): never a wrong number.
     """
     module = hlo.parse(hlo_text)
-    stats = hlo.program_stats(module, n_devices)
+    stats = hlo_cost.program_stats(module, n_devices)
     schedule = roofline.Schedule.from_hlo(module, comm.seconds_of)
     efficiency = efficiency or roofline.Efficiency()
     cols: dict = {"xla_flops_per_step": stats.flops * n_devices if stats.flops_trusted else None,
@@ -120,14 +120,14 @@ class HiddenFlops:
 
 
 def hidden_flops(hlo_text: str) -> HiddenFlops:
-    """FLOPs of the fused attention kernels of a per-device HLO module, from their shapes (hlo.program_stats).
+    """FLOPs of the fused attention kernels of a per-device HLO module, from their shapes (hlo_cost.program_stats).
 
-    XLA's cost analysis counts none of them; hlo.loop_corrected_cost leaves them out
+    XLA's cost analysis counts none of them; hlo_cost.loop_corrected_cost leaves them out
     too, so that its FLOPs plus these are the whole step.
     """
     module = hlo.parse(hlo_text)
-    stats = hlo.program_stats(module)
-    calls = sum(module.multiplicity.get(k.computation, 0) for items in hlo.kernels(module).values()
+    stats = hlo_cost.program_stats(module)
+    calls = sum(module.multiplicity.get(k.computation, 0) for items in hlo_cost.kernels(module).values()
                 for k in items if k.attention)
     notes = []
     if stats.attention_flops:

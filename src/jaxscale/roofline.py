@@ -1,6 +1,6 @@
 """A step's predicted time from its scheduled kernels: a per-op roofline plus exposed communication.
 
-Each kernel of the optimized HLO (hlo.kernels, in schedule order, loop bodies
+Each kernel of the optimized HLO (hlo_cost.kernels, in schedule order, loop bodies
 weighted by their trips) takes
 
     t_i = max(flops_i / (η_c · peak FLOP/s), hbm_bytes_i / (η_m · HBM bandwidth))
@@ -42,7 +42,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxscale import hlo
+from jaxscale import hlo, hlo_cost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +68,11 @@ class Efficiency:
 
 
 def default_efficiency(device_kind: str) -> Efficiency:
-    """The part's measured practical efficiencies (flops.PRACTICAL) where jaxscale has them, else the datasheet's."""
-    from jaxscale import flops
+    """The part's measured practical efficiencies (chips.PRACTICAL) where jaxscale has them, else the datasheet's."""
+    from jaxscale import chips
 
-    chip = flops.chip_for_kind(device_kind)
-    practical = flops.PRACTICAL.get(chip.key) if chip else None
+    chip = chips.chip_for_kind(device_kind)
+    practical = chips.PRACTICAL.get(chip.key) if chip else None
     if practical is None:
         return Efficiency()
     compute, memory, how = practical
@@ -175,7 +175,7 @@ class Schedule:
             one); None: collectives take no time.
         """
         module = hlo.parse(hlo_text)
-        per_comp = hlo.kernels(module)
+        per_comp = hlo_cost.kernels(module)
         out, launches = {}, 0
         for comp, items in per_comp.items():
             insts = module.computations[comp]
@@ -288,7 +288,7 @@ def predict(hlo_text: str | hlo.HloModule, peak_flops: float, hbm_bytes_per_s: f
 
 def _branches(inst: hlo.Instruction) -> list[str]:
     out = []
-    for attr, value in hlo._CALL_ATTRS.findall(inst.attrs):
+    for attr, value in hlo.CALL_ATTRS.findall(inst.attrs):
         if attr in ("true_computation", "false_computation", "branch_computations", "to_apply"):
             out += re.findall(r"[\w.\-]+", value.replace("%", " "))
     return out

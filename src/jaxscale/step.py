@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxscale import attention as attn
-from jaxscale import hlo, targets
+from jaxscale import hlo_cost, targets
 from jaxscale import sharding as shd
 from jaxscale.config import RunSpec
 from jaxscale.grid import Point
@@ -279,7 +279,7 @@ def compile_program(program: StepProgram):
     """Lower and compile a StepProgram: (compiled, compile_s, cost dict, memory stats or None, HLO text).
 
     The cost dict is XLA's cost analysis with ``flops`` and ``bytes accessed``
-    counting every trip of the scanned layers (hlo.loop_corrected_cost); XLA's
+    counting every trip of the scanned layers (hlo_cost.loop_corrected_cost); XLA's
     own figures, which count a loop body once, are kept as ``xla_flops_one_trip``
     and ``xla_bytes_accessed_one_trip``.
     """
@@ -315,8 +315,8 @@ def compile_step(program: StepProgram, run: RunSpec):
 
 
 def corrected_cost(cost: dict, hlo_text: str) -> dict:
-    """XLA's cost dict with loop trips counted (see hlo.py); XLA's own figures kept beside."""
-    flops, bytes_, correction = hlo.loop_corrected_cost(cost, hlo_text)
+    """XLA's cost dict with loop trips counted (see hlo_cost.py); XLA's own figures kept beside."""
+    flops, bytes_, correction = hlo_cost.loop_corrected_cost(cost, hlo_text)
     out = dict(cost)
     if correction.loops or "flops" not in cost:
         out["xla_flops_one_trip"] = cost.get("flops")
@@ -350,7 +350,6 @@ def compile_point(point: Point, run: RunSpec, devices=None) -> CompiledStep:
     def batch_fn(step_index: int) -> jax.Array:
         return place(tokens[step_index % len(tokens)], program.batch_sharding)
 
-    init_state = program.initializer
     state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(program.abstract_args[:2]))
     if state_bytes <= HOST_INIT_MAX_BYTES:
         shardings = program.state_shardings
@@ -359,6 +358,8 @@ def compile_point(point: Point, run: RunSpec, devices=None) -> CompiledStep:
             host = layer_form(_host_params(spec, run.seed), run.scan_layers)
             params = jax.tree.map(place, host, shardings[0])
             return params, jax.jit(optimizer().init, out_shardings=shardings[1])(params)
+    else:
+        init_state = program.initializer
 
     return CompiledStep(
         point=point, mesh=program.mesh, compiled=compiled, init_state=init_state, make_batch=batch_fn,
