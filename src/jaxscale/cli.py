@@ -7,9 +7,11 @@ Exit codes: 0 all points ok, 1 some points failed (listed), 2 bad input (a profi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 HOST_DEVICES = 8
@@ -55,65 +57,14 @@ def _note(message: str) -> None:
     print(f"jaxscale: note: {message}", file=sys.stderr)
 
 
-def _read_recorded(path: Path):
-    """The rows of a runs.csv, its reader's warnings as one line each; None where there is no file."""
-    import warnings
-
-    from jaxscale.records import read_rows
-
-    if not path.is_file():
-        return None
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """The library's warnings (a torn last line, a malformed row) as one line each, every time."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rows = read_rows(path)
+        yield
     for w in caught:
         print(f"jaxscale: warning: {w.message}", file=sys.stderr)
-    return rows
-
-
-def _profile_to_run(args, dist):
-    """The profile a `jaxscale run` runs, and the rows already recorded (on --resume, else None).
-
-    On --resume the folder's profile.toml is the sweep; a PROFILE or --set given
-    too must define the same sweep. Without a profile.toml (a host of several
-    that lacks the folder, or a folder from an older version) the PROFILE is
-    required and the folder's rows must be its own.
-    """
-    from jaxscale.config import ProfileError, load_profile, profile_difference
-    from jaxscale.records import check_not_in_use
-
-    if not args.resume:
-        return load_profile(args.profile or "smoke", args.set or []), None
-    folder = Path(args.resume)
-    if folder.exists() and not folder.is_dir():
-        raise ProfileError(f"--resume {folder}: a file, not a report folder; give the folder `jaxscale run` wrote")
-    if not dist.wanted:  # (several hosts: process 0 takes the folder once it knows it is process 0)
-        check_not_in_use(folder)  # a run still writing it is the reason, whatever the folder holds yet
-    saved = folder / "profile.toml"
-    recorded = _read_recorded(folder / "runs.csv")
-    if saved.is_file():
-        profile = load_profile(str(saved))
-        if args.profile or args.set:
-            given = load_profile(args.profile or str(saved), args.set or [])
-            difference = profile_difference(profile, given)
-            if difference:
-                what = " ".join(filter(None, [args.profile, *[f"--set {s}" for s in args.set or []]]))
-                raise ProfileError(f"--resume {folder}: {what} is not the sweep recorded there ({difference}); "
-                                   "resume with --resume alone to continue it, or start a new run without --resume")
-        return profile, recorded
-    if not args.profile:
-        raise ProfileError(f"--resume {folder}: no profile.toml there; give a report folder written by "
-                           "`jaxscale run` (on hosts without that folder, also give the PROFILE and --set options "
-                           "of the original run)")
-    if not folder.exists() and not dist.wanted:
-        raise ProfileError(f"--resume {folder}: no such folder")
-    profile = load_profile(args.profile, args.set or [])
-    if recorded is not None and len(recorded) and "profile" in recorded.columns:
-        others = sorted(set(recorded["profile"].dropna().astype(str)) - {profile.run.name})
-        if others:
-            raise ProfileError(f"--resume {folder}: its runs.csv holds rows of profile {others[0]!r}, not of "
-                               f"{profile.run.name!r} ({profile.source}); give the profile that recorded them")
-    return profile, recorded
 
 
 def _claim_report(args, profile, recorded):
@@ -123,42 +74,6 @@ def _claim_report(args, profile, recorded):
     if args.resume:
         return ReportDir.reopen(args.resume, recorded)
     return ReportDir.for_run(profile.run.name, args.out)
-
-
-def _check_recorded_points(args, profile, points, recorded) -> None:
-    """Without a profile.toml to go by, the rows already in the folder must be points of this profile's grid."""
-    from jaxscale.config import ProfileError
-    from jaxscale.records import row_key
-
-    if recorded is None or not len(recorded) or (Path(args.resume) / "profile.toml").is_file():
-        return
-    keys = {p.key for p in points}
-    foreign = 0
-    for _, r in recorded.iterrows():
-        try:
-            foreign += row_key(r) not in keys
-        except (KeyError, ValueError, TypeError):
-            foreign += 1
-    if foreign:
-        raise ProfileError(f"--resume {args.resume}: {foreign} of its {len(recorded)} rows are points that "
-                           f"{profile.source} does not define; give the profile (and --set options) that "
-                           "recorded them")
-
-
-def _check_trace(selector_text: str, points) -> None:
-    """A --trace selector must match some point; else say what the points' values are."""
-    from jaxscale import sweep as sw
-    from jaxscale.config import ProfileError
-
-    selector = sw.parse_selector(selector_text)
-    if any(sw.matches(p, selector) for p in points):
-        return
-    values = []
-    for key in selector:
-        seen = sorted({str(p.grid_columns()[key]) for p in points}, key=lambda v: (len(v), v))
-        values.append(f"{key}: {', '.join(seen)}")
-    raise ProfileError(f"--trace {selector_text!r} matches none of the {len(points)} points (their "
-                       f"{'; '.join(values)})")
 
 
 def _interrupted(console, report, command: list[str], then: str = "continue with") -> int:
@@ -178,7 +93,7 @@ def _interrupted(console, report, command: list[str], then: str = "continue with
 
 def cmd_run(args) -> int:
     from jaxscale import distributed
-    from jaxscale.config import ProfileError
+    from jaxscale.config import ProfileError, load_profile
     from jaxscale.records import ReportDirError, check_output_dir
 
     dist = distributed.Distributed.from_args(args)
@@ -193,7 +108,13 @@ def cmd_run(args) -> int:
             if args.retry_failed and not args.resume:
                 raise ProfileError("--retry-failed reruns the failed points of a recorded sweep: give it with "
                                    "--resume REPORT_DIR")
-            profile, recorded = _profile_to_run(args, dist)
+            if args.resume:
+                from jaxscale import sweep as sw
+
+                with _warnings_as_lines():
+                    profile, recorded = sw.profile_to_resume(args.resume, args.profile, args.set or [], dist.wanted)
+            else:
+                profile, recorded = load_profile(args.profile or "smoke", args.set or []), None
             from jaxscale.runtimes import choose_isolation
 
             isolation = choose_isolation(profile.run)
@@ -233,9 +154,9 @@ def _run(args, dist, profile, isolation, recorded, held, console) -> int:
         try:
             points, dropped = sw.grid_for(profile, runtime)
             if args.trace:
-                _check_trace(args.trace, points)
+                sw.check_trace(args.trace, points)
             if args.resume and lead:
-                _check_recorded_points(args, profile, points, recorded)
+                sw.check_recorded_points(args.resume, profile, points, recorded)
             if lead and not held:  # several hosts: process 0 holds the folder
                 held.append(_claim_report(args, profile, recorded))
         except (ProfileError, ReportDirError) as e:

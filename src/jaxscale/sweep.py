@@ -20,9 +20,9 @@ from typing import Callable
 import jax
 import pandas as pd
 
-from jaxscale.config import Profile, ProfileError, load_profile
+from jaxscale.config import Profile, ProfileError, load_profile, profile_difference
 from jaxscale.grid import GRID_COLUMNS, Point, build_grid
-from jaxscale.records import ReportDir, RowWriter, append_rows, read_rows, row_key
+from jaxscale.records import ReportDir, RowWriter, append_rows, check_not_in_use, read_rows, row_key
 from jaxscale.runtimes import InProcess, choose_isolation
 from jaxscale.targets import toolchain_versions
 from jaxscale.workers import WorkerRuntime
@@ -70,6 +70,81 @@ def matches(point: Point, selector: dict[str, str] | None) -> bool:
         return False
     columns = point.grid_columns()
     return all(str(columns.get(k)) == v for k, v in selector.items())
+
+
+def check_trace(selector_text: str, points: list[Point]) -> None:
+    """A --trace selector must match some point; else a ProfileError says what the points' values are."""
+    selector = parse_selector(selector_text)
+    if any(matches(p, selector) for p in points):
+        return
+    values = []
+    for key in selector:
+        seen = sorted({str(p.grid_columns()[key]) for p in points}, key=lambda v: (len(v), v))
+        values.append(f"{key}: {', '.join(seen)}")
+    raise ProfileError(f"--trace {selector_text!r} matches none of the {len(points)} points (their "
+                       f"{'; '.join(values)})")
+
+
+def profile_to_resume(resume: Path | str, name: str | None = None, sets: list[str] | tuple = (),
+                      several_hosts: bool = False) -> tuple[Profile, pd.DataFrame | None]:
+    """The profile of a sweep to resume from its report folder, and the rows already recorded there (or None).
+
+    The folder's profile.toml is the sweep; a profile ``name`` or ``sets`` given
+    too must define the same sweep. Without a profile.toml (a host of several
+    that lacks the folder, or a folder from an older version) ``name`` is
+    required and the folder's rows must be its own. The reader's warnings (a
+    torn last line) are raised as warnings.
+
+    Raises:
+      ProfileError: one line naming the folder and what to give instead.
+    """
+    folder = Path(resume)
+    if folder.exists() and not folder.is_dir():
+        raise ProfileError(f"--resume {folder}: a file, not a report folder; give the folder `jaxscale run` wrote")
+    if not several_hosts:  # (several hosts: process 0 takes the folder once it knows it is process 0)
+        check_not_in_use(folder)  # a run still writing it is the reason, whatever the folder holds yet
+    saved = folder / "profile.toml"
+    recorded = read_rows(folder / "runs.csv") if (folder / "runs.csv").is_file() else None
+    if saved.is_file():
+        profile = load_profile(str(saved))
+        if name or sets:
+            given = load_profile(name or str(saved), list(sets))
+            difference = profile_difference(profile, given)
+            if difference:
+                what = " ".join(filter(None, [name, *[f"--set {s}" for s in sets]]))
+                raise ProfileError(f"--resume {folder}: {what} is not the sweep recorded there ({difference}); "
+                                   "resume with --resume alone to continue it, or start a new run without --resume")
+        return profile, recorded
+    if not name:
+        raise ProfileError(f"--resume {folder}: no profile.toml there; give a report folder written by "
+                           "`jaxscale run` (on hosts without that folder, also give the PROFILE and --set options "
+                           "of the original run)")
+    if not folder.exists() and not several_hosts:
+        raise ProfileError(f"--resume {folder}: no such folder")
+    profile = load_profile(name, list(sets))
+    if recorded is not None and len(recorded) and "profile" in recorded.columns:
+        others = sorted(set(recorded["profile"].dropna().astype(str)) - {profile.run.name})
+        if others:
+            raise ProfileError(f"--resume {folder}: its runs.csv holds rows of profile {others[0]!r}, not of "
+                               f"{profile.run.name!r} ({profile.source}); give the profile that recorded them")
+    return profile, recorded
+
+
+def check_recorded_points(resume: Path | str, profile: Profile, points: list[Point], recorded) -> None:
+    """Without a profile.toml to go by, the rows already in the folder must be points of this profile's grid."""
+    if recorded is None or not len(recorded) or (Path(resume) / "profile.toml").is_file():
+        return
+    keys = {p.key for p in points}
+    foreign = 0
+    for _, r in recorded.iterrows():
+        try:
+            foreign += row_key(r) not in keys
+        except (KeyError, ValueError, TypeError):
+            foreign += 1
+    if foreign:
+        raise ProfileError(f"--resume {resume}: {foreign} of its {len(recorded)} rows are points that "
+                           f"{profile.source} does not define; give the profile (and --set options) that "
+                           "recorded them")
 
 
 class _StopFlag:
