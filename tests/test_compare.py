@@ -20,7 +20,7 @@ from rich.console import Console
 import jaxscale
 from helpers import jaxscale as run_cli
 from jaxscale import cli, report
-from jaxscale.compare import (CompareError, estimate_run_drift, format_markdown, mann_whitney_null_cdf, ratio_interval,
+from jaxscale.comparison import (CompareError, estimate_run_drift, format_markdown, mann_whitney_null_cdf, ratio_interval,
                               read_side, run_ratio_interval, runtime_diff, verdict)
 from jaxscale.records import COLUMNS, RowWriter, read_rows
 
@@ -500,7 +500,7 @@ def test_cli_output_path_problems_are_one_line(tmp_path, capsys):
 def test_plot_caption_says_what_hollow_marks(tmp_path, monkeypatch):
     import matplotlib.figure
 
-    from jaxscale.compare import plot_ratios
+    from jaxscale.comparison import plot_ratios
 
     titles = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig",

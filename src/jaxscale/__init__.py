@@ -80,7 +80,7 @@ _EXPORTS = {
     "predict_table": "jaxscale.analyze",
     "plan_vs_measured": "jaxscale.analyze",
     "write_report": "jaxscale.report",
-    "compare": "jaxscale.compare",
+    "compare": "jaxscale.comparison:compare",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -104,7 +104,7 @@ if TYPE_CHECKING:
                                   default_joint_fit, fit_power_law, fit_table, fit_usl, grade, joint_fit,
                                   parse_expectation, plan_vs_measured, predict_table, scaling_efficiency, usl_table)
     from jaxscale.comms import count_collectives, find_collectives
-    from jaxscale.compare import compare
+    from jaxscale.comparison import compare
     from jaxscale.config import ModelSpec, Profile, ProfileError, build_profile, load_profile
     from jaxscale.devices import calibrate, mesh_axis_links, resolve_peak, spec_peak
     from jaxscale.flops import (CHIPS, DEVICE_KINDS, attention_call_flops, device_peak, matmul_math_mode, mfu,

@@ -45,8 +45,6 @@ import csv
 import dataclasses
 import json
 import math
-import sys
-import types
 import warnings
 from pathlib import Path
 
@@ -984,18 +982,3 @@ def write_compare(out_dir: Path | str, table: pd.DataFrame, diff: pd.DataFrame, 
         paths["plot"] = plot
     return paths
 
-
-class _CallableModule(types.ModuleType):
-    """``jaxscale.compare`` names both this module and its function ``compare``.
-
-    Importing the module (``from jaxscale.compare import ...``) binds the
-    package attribute to the module, so the module itself calls ``compare``:
-    ``jaxscale.compare(base, new)`` works whichever Python bound.
-    """
-
-    def __call__(self, base_rows, new_rows, threshold: float = 0.05, confidence: float = 0.95,
-                 familywise: bool = True) -> pd.DataFrame:
-        return compare(base_rows, new_rows, threshold=threshold, confidence=confidence, familywise=familywise)
-
-
-sys.modules[__name__].__class__ = _CallableModule
