@@ -5,7 +5,6 @@ known ratio; one tiny real sweep checks that what `jaxscale run` writes is
 compared as it should be.
 """
 
-import io
 import itertools
 import json
 import math
@@ -15,11 +14,10 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from rich.console import Console
 
 import jaxscale
 from helpers import jaxscale as run_cli
-from jaxscale import cli, report
+from jaxscale import cli
 from jaxscale.comparison import CompareError, format_markdown, read_side, runtime_diff, verdict
 from jaxscale.records import COLUMNS, RowWriter, read_rows
 
@@ -301,66 +299,6 @@ def test_real_runs_compare_as_written(tiny_run, tmp_path):
     assert f"jax_version {read_rows(base / 'runs.csv')['jax_version'].iloc[0]} -> 9.9.9" in proc.stdout
     assert "| jax_version |" in (tmp_path / "cmp" / "compare.md").read_text()
     assert cli.main(["compare", str(base), str(base), "--out", str(tmp_path / "self")]) == 0
-
-
-# ------------------------------------------------------------------ the end-of-run table
-
-
-def _runs_rows() -> pd.DataFrame:
-    rng = np.random.default_rng(0)
-    rows = synthetic_run(rng, devices=(1, 8), xla_flags="--xla_cpu_use_thunk_runtime=false",
-                         size_name="d1024-l24-seq2048-long-name", params=123456789, tokens_per_s=12345.6,
-                         step_time_cv=0.0123, peak_bytes_in_use="")
-    rows.loc[0, "xla_flags"] = ""
-    return rows
-
-
-def test_run_table_off_a_terminal_is_plain_and_whole():
-    rows = _runs_rows()
-    buffer = io.StringIO()
-    report.print_runs(Console(file=buffer, width=80), rows)
-    text = buffer.getvalue()
-    assert "…" not in text and "│" not in text
-    lines = text.splitlines()
-    assert lines[0] == "jaxscale runs" and len(lines) == 2 + 1 + len(rows)
-    assert max(map(len, lines)) > 80  # full width, as a log keeps it
-    body = lines[3:]
-    for (_, r), line in zip(rows.iterrows(), body):
-        cells = line.split()
-        assert cells[0] == "d1024-l24-seq2048-long-name" and cells[1] == r["strategy"]
-        assert cells[2] == str(r["n_devices"]) and cells[3] == r["mesh_shape"]
-        assert f"{r['step_time_s']:.4g}" in cells
-        assert "ok" in cells
-    assert body[1].endswith("--xla_cpu_use_thunk_runtime=false")  # the varying flag set is a column
-
-
-def test_run_table_on_a_terminal_stays_rich():
-    buffer = io.StringIO()
-    report.print_runs(Console(file=buffer, width=200, force_terminal=True), _runs_rows())
-    text = buffer.getvalue()
-    assert "jaxscale runs" in text and "\x1b[" in text  # styled for the terminal, not the plain log table
-
-
-def _visible(text: str) -> list[str]:
-    from rich.text import Text
-
-    return [Text.from_ansi(line).plain for line in text.splitlines()]
-
-
-@pytest.mark.parametrize("width", [80, 200])
-def test_run_table_on_a_terminal_fits_its_width_without_cutting_a_cell(width):
-    rows = _runs_rows()
-    buffer = io.StringIO()
-    report.print_runs(Console(file=buffer, width=width, force_terminal=True), rows)
-    lines = _visible(buffer.getvalue())
-    assert max(map(len, lines)) <= width and not any("…" in line for line in lines)
-    text = "\n".join(lines)
-    for _, r in rows.iterrows():  # the cells that are shown are shown whole
-        assert "d1024-l24-seq2048-long-name" in text and f"{r['step_time_s']:.4g}" in text
-    if width == 80:
-        assert "left out at 80 columns: mesh" in text  # what did not fit is named, not cut
-    else:
-        assert "left out" not in text and "--xla_cpu_use_thunk_runtime=false" in text and "data:8,model:1" in text
 
 
 # ------------------------------------------------------------------ runs, duplicates and the same run twice

@@ -45,7 +45,7 @@ from jaxscale.grid import KEY_COLUMNS
 from jaxscale.intervals import (MIN_POINTS_FOR_DRIFT, MIN_SAMPLES, RunDrift, estimate_run_drift, ratio_interval,
                                 run_ratio_interval)
 from jaxscale.records import COLLECTIVE_COLUMNS, SUCCESS_STATUSES, drop_duplicates, file_digest, read_rows, run_labels
-from jaxscale.report import cell_bytes, cell_number
+from jaxscale.console import cell_bytes, cell_number
 
 # The point key: the grid key and the other columns that change the compiled program.
 MATCH_COLUMNS: tuple[str, ...] = ("size_name", *KEY_COLUMNS, "batch_mode", "dtype", "attention", "scan_layers")
