@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from jaxscale import analyze
-from jaxscale.report import axis_label, fits_markdown, plot_families, write_report
+from jaxscale.report import fits_markdown, write_report
 
 
 def small_runs(backend: str = "gpu") -> pd.DataFrame:
@@ -163,15 +163,3 @@ def test_markdown_for_an_arbitrary_csv_fit():
     assert "## y against n" in text
     assert "| g=b |" in text and "too few points: need at least 3 points" in text
     assert "| g=a | -1.000 ± 0.000 | [-1.000, -1.000] | -1 | as ideal | linear |" in text
-
-
-def test_plots_without_runs(tmp_path):
-    fits = analyze.default_fits(small_runs())
-    paths = plot_families(None, fits[fits["y"] == "step_time_s"], tmp_path / "plots")
-    assert paths and all(p.stat().st_size > 10_000 for p in paths)
-
-
-def test_axis_labels_carry_units():
-    assert axis_label("step_time_s") == "step time (s)"
-    assert axis_label("all_gather_bytes") == "all gather (bytes)"
-    assert axis_label("compile_s") == "compile (s)"
