@@ -18,8 +18,9 @@ import pytest
 import jaxscale
 from helpers import jaxscale as run_cli
 from jaxscale import cli
-from jaxscale.comparison import CompareError, format_markdown, read_side, runtime_diff, verdict
+from jaxscale.comparison import CompareError, read_side, runtime_diff, verdict
 from jaxscale.records import COLUMNS, RowWriter, read_rows
+from jaxscale.report import format_markdown
 
 STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp")
 
@@ -349,16 +350,3 @@ def test_cli_output_path_problems_are_one_line(tmp_path, capsys):
     assert cli.main(["compare", str(base), str(new), "--out", str(tmp_path / "file")]) == 2
     assert "is a file, not a folder" in _one_line_error(capsys)
     assert not (new / "compare").exists()
-
-
-def test_plot_caption_says_what_hollow_marks(tmp_path, monkeypatch):
-    import matplotlib.figure
-
-    from jaxscale.comparison import plot_ratios
-
-    titles = []
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
-                        lambda fig, *a, **k: titles.append(fig._suptitle.get_text()))
-    rng = np.random.default_rng(9)
-    plot_ratios(jaxscale.compare(synthetic_run(rng), synthetic_run(rng)), tmp_path / "c.png")
-    assert "hollow: a plan against a run" in titles[0]

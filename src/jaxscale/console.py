@@ -3,8 +3,8 @@
 On a terminal a table is a rich Table fitted to its width (the least needed
 columns left out and named, long notes numbered under it); off one (a pipe, a
 CI log) the same cells print as plain full-width text, nothing cut. The cell
-formatters and the labels of fits and their groups here are those of
-summary.md and the plots too.
+formatters and the labels of fits, groups and compared points here are those
+of summary.md, compare.md and the plots too.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pandas as pd
 from rich.table import Table
 
 from jaxscale.analyze import SHARED_HOST_NOTE
+from jaxscale.comparison import MATCH_COLUMNS
 
 # Size dimensions are summarized by size_name in labels when both are group columns.
 _SIZE_DIMS = ("d_model", "n_layers", "n_heads", "d_ff", "vocab", "params")
@@ -123,6 +124,36 @@ def first_value(frame: pd.DataFrame | None, column: str, default):
     if frame is None or column not in frame.columns or not frame[column].notna().any():
         return default
     return frame[column].dropna().iloc[0]
+
+
+# ------------------------------------------------------------ labels of compared points
+
+
+LABEL_COLUMNS = ("size_name", "strategy", "n_devices")
+
+
+def varying_key_columns(table: pd.DataFrame) -> list[str]:
+    """The key columns that tell apart points sharing a size, strategy and device count (a batch list, remat
+    policies, XLA flag sets): what a point's label needs beyond those three."""
+    key = table.attrs.get("key", MATCH_COLUMNS)
+    groups = [c for c in LABEL_COLUMNS if c in table.columns]
+    out = []
+    for c in key:
+        if c in LABEL_COLUMNS or c not in table.columns:
+            continue
+        spread = table.groupby(groups, dropna=False)[c].nunique(dropna=False) if groups else \
+            pd.Series([table[c].nunique(dropna=False)])
+        if (spread > 1).any():
+            out.append(c)
+    return out
+
+
+def point_label(r, extra) -> str:
+    """A compared point as text: size, strategy, device count, then the columns of extra that are set."""
+    parts = [f"{r['size_name']} {r['strategy']} n={r['n_devices']}" if "size_name" in r
+             else f"{r['strategy']} n={r['n_devices']}"]
+    parts += [f"{c}={r[c]}" for c in extra if str(r[c]) != ""]
+    return " ".join(parts)
 
 
 # ------------------------------------------------------------ tables

@@ -1,4 +1,5 @@
-"""Log-log small multiples of the fits: one PNG per family and quantity, points, fitted lines, bands, ideal slopes.
+"""The plots: log-log small multiples of the fits (one PNG per family and quantity: points, fitted lines, bands,
+ideal slopes), and a comparison's step-time ratios with their intervals against device count.
 
 matplotlib is imported by the functions that draw, not with this module.
 """
@@ -14,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from jaxscale.analyze import PowerLawFit, family_frame, fit_points, prepare_rows
-from jaxscale.console import by_names, cell_text, first_value, fit_sections, group_columns, group_label
+from jaxscale.console import (by_names, cell_text, first_value, fit_sections, group_columns, group_label,
+                              varying_key_columns)
 
 LABELS = {
     "n_devices": "devices",
@@ -214,3 +216,86 @@ def _plot_one(runs: pd.DataFrame | None, rows: pd.DataFrame, y: str, family: str
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return True
+
+
+def plot_ratios(table: pd.DataFrame, path: Path) -> Path | None:
+    """Ratios with their intervals against device count, a panel per strategy (log-2 x, log y).
+
+    Returns the path written, or None when no point has a ratio.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    data = table[pd.to_numeric(table["ratio"], errors="coerce").notna()].copy()
+    if data.empty:
+        return None
+    threshold = table.attrs.get("threshold", 0.05)
+    strategies = list(dict.fromkeys(data["strategy"]))
+    extra = varying_key_columns(table)
+    series_cols = [c for c in ("size_name", *extra) if c in data.columns]
+    data["_series"] = data[series_cols].astype(str).agg(" ".join, axis=1) if series_cols else ""
+    series = list(dict.fromkeys(data["_series"]))
+    colors = {"slower": "#c0392b", "faster": "#1e8449", "same": "#7f8c8d", "noisy": "#e67e22"}
+    markers = "osD^v<>ph*"
+    fig, axes = plt.subplots(1, len(strategies), figsize=(3.6 * len(strategies) + 1.2, 3.8), sharey=True,
+                             squeeze=False)
+    ratios = pd.to_numeric(data["ratio"])
+    low = pd.to_numeric(data["ratio_ci_low"], errors="coerce").fillna(ratios)
+    high = pd.to_numeric(data["ratio_ci_high"], errors="coerce").fillna(ratios)
+    span = max(abs(math.log(float(low.min()))), abs(math.log(float(high.max()))), math.log(1 + 2 * threshold))
+    for ax, strategy in zip(axes[0], strategies):
+        ax.axhspan(1 - threshold, 1 + threshold, color="#d5dbdb", alpha=0.6, lw=0)
+        ax.axhline(1.0, color="black", lw=0.8)
+        part = data[data["strategy"] == strategy]
+        for j, name in enumerate(series):
+            points = part[part["_series"] == name]
+            offset = 2 ** ((j - (len(series) - 1) / 2) * 0.06)
+            for _, r in points.iterrows():
+                x = float(r["n_devices"]) * offset
+                y = float(r["ratio"])
+                lo = float(r["ratio_ci_low"]) if pd.notna(r["ratio_ci_low"]) else y
+                hi = float(r["ratio_ci_high"]) if pd.notna(r["ratio_ci_high"]) else y
+                color = colors.get(r["verdict"], "black")
+                ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt=markers[j % len(markers)], color=color,
+                            mfc=color if r["compared"] == "measured/measured" else "white", ms=6, capsize=3,
+                            lw=1.2)
+        ax.set_xscale("log", base=2)
+        counts_ = sorted({int(v) for v in part["n_devices"]})
+        ax.set_xticks(counts_, [str(c) for c in counts_])
+        ax.minorticks_off()
+        ax.set_title(strategy)
+        ax.set_xlabel("devices")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_yscale("log")
+    y_low, y_high = math.exp(-span * 1.15), math.exp(span * 1.15)
+    axes[0][0].set_ylim(y_low, y_high)
+    if y_high / y_low > 30:  # decades, and 2 and 5 between them
+        candidates = [m * 10.0 ** e for e in range(-4, 5) for m in (1, 2, 5)]
+    else:
+        fine = (0.95, 1.05) if y_high < 1.3 else ()  # next to 1 they only crowd a wide axis
+        candidates = [0.1, 0.2, 0.25, 0.5, 0.67, 0.8, 0.9, *fine, 1.0, 1.1, 1.25, 1.5, 2, 4, 5, 10]
+    ticks = [t for t in candidates if y_low <= t <= y_high]
+    if len(ticks) > 9:  # keep 1 and thin out the rest
+        ticks = sorted({1.0, *ticks[::2]})
+    axes[0][0].yaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    axes[0][0].yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axes[0][0].yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    axes[0][0].set_ylabel("step time ratio new / base")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker=markers[j % len(markers)], ls="", color="black", label=name)
+               for j, name in enumerate(series)]
+    handles += [Line2D([], [], marker="s", ls="", color=c, label=v) for v, c in colors.items()]
+    handles.append(Line2D([], [], lw=6, color="#d5dbdb", label=f"±{threshold:.0%}"))
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    fig.suptitle("jaxscale compare: step time new / base with intervals (hollow: a plan against a run, no "
+                 "interval)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 1.3 / fig.get_figwidth(), 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

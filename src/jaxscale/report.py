@@ -1,6 +1,7 @@
-"""Fits → summary.md; write_report puts it in a folder with the tables and the plots (jaxscale.plots).
+"""The markdown reports: summary.md of the fits and compare.md of a comparison, written into a folder with their
+tables and plots (write_report, write_compare).
 
-Only formatting lives here: every number and every verdict comes from jaxscale.analyze.
+Only formatting lives here: every number and every verdict comes from jaxscale.analyze or jaxscale.comparison.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import numpy as np
 import pandas as pd
 
 from jaxscale.analyze import DEFAULT_TOLERANCE, SHARED_HOST_NOTE, succeeded, why_no_fits
-from jaxscale.console import (cell_format, cell_note, cell_text, cell_value, exponent_text, first_value, fit_sections,
-                              group_columns, group_label)
-from jaxscale.plots import plot_families
+from jaxscale.comparison import TIMING_VERDICTS, counts
+from jaxscale.console import (cell_bytes, cell_format, cell_note, cell_number, cell_text, cell_value, exponent_text,
+                              first_value, fit_sections, group_columns, group_label, point_label,
+                              varying_key_columns)
+from jaxscale.plots import plot_families, plot_ratios
 
 VERDICTS = ("as ideal", "better than ideal", "worse than ideal", "above ideal", "below ideal", "inconclusive",
             "not applicable")
@@ -353,3 +356,99 @@ def write_report(out_dir: Path | str, fits: pd.DataFrame, runs: pd.DataFrame | N
     for path in plot_families(runs, fits, out_dir / "plots", usl=usl):
         written[f"plots/{path.name}"] = path
     return written
+
+
+# ------------------------------------------------------------ compare.md
+
+
+def method_line(table: pd.DataFrame) -> str:
+    """One sentence: how the ratios, intervals and verdicts of the table were made."""
+    confidence = table.attrs.get("confidence", 0.95)
+    level = table.attrs.get("point_confidence", confidence)
+    threshold = table.attrs.get("threshold", 0.05)
+    if not table["interval_over"].notna().any():
+        return (f"ratio = new / base step time, threshold ±{threshold:.1%}; no intervals: "
+                "no point has measured samples on both sides")
+    together = (f"{confidence:.0%} for all points together ({level:.2%} each)" if table.attrs.get("familywise", True)
+                else f"{confidence:.0%} each, not simultaneous")
+    parts = []
+    if (table["interval_over"] == "steps").any():
+        parts.append("over steps: Hodges–Lehmann ratio, Moses (Mann–Whitney) interval")
+    if (table["interval_over"] == "runs").any():
+        parts.append("over 3 or more runs a side: ratio of the geometric means of run medians, Welch t interval")
+    text = f"ratio = new / base step time; {'; '.join(parts)}; intervals {together}; threshold ±{threshold:.1%}"
+    drift = table.attrs.get("run_drift")
+    if drift is not None:
+        if drift.sd == drift.sd:
+            text += (f"; drift between runs {drift.sd:.3f} (log-scale SD, from {drift.n_points - drift.n_outliers}"
+                     f" of {drift.n_points} points) widens the intervals over steps")
+        else:
+            text += "; too few points to estimate the drift between runs: intervals over steps cover steps only"
+    return text
+
+
+def format_markdown(table: pd.DataFrame, diff: pd.DataFrame, base_sources=(), new_sources=()) -> str:
+    """compare.md: the runtime diff, the verdict counts, the points sorted by effect, then the rest."""
+    lines = ["# jaxscale compare", ""]
+    if base_sources:
+        lines.append(f"- base: {', '.join(map(str, base_sources))}")
+    if new_sources:
+        lines.append(f"- new: {', '.join(map(str, new_sources))}")
+    lines += [f"- {method_line(table)}", ""]
+    lines += ["## Runtime", ""]
+    main = diff[diff["main"]] if len(diff) else diff
+    if main.empty:
+        lines += ["Versions, devices, processes, flags and peak agree.", ""]
+    else:
+        lines += ["| field | base | new |", "| --- | --- | --- |"]
+        lines += [f"| {r.field} | {r.base} | {r.new} |" for r in main.itertuples()]
+        lines.append("")
+    if len(diff) > len(main):
+        lines += ["Other runtime.json fields that differ: "
+                  + ", ".join(f"`{f}`" for f in diff.loc[~diff["main"], "field"]) + ".", ""]
+    tally = counts(table)
+    lines += ["## Verdicts", "", " · ".join(f"{v}: {c}" for v, c in tally.items()), ""]
+    left_out = table.attrs.get("left_out", ())
+    if left_out:
+        lines += [f"Not matched on {', '.join(left_out)}: one side's rows lack the column.", ""]
+    extra = varying_key_columns(table)
+    timed = table[table["verdict"].isin(TIMING_VERDICTS)]
+    if len(timed):
+        memory = pd.to_numeric(timed["memory_ratio"], errors="coerce").notna().any()  # a plan against a run
+        lines += ["## Points, largest change first", "",
+                  "| point | compared | base step s | new step s | ratio | interval | verdict | MFU Δ | compiled Δ | "
+                  "runtime peak Δ | collective Δ |" + (" memory measured / planned |" if memory else ""),
+                  "| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if memory else "")]
+        for _, r in timed.iterrows():
+            interval = (f"{r['ratio_ci_low']:.3f}–{r['ratio_ci_high']:.3f} ({r['ci_level']:.1%})"
+                        if pd.notna(r["ratio_ci_low"]) else "none")
+            lines.append(f"| {point_label(r, extra)} | {r['compared']} | {cell_number(r['step_time_s_base'], '{:.4g}')} | "
+                         f"{cell_number(r['step_time_s_new'], '{:.4g}')} | {cell_number(r['ratio'], '{:.3f}')} | {interval} | "
+                         f"**{r['verdict']}** | {cell_number(r['mfu_delta'], '{:+.2%}')} | "
+                         f"{cell_bytes(r['compiled_total_bytes_delta'], signed=True)} | {cell_bytes(r['peak_bytes_in_use_delta'], signed=True)} | "
+                         f"{cell_bytes(r['collective_bytes_delta'], signed=True)} |" + (f" {cell_number(r['memory_ratio'], '{:.3f}')} |"
+                                                                       if memory else ""))
+        lines.append("")
+        notes = sorted({str(n) for n in timed["note"].dropna() if str(n)})
+        if notes:
+            lines += ["Notes: " + " ".join(f"{n}." for n in notes), ""]
+    rest = table[~table["verdict"].isin(TIMING_VERDICTS)]
+    if len(rest):
+        lines += ["## Failed and one-sided points", "", "| point | verdict | note |", "| --- | --- | --- |"]
+        lines += [f"| {point_label(r, extra)} | {r['verdict']} | {r['note']} |" for _, r in rest.iterrows()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_compare(out_dir: Path | str, table: pd.DataFrame, diff: pd.DataFrame, base_sources=(),
+                  new_sources=()) -> dict[str, Path]:
+    """Write compare.csv, compare.md and compare.png into out_dir; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / "compare.csv", "md": out_dir / "compare.md"}
+    table.to_csv(paths["csv"], index=False)
+    paths["md"].write_text(format_markdown(table, diff, base_sources, new_sources))
+    plot = plot_ratios(table, out_dir / "compare.png")
+    if plot is not None:
+        paths["plot"] = plot
+    return paths
