@@ -5,7 +5,6 @@ known ratio; one tiny real sweep checks that what `jaxscale run` writes is
 compared as it should be.
 """
 
-import io
 import itertools
 import json
 import math
@@ -15,14 +14,13 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from rich.console import Console
 
 import jaxscale
 from helpers import jaxscale as run_cli
-from jaxscale import cli, report
-from jaxscale.compare import (CompareError, estimate_run_drift, format_markdown, mann_whitney_null_cdf, ratio_interval,
-                              read_side, run_ratio_interval, runtime_diff, verdict)
+from jaxscale import cli
+from jaxscale.comparison import CompareError, read_side, runtime_diff, verdict
 from jaxscale.records import COLUMNS, RowWriter, read_rows
+from jaxscale.report import format_markdown
 
 STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp")
 
@@ -65,74 +63,7 @@ def write_report(folder, rows: pd.DataFrame, jax_version="0.10.2"):
     return folder
 
 
-# ------------------------------------------------------------------ the interval
-
-
-@pytest.mark.parametrize("n,m", [(3, 3), (4, 6), (5, 5)])
-def test_mann_whitney_null_matches_enumeration(n, m):
-    # Independent: enumerate every placement of the n base ranks among n + m and count U.
-    counts = np.zeros(n * m + 1)
-    for ranks in itertools.combinations(range(n + m), n):
-        chosen = set(ranks)
-        counts[sum(1 for a in ranks for b in range(n + m) if b not in chosen and a > b)] += 1
-    assert mann_whitney_null_cdf(n, m) == pytest.approx(np.cumsum(counts) / counts.sum(), abs=1e-12)
-
-
-def test_identical_shapes_scaled_give_the_planted_ratio_exactly():
-    base = np.array([1.0, 1.1, 0.9, 1.05, 0.97, 1.2])
-    est = ratio_interval(base, base * 1.3)
-    assert est.ratio == pytest.approx(1.3)
-    assert est.ci_low < 1.3 < est.ci_high and est.level >= 0.95
-
-
-@pytest.mark.parametrize("n,m,shape", [(5, 5, "lognormal"), (10, 12, "spiky"), (30, 30, "lognormal"),
-                                       (210, 200, "spiky")])
-def test_interval_covers_a_planted_ratio_at_its_level(n, m, shape):
-    """Coverage over 400 seeded comparisons with new = 1.3 × base in distribution.
-
-    "spiky": 10% of steps take 1.5-3x longer (a host hiccup), which a
-    distribution-free interval must survive. 210 × 200 takes the normal
-    approximation.
-    """
-    rng = np.random.default_rng(n * 1000 + m)
-    planted, hits, levels = 1.3, 0, []
-
-    def draw(k):
-        x = 0.02 * np.exp(rng.normal(0, 0.1, k))
-        if shape == "spiky":
-            x = x * np.where(rng.random(k) < 0.1, rng.uniform(1.5, 3.0, k), 1.0)
-        return x
-
-    trials = 400
-    for _ in range(trials):
-        est = ratio_interval(draw(n), planted * draw(m), confidence=0.95)
-        hits += est.ci_low <= planted <= est.ci_high
-        levels.append(est.level)
-    level = float(np.mean(levels))
-    assert level >= 0.95 - 2e-3  # the exact interval never offers less than asked (normal approx: about)
-    se = math.sqrt(level * (1 - level) / trials)
-    assert hits / trials >= level - 3 * se, (hits, level)
-    assert hits / trials <= min(1.0, level + 3 * se + 0.01), (hits, level)
-
-
-def test_interval_over_runs_covers_a_planted_ratio():
-    """Welch's interval on run medians: 3 to 6 runs a side, each run's median off by a 5% drift."""
-    rng = np.random.default_rng(21)
-    for k in (3, 6):
-        hits = 0
-        for _ in range(400):
-            base = 0.02 * np.exp(rng.normal(0, 0.05, k))
-            new = 1.3 * 0.02 * np.exp(rng.normal(0, 0.05, k))
-            est = run_ratio_interval(base, new, confidence=0.95)
-            hits += est.ci_low <= 1.3 <= est.ci_high
-        assert 0.95 - 3 * math.sqrt(0.95 * 0.05 / 400) <= hits / 400 <= 0.99, (k, hits)
-
-
-def test_few_samples_give_the_level_they_can():
-    est = ratio_interval([1.0, 1.1, 0.9], [1.2, 1.3, 1.25], confidence=0.95)
-    assert est.level == pytest.approx(1 - 2 / math.comb(6, 3))  # min and max of the 9 ratios: 90%
-    assert est.ci_low == pytest.approx(1.2 / 1.1) and est.ci_high == pytest.approx(1.3 / 0.9)
-    assert math.isnan(ratio_interval([1.0, 1.1], [1.2, 1.3]).ci_low)
+# ------------------------------------------------------------------ verdicts
 
 
 def test_verdict_rules():
@@ -141,22 +72,6 @@ def test_verdict_rules():
     assert verdict(0.70, 0.60, 0.80, 0.05) == "faster"
     assert verdict(1.01, 0.97, 1.04, 0.05) == "same"
     assert verdict(1.20, 0.90, 1.60, 0.05) == "noisy"
-
-
-def test_drift_estimate_recovers_a_planted_spread_and_ignores_changed_points():
-    rng = np.random.default_rng(7)
-    d = rng.normal(0.0, 0.1, 400)
-    d[:10] += 1.0  # ten points really changed
-    drift = estimate_run_drift(d, np.full(400, 0.02))
-    assert drift.sd == pytest.approx(math.sqrt(0.1 ** 2 - 0.02 ** 2), rel=0.1)
-    assert drift.n_outliers >= 10
-    assert math.isnan(estimate_run_drift(d[:5], np.full(5, 0.02)).sd)
-    # a few points with very wide within-run intervals (single-device steps of a millisecond) do not hide
-    # the drift of the precise ones
-    precise = rng.normal(0.0, 0.1, 300) + rng.normal(0.0, 0.01, 300)
-    noisy = rng.normal(0.0, 0.5, 60)
-    drift = estimate_run_drift(np.concatenate([precise, noisy]), np.r_[np.full(300, 0.01), np.full(60, 0.5)])
-    assert drift.sd == pytest.approx(0.1, rel=0.15)
 
 
 # ------------------------------------------------------------------ verdicts on grids
@@ -387,66 +302,6 @@ def test_real_runs_compare_as_written(tiny_run, tmp_path):
     assert cli.main(["compare", str(base), str(base), "--out", str(tmp_path / "self")]) == 0
 
 
-# ------------------------------------------------------------------ the end-of-run table
-
-
-def _runs_rows() -> pd.DataFrame:
-    rng = np.random.default_rng(0)
-    rows = synthetic_run(rng, devices=(1, 8), xla_flags="--xla_cpu_use_thunk_runtime=false",
-                         size_name="d1024-l24-seq2048-long-name", params=123456789, tokens_per_s=12345.6,
-                         step_time_cv=0.0123, peak_bytes_in_use="")
-    rows.loc[0, "xla_flags"] = ""
-    return rows
-
-
-def test_run_table_off_a_terminal_is_plain_and_whole():
-    rows = _runs_rows()
-    buffer = io.StringIO()
-    report.print_runs(Console(file=buffer, width=80), rows)
-    text = buffer.getvalue()
-    assert "…" not in text and "│" not in text
-    lines = text.splitlines()
-    assert lines[0] == "jaxscale runs" and len(lines) == 2 + 1 + len(rows)
-    assert max(map(len, lines)) > 80  # full width, as a log keeps it
-    body = lines[3:]
-    for (_, r), line in zip(rows.iterrows(), body):
-        cells = line.split()
-        assert cells[0] == "d1024-l24-seq2048-long-name" and cells[1] == r["strategy"]
-        assert cells[2] == str(r["n_devices"]) and cells[3] == r["mesh_shape"]
-        assert f"{r['step_time_s']:.4g}" in cells
-        assert "ok" in cells
-    assert body[1].endswith("--xla_cpu_use_thunk_runtime=false")  # the varying flag set is a column
-
-
-def test_run_table_on_a_terminal_stays_rich():
-    buffer = io.StringIO()
-    report.print_runs(Console(file=buffer, width=200, force_terminal=True), _runs_rows())
-    text = buffer.getvalue()
-    assert "jaxscale runs" in text and "\x1b[" in text  # styled for the terminal, not the plain log table
-
-
-def _visible(text: str) -> list[str]:
-    from rich.text import Text
-
-    return [Text.from_ansi(line).plain for line in text.splitlines()]
-
-
-@pytest.mark.parametrize("width", [80, 200])
-def test_run_table_on_a_terminal_fits_its_width_without_cutting_a_cell(width):
-    rows = _runs_rows()
-    buffer = io.StringIO()
-    report.print_runs(Console(file=buffer, width=width, force_terminal=True), rows)
-    lines = _visible(buffer.getvalue())
-    assert max(map(len, lines)) <= width and not any("…" in line for line in lines)
-    text = "\n".join(lines)
-    for _, r in rows.iterrows():  # the cells that are shown are shown whole
-        assert "d1024-l24-seq2048-long-name" in text and f"{r['step_time_s']:.4g}" in text
-    if width == 80:
-        assert "left out at 80 columns: mesh" in text  # what did not fit is named, not cut
-    else:
-        assert "left out" not in text and "--xla_cpu_use_thunk_runtime=false" in text and "data:8,model:1" in text
-
-
 # ------------------------------------------------------------------ runs, duplicates and the same run twice
 
 
@@ -495,16 +350,3 @@ def test_cli_output_path_problems_are_one_line(tmp_path, capsys):
     assert cli.main(["compare", str(base), str(new), "--out", str(tmp_path / "file")]) == 2
     assert "is a file, not a folder" in _one_line_error(capsys)
     assert not (new / "compare").exists()
-
-
-def test_plot_caption_says_what_hollow_marks(tmp_path, monkeypatch):
-    import matplotlib.figure
-
-    from jaxscale.compare import plot_ratios
-
-    titles = []
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
-                        lambda fig, *a, **k: titles.append(fig._suptitle.get_text()))
-    rng = np.random.default_rng(9)
-    plot_ratios(jaxscale.compare(synthetic_run(rng), synthetic_run(rng)), tmp_path / "c.png")
-    assert "hollow: a plan against a run" in titles[0]

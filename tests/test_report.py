@@ -8,10 +8,9 @@ import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
-from rich.console import Console
 
 from jaxscale import analyze
-from jaxscale.report import axis_label, fits_console_table, fits_markdown, plot_families, write_report
+from jaxscale.report import fits_markdown, write_report
 
 
 def small_runs(backend: str = "gpu") -> pd.DataFrame:
@@ -164,51 +163,3 @@ def test_markdown_for_an_arbitrary_csv_fit():
     assert "## y against n" in text
     assert "| g=b |" in text and "too few points: need at least 3 points" in text
     assert "| g=a | -1.000 ± 0.000 | [-1.000, -1.000] | -1 | as ideal | linear |" in text
-
-
-def test_console_table_lists_every_fit():
-    fits = analyze.default_fits(small_runs())
-    table = fits_console_table(fits)
-    assert table.row_count == len(fits)
-    console = Console(record=True, width=220)
-    console.print(table)
-    rendered = console.export_text()
-    assert "worse than ideal" in rendered and "sublinear" in rendered and "model_size" in rendered
-
-
-@pytest.mark.parametrize("width", [80, 200])
-def test_console_fits_table_is_readable_at_its_width(width):
-    """At 80 columns every fit still shows its y, group, exponent, verdict and note; at 200 every column, whole."""
-    from rich.text import Text
-
-    fits = analyze.default_fits(small_runs())
-    console = Console(record=True, width=width, force_terminal=True)
-    console.print(fits_console_table(fits, width))
-    lines = [Text.from_ansi(line).plain for line in console.export_text(styles=True).splitlines()]
-    text = "\n".join(lines)
-    assert max(map(len, lines)) <= width and "…" not in text
-    words = set(text.split())
-    for _, r in fits.iterrows():
-        for cell in (r["y"], r["assessment"], f"{r['exponent']:+.3f}" if pd.notna(r["exponent"]) else ""):
-            assert not cell or all(w in words for w in cell.split()), cell
-        # a note may wrap at a space, never inside a word
-        for word in str(r["note"]).replace("shared host (see top)", "").split():
-            assert word in words, (word, r["note"])
-    header = lines[1].split()
-    if width == 80:
-        assert {"y", "group", "exponent", "assessment", "note"} <= set(header) and "left out at 80" in text
-    else:
-        assert header == ["family", "y", "x", "group", "exponent", "CI", "ideal", "assessment", "regime", "curve",
-                          "n", "note"] and "left out" not in text
-
-
-def test_plots_without_runs(tmp_path):
-    fits = analyze.default_fits(small_runs())
-    paths = plot_families(None, fits[fits["y"] == "step_time_s"], tmp_path / "plots")
-    assert paths and all(p.stat().st_size > 10_000 for p in paths)
-
-
-def test_axis_labels_carry_units():
-    assert axis_label("step_time_s") == "step time (s)"
-    assert axis_label("all_gather_bytes") == "all gather (bytes)"
-    assert axis_label("compile_s") == "compile (s)"

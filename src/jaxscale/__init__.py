@@ -80,7 +80,7 @@ _EXPORTS = {
     "predict_table": "jaxscale.analyze",
     "plan_vs_measured": "jaxscale.analyze",
     "write_report": "jaxscale.report",
-    "compare": "jaxscale.compare",
+    "compare": "jaxscale.comparison:compare",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -105,7 +105,7 @@ if TYPE_CHECKING:
                                   parse_expectation, plan_vs_measured, predict_table, scaling_efficiency, usl_table)
     from jaxscale.chips import CHIPS, DEVICE_KINDS, device_peak, matmul_math_mode
     from jaxscale.comms import count_collectives, find_collectives
-    from jaxscale.compare import compare
+    from jaxscale.comparison import compare
     from jaxscale.config import ModelSpec, Profile, ProfileError, build_profile, load_profile
     from jaxscale.devices import calibrate, mesh_axis_links, resolve_peak, spec_peak
     from jaxscale.flops import attention_call_flops, mfu, param_count, train_flops

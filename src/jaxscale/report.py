@@ -1,133 +1,26 @@
-"""Fits and rows → summary.md, a terminal table, log-log plots; write_report puts them in a folder.
+"""The markdown reports: summary.md of the fits and compare.md of a comparison, written into a folder with their
+tables and plots (write_report, write_compare).
 
-Only formatting lives here: every number and every verdict comes from jaxscale.analyze.
+Only formatting lives here: every number and every verdict comes from jaxscale.analyze or jaxscale.comparison.
 """
 
 from __future__ import annotations
 
 import math
-import re
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from rich.table import Table
 
-from jaxscale.analyze import (DEFAULT_TOLERANCE, SHARED_HOST_NOTE, PowerLawFit, family_frame, fit_points,
-                              prepare_rows, succeeded, why_no_fits)
+from jaxscale.analyze import DEFAULT_TOLERANCE, SHARED_HOST_NOTE, succeeded, why_no_fits
+from jaxscale.comparison import TIMING_VERDICTS, counts
+from jaxscale.console import (cell_bytes, cell_format, cell_note, cell_number, cell_text, cell_value, exponent_text,
+                              first_value, fit_sections, group_columns, group_label, point_label,
+                              varying_key_columns)
+from jaxscale.plots import plot_families, plot_ratios
 
-LABELS = {
-    "n_devices": "devices",
-    "params": "parameters",
-    "tokens_per_step": "tokens per step",
-    "step_time_s": "step time (s)",
-    "predicted_step_time_s": "predicted step time (s)",
-    "tokens_per_s": "throughput (tokens/s)",
-    "memory_per_device_bytes": "memory per device (bytes)",
-    "state_bytes": "params + optimizer state per device (bytes)",
-    "activation_bytes": "activations and temporaries per device (bytes)",
-    "compiled_argument_bytes": "compiled argument bytes per device",
-    "model_flops_per_step": "model FLOPs per step",
-}
-# Size dimensions are summarized by size_name in labels when both are group columns.
-_SIZE_DIMS = ("d_model", "n_layers", "n_heads", "d_ff", "vocab", "params")
-# Group values shown bare in labels; others as column=value.
-_BARE = ("size_name", "strategy", "batch_mode", "dtype", "backend", "device_kind", "row_source")
 VERDICTS = ("as ideal", "better than ideal", "worse than ideal", "above ideal", "below ideal", "inconclusive",
             "not applicable")
-# Which group column names the series within a panel, by preference; the rest make the panels.
-_SERIES_PREFERENCE = ("size_name", "n_devices", "d_model", "global_batch", "per_device_batch")
-
-
-def axis_label(column: str) -> str:
-    """A readable axis label with units for a column name."""
-    if column in LABELS:
-        return LABELS[column]
-    for suffix, unit in (("_bytes", "bytes"), ("_s", "s")):
-        if column.endswith(suffix):
-            return f"{column[: -len(suffix)].replace('_', ' ')} ({unit})"
-    return column.replace("_", " ")
-
-
-def cell_number(value, pattern: str) -> str:
-    """``pattern.format(value)`` for a table cell; '' where the value is missing or not a number."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return ""
-    return "" if value != value else pattern.format(value)
-
-
-def cell_bytes(value, signed: bool = False) -> str:
-    """Bytes in binary units for a table cell (``+1.5 MiB`` with ``signed``, for changes); '' where missing."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return ""
-    if value != value:
-        return ""
-    sign = ("-" if value < 0 else "+") if signed else ""
-    value = abs(value) if signed else value
-    if signed and not value:
-        return "0"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{sign}{value:.3g} {unit}"
-        value /= 1024
-    return ""
-
-
-def _num(value, spec: str = ".3g") -> str:
-    """A number for a table cell: '' for missing, integers without a decimal point under spec 'g'."""
-    if value is None or isinstance(value, str) or pd.isna(value):
-        return "" if not isinstance(value, str) else value
-    if spec == "g" and float(value).is_integer():
-        return str(int(value))
-    return format(float(value), spec)
-
-
-def _text(value) -> str:
-    return value if isinstance(value, str) else ""
-
-
-def _note(value) -> str:
-    """A note for a table cell; the shared-host caveat, stated once at the top, is shortened."""
-    return _text(value).replace(SHARED_HOST_NOTE, "shared host (see top)")
-
-
-def _cell(value) -> str:
-    return _num(value, "g") if isinstance(value, (int, float, np.number)) else str(value)
-
-
-def _by_names(rows: pd.DataFrame) -> list[str]:
-    return [c for text in rows.get("by", pd.Series(dtype=str)).dropna().unique() for c in str(text).split(",") if c]
-
-
-def _group_columns(rows: pd.DataFrame, by: list[str] | None = None) -> tuple[list[str], str]:
-    """(group columns that tell these rows apart, 'col=value, ...' for those fixed across them).
-
-    ``by`` defaults to the names in the rows' ``by`` column. Size dimensions are
-    left to size_name when it is among the group columns.
-    """
-    by = _by_names(rows) if by is None else by
-    by = [c for c in dict.fromkeys(by) if c in rows.columns and not ("size_name" in by and c in _SIZE_DIMS)]
-    varying = [c for c in by if rows[c].nunique(dropna=False) > 1]
-    fixed = [f"{c}={_cell(rows[c].dropna().iloc[0])}" for c in by if c not in varying and rows[c].notna().any()]
-    return varying, ", ".join(fixed)
-
-
-def _group_label(row, columns: list[str]) -> str:
-    parts = [_cell(row[c]) if c in _BARE else f"{c}={_cell(row[c])}" for c in columns if not pd.isna(row[c])]
-    return " ".join(parts) or "all"
-
-
-def _exponent_text(row) -> tuple[str, str]:
-    """('b ± half-width', '[low, high]'), or empty strings without a fit."""
-    if pd.isna(row["exponent"]):
-        return "", ""
-    half = (row["ci_high"] - row["ci_low"]) / 2
-    return f"{row['exponent']:+.3f} ± {half:.3f}", f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
 
 
 def _md_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -137,23 +30,10 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), line(["---"] * len(headers)), *map(line, rows)])
 
 
-def _sections(fits: pd.DataFrame) -> list[tuple[str | None, str, pd.DataFrame]]:
-    """(family, title, rows) per family (per x when there is no family column), in order of appearance."""
-    key = fits["family"] if "family" in fits.columns else fits["x"]
-    out = []
-    for name in dict.fromkeys(key):
-        rows = fits[key == name]
-        if "family" in fits.columns:
-            out.append((name, f"{name}: y against {', '.join(dict.fromkeys(rows['x']))}", rows))
-        else:
-            out.append((None, f"y against {name}", rows))
-    return out
-
-
 def _section_notes(name: str, rows: pd.DataFrame, columns: list[str]) -> list[str]:
     """Markdown bullets: rows left out per group, and why a fit is missing."""
     notes = []
-    labels = [_group_label(row, columns) for _, row in rows.iterrows()]
+    labels = [group_label(row, columns) for _, row in rows.iterrows()]
     for label in dict.fromkeys(labels):
         group = rows[[lab == label for lab in labels]]
         counts = group[group["n_dropped"] > 0]
@@ -165,12 +45,6 @@ def _section_notes(name: str, rows: pd.DataFrame, columns: list[str]) -> list[st
             notes.append(f"- {name} / {label}: rows left out (status not ok, or a missing or non-positive value): "
                          f"{listed}")
     return notes
-
-
-def _first(frame: pd.DataFrame | None, column: str, default):
-    if frame is None or column not in frame.columns or not frame[column].notna().any():
-        return default
-    return frame[column].dropna().iloc[0]
 
 
 def _shared_host_applies(*frames) -> bool:
@@ -217,25 +91,26 @@ def _glance(fits: pd.DataFrame) -> list[str]:
 
 
 def _fit_section(family: str | None, title: str, rows: pd.DataFrame, pct: str) -> tuple[list[str], list[str]]:
-    columns, fixed = _group_columns(rows)
+    columns, fixed = group_columns(rows)
     out = [f"## {title}", ""]
     if fixed:
         out += [f"Fixed across this family: {fixed}.", ""]
     has_verdict = "assessment" in rows.columns
     for y in dict.fromkeys(rows["y"]):
         sub = rows[rows["y"] == y]
-        ideals = sorted({_num(v, "g") for v in sub["ideal_exponent"] if pd.notna(v)})
-        direction = _first(sub, "direction", "")
+        ideals = sorted({cell_format(v, "g") for v in sub["ideal_exponent"] if pd.notna(v)})
+        direction = first_value(sub, "direction", "")
         about = ", ".join(filter(None, [f"ideal {' / '.join(ideals)}" if ideals else "no ideal",
-                                        _text(direction)]))
+                                        cell_text(direction)]))
         out += [f"### {y} ({about})", ""]
         table = []
         for _, row in sub.iterrows():
-            b, ci = _exponent_text(row)
-            cells = [_group_label(row, columns), b, ci, _num(row["ideal_exponent"], "g")]
+            b, ci = exponent_text(row)
+            cells = [group_label(row, columns), b, ci, cell_format(row["ideal_exponent"], "g")]
             if has_verdict:
-                cells += [_text(row["assessment"]), _text(row["regime"]), _text(row.get("curvature", ""))]
-            table.append(cells + [_num(row["r2"], ".4f"), _num(row["n_points"], "g"), _note(row["note"])])
+                cells += [cell_text(row["assessment"]), cell_text(row["regime"]), cell_text(row.get("curvature", ""))]
+            table.append(cells + [cell_format(row["r2"], ".4f"), cell_format(row["n_points"], "g"),
+                                  cell_note(row["note"])])
         headers = ["group", "exponent", f"{pct} CI", "ideal",
                    *(["assessment", "regime", "curvature"] if has_verdict else []), "r²", "n", "note"]
         out += [_md_table(headers, table), ""]
@@ -243,13 +118,13 @@ def _fit_section(family: str | None, title: str, rows: pd.DataFrame, pct: str) -
 
 
 def _key(row, columns) -> tuple:
-    return tuple("" if pd.isna(row[c]) else _cell(row[c]) for c in columns)
+    return tuple("" if pd.isna(row[c]) else cell_value(row[c]) for c in columns)
 
 
 def _efficiency_section(efficiency: pd.DataFrame, fits: pd.DataFrame) -> list[str]:
     stats_columns = ("n_devices", "base_n_devices", "tokens_per_s", "tokens_per_s_per_device", "efficiency", "note")
     group_cols = [c for c in efficiency.columns if c not in stats_columns]
-    shown = _group_columns(efficiency, group_cols)[0]
+    shown = group_columns(efficiency, group_cols)[0]
     verdicts = {}
     if "family" in fits.columns:
         tps = fits[(fits["family"] == "devices") & (fits["y"] == "tokens_per_s")]
@@ -258,15 +133,15 @@ def _efficiency_section(efficiency: pd.DataFrame, fits: pd.DataFrame) -> list[st
     else:
         common = []
     table = []
-    labels = [_group_label(r, shown) for _, r in efficiency.iterrows()]
+    labels = [group_label(r, shown) for _, r in efficiency.iterrows()]
     last = {label: i for i, label in enumerate(labels)}  # the verdict goes on each group's largest count
     for i, (_, r) in enumerate(efficiency.iterrows()):
         fit = verdicts.get(_key(r, common)) if common and last[labels[i]] == i else None
-        verdict = "" if fit is None else _text(fit["assessment"])
+        verdict = "" if fit is None else cell_text(fit["assessment"])
         b = "" if fit is None or pd.isna(fit["exponent"]) else f"{fit['exponent']:+.3f}"
-        table.append([labels[i], _num(r["n_devices"], "g"), _num(r["base_n_devices"], "g"),
-                      _num(r["tokens_per_s"]), _num(r["tokens_per_s_per_device"]), _num(r["efficiency"], ".3f"),
-                      b, verdict])
+        table.append([labels[i], cell_format(r["n_devices"], "g"), cell_format(r["base_n_devices"], "g"),
+                      cell_format(r["tokens_per_s"]), cell_format(r["tokens_per_s_per_device"]),
+                      cell_format(r["efficiency"], ".3f"), b, verdict])
     bases = sorted({int(b) for b in efficiency["base_n_devices"].dropna()})
     out = ["## Scaling efficiency", "",
            "Throughput per device relative to the group's smallest device count (1.0 = perfect scaling); "
@@ -281,15 +156,15 @@ def _efficiency_section(efficiency: pd.DataFrame, fits: pd.DataFrame) -> list[st
 
 
 def _usl_section(usl: pd.DataFrame, pct: str) -> list[str]:
-    columns = _group_columns(usl)[0]
+    columns = group_columns(usl)[0]
     table = []
     for _, r in usl.iterrows():
         def ci(name):
             return "" if pd.isna(r.get(name)) else (f"{r[name]:.3g} [{r[name + '_ci_low']:.3g}, "
                                                     f"{r[name + '_ci_high']:.3g}]")
         kappa = "0 (fixed)" if r.get("model") == "amdahl" else ci("kappa")
-        table.append([f"{r['y']}", _group_label(r, columns), _text(r.get("model")), ci("sigma"), kappa,
-                      _num(r.get("peak_n")), _num(r["n_points"], "g"), _note(r["note"])])
+        table.append([f"{r['y']}", group_label(r, columns), cell_text(r.get("model")), ci("sigma"), kappa,
+                      cell_format(r.get("peak_n")), cell_format(r["n_points"], "g"), cell_note(r["note"])])
     return ["## Knees: Universal Scalability Law", "",
             "X(N) = λN / (1 + σ(N−1) + κN(N−1)) fitted to throughput against device count (least squares on "
             f"log X); σ is contention, κ coherency (crosstalk), each with its {pct} interval (Wald, n − 3 dof). "
@@ -300,7 +175,7 @@ def _usl_section(usl: pd.DataFrame, pct: str) -> list[str]:
 
 
 def _predictions_section(predictions: pd.DataFrame, pct: str) -> list[str]:
-    columns = _group_columns(predictions)[0]
+    columns = group_columns(predictions)[0]
     back = predictions[predictions["kind"] == "backtest"]
     out = ["## Predictions", "",
            f"Each fit extrapolated to 2× and 4× the largest device count, with {pct} prediction intervals. The "
@@ -313,24 +188,24 @@ def _predictions_section(predictions: pd.DataFrame, pct: str) -> list[str]:
                 f"median |error| {errors.median():.1%}, largest {errors.max():.1%}.", ""]
 
     def cell(r) -> str:
-        return f"{_num(r['predicted'])} [{_num(r['pi_low'])}, {_num(r['pi_high'])}]"
+        return f"{cell_format(r['predicted'])} [{cell_format(r['pi_low'])}, {cell_format(r['pi_high'])}]"
 
     table = []
     keys = ["y", "method", *columns]
     for _, rows in predictions.groupby(keys, sort=False, dropna=False):
         first = rows.iloc[0]
         ext = rows[rows["kind"] == "extrapolate"].sort_values("x_value")
-        cells = [first["y"], _group_label(first, columns), first["method"]]
-        cells += [f"{_num(r['x_value'], 'g')}: {cell(r)}" for _, r in ext.iterrows()][:2]
+        cells = [first["y"], group_label(first, columns), first["method"]]
+        cells += [f"{cell_format(r['x_value'], 'g')}: {cell(r)}" for _, r in ext.iterrows()][:2]
         cells += [""] * (5 - len(cells))
         bt = rows[rows["kind"] == "backtest"]
         if len(bt):
             r = bt.iloc[0]
-            cells += [f"{_num(r['x_value'], 'g')}: {cell(r)}", _num(r["measured"]), f"{r['error']:+.1%}",
+            cells += [f"{cell_format(r['x_value'], 'g')}: {cell(r)}", cell_format(r["measured"]), f"{r['error']:+.1%}",
                       "yes" if bool(r["within_interval"]) else "no"]
         else:
             cells += ["", "", "", ""]
-        table.append(cells + [_note(first["note"])])
+        table.append(cells + [cell_note(first["note"])])
     out += [_md_table(["y", "group", "method", "2× devices", "4× devices", "backtest (predicted)", "measured",
                        "error", "inside", "note"], table), ""]
     return out
@@ -358,18 +233,18 @@ def _plan_section(plan: pd.DataFrame) -> list[str]:
 
 def _joint_section(joint: pd.DataFrame, pct: str) -> list[str]:
     xs = [c[len("exponent_"):] for c in joint.columns if c.startswith("exponent_")]
-    columns = _group_columns(joint)[0]
+    columns = group_columns(joint)[0]
     table = []
     for _, r in joint.iterrows():
-        cells = [r["y"], _group_label(r, columns)]
+        cells = [r["y"], group_label(r, columns)]
         for x in xs:
             b = r[f"exponent_{x}"]
             text = "" if pd.isna(b) else f"{b:+.3f} [{r[f'ci_low_{x}']:+.3f}, {r[f'ci_high_{x}']:+.3f}]"
             ideal = r.get(f"ideal_{x}")
-            verdict = _text(r.get(f"assessment_{x}"))
-            cells.append(", ".join(filter(None, [text, f"ideal {_num(ideal, 'g')}" if pd.notna(ideal) else "",
+            verdict = cell_text(r.get(f"assessment_{x}"))
+            cells.append(", ".join(filter(None, [text, f"ideal {cell_format(ideal, 'g')}" if pd.notna(ideal) else "",
                                                  verdict])))
-        table.append(cells + [_num(r["r2"], ".4f"), _num(r["n_points"], "g"), _note(r["note"])])
+        table.append(cells + [cell_format(r["r2"], ".4f"), cell_format(r["n_points"], "g"), cell_note(r["note"])])
     return ["## Joint fit", "",
             f"log y = log a + Σ b_x log x, least squares per group, {pct} t intervals, graded as above.", "",
             _md_table(["y", "group", *[f"b_{x} {pct} CI" for x in xs], "r²", "n", "note"], table), ""]
@@ -378,15 +253,15 @@ def _joint_section(joint: pd.DataFrame, pct: str) -> list[str]:
 def _expectations_section(expectations: pd.DataFrame) -> list[str]:
     table = []
     claims = expectations[["y", "x", "claimed_exponent"]].astype(str).agg(" ".join, axis=1)
-    tolerance = _first(expectations, "tolerance", DEFAULT_TOLERANCE)
+    tolerance = first_value(expectations, "tolerance", DEFAULT_TOLERANCE)
     for claim in dict.fromkeys(claims):
         rows = expectations[claims == claim]
-        columns = _group_columns(rows)[0]
+        columns = group_columns(rows)[0]
         for _, r in rows.iterrows():
             ci = "" if pd.isna(r["exponent"]) else f"{r['exponent']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
-            table.append([f"{r['y']} ∝ {r['x']}^{_num(r['claimed_exponent'], 'g')}", _group_label(r, columns),
-                          ci, _num(r["t_stat"], ".2f"), _num(r["p_value"], ".3g"), _text(r.get("assessment")),
-                          _text(r["note"])])
+            table.append([f"{r['y']} ∝ {r['x']}^{cell_format(r['claimed_exponent'], 'g')}", group_label(r, columns),
+                          ci, cell_format(r["t_stat"], ".2f"), cell_format(r["p_value"], ".3g"),
+                          cell_text(r.get("assessment")), cell_text(r["note"])])
     return ["## Expectations", "",
             f"Each claimed exponent is graded like an ideal, with tolerance ± {float(tolerance):g}: *as expected* "
             "when the interval lies inside claim ± tolerance, *above* / *below expected* when wholly outside, else "
@@ -414,8 +289,8 @@ def fits_markdown(fits: pd.DataFrame, efficiency: pd.DataFrame | None = None, jo
     Returns:
       Markdown text.
     """
-    confidence = float(_first(fits, "confidence", 0.95))
-    tolerance = float(_first(fits, "tolerance", DEFAULT_TOLERANCE))
+    confidence = float(first_value(fits, "confidence", 0.95))
+    tolerance = float(first_value(fits, "tolerance", DEFAULT_TOLERANCE))
     pct = f"{100 * confidence:g}%"
     out = ["# Scaling fits", "", *_how_to_read(fits, pct, tolerance)]
     if _shared_host_applies(fits, efficiency):
@@ -427,7 +302,7 @@ def fits_markdown(fits: pd.DataFrame, efficiency: pd.DataFrame | None = None, jo
                 ""]
     out += _glance(fits)
     notes = []
-    for family, title, rows in _sections(fits):
+    for family, title, rows in fit_sections(fits):
         section, section_notes = _fit_section(family, title, rows, pct)
         out += section
         notes += section_notes
@@ -446,308 +321,6 @@ def fits_markdown(fits: pd.DataFrame, efficiency: pd.DataFrame | None = None, jo
     if notes:
         out += ["## Notes", "", *notes, ""]
     return "\n".join(out)
-
-
-WRAP_MIN_WIDTH = 24  # a wrapped column (a note, a group) is never squeezed below this many characters
-
-
-def console_table(title: str, headers: list[str], cells: list[list[str]], left=(), wrap=(), optional=(),
-                  width: int | None = None, footnote: str | None = None) -> Table:
-    """Cells as a rich Table that fits ``width`` terminal columns without cutting a cell.
-
-    Every column keeps each cell on one line except those in ``wrap`` (text
-    wrapped at spaces, WRAP_MIN_WIDTH wide or as wide as its widest cell if
-    that is narrower). Where the table is wider than ``width``: the columns in
-    ``optional`` are left out in that order (least needed first); then the
-    ``footnote`` column's texts move under the table, numbered, the column
-    keeping their numbers; the caption says both. Cells may hold rich markup.
-
-    Args:
-      headers, cells: column names and rows of cell texts.
-      left: columns aligned left (the rest right).
-      width: the terminal's width; None for no limit.
-    """
-    from rich import box
-    from rich.text import Text
-
-    def build(shown: list[int], rows: list[list[str]], measuring: bool, fold_all: bool = False) -> Table:
-        table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False, pad_edge=False,
-                      collapse_padding=True)
-        for i in shown:
-            name = headers[i]
-            wrapped = name in wrap or fold_all
-            shortest = min(WRAP_MIN_WIDTH, max(_longest(rows, i), len(name))) if wrapped else None
-            if name in wrap and not fold_all:  # a wrapped text keeps its room: never squeezed to its longest word
-                shortest = min(WRAP_MIN_WIDTH, max(_widest(rows, i), len(name)))
-            table.add_column(name, justify="left" if name in left else "right", no_wrap=not wrapped,
-                             overflow="fold", max_width=shortest if measuring else None, min_width=shortest)
-        for line in rows:
-            table.add_row(*[line[i] for i in shown])
-        return table
-
-    def fits(shown: list[int], rows: list[list[str]]) -> bool:
-        import io
-
-        from rich.console import Console
-
-        if width is None:
-            return True
-        probe = Console(file=io.StringIO(), width=100_000, color_system=None)
-        probe.print(build(shown, rows, True))
-        return max(Text.from_ansi(line).cell_len for line in probe.file.getvalue().splitlines()) <= width
-
-    shown = list(range(len(headers)))
-    dropped = []
-    for name in optional:
-        if fits(shown, cells):
-            break
-        if name in headers and headers.index(name) in shown:
-            shown.remove(headers.index(name))
-            dropped.append(name)
-    notes: list[str] = []
-    if not fits(shown, cells) and footnote in headers and headers.index(footnote) in shown:
-        column = headers.index(footnote)
-        numbered = []
-        for line in cells:
-            text = line[column]
-            if text and text not in notes:
-                notes.append(text)
-            numbered.append([*line[:column], str(notes.index(text) + 1) if text else "", *line[column + 1:]])
-        cells = numbered
-    # Still too wide (a very long name): fold cells onto more lines rather than crop them.
-    table = build(shown, cells, False, fold_all=not fits(shown, cells))
-    caption = []
-    if dropped:
-        caption.append(f"left out at {width} columns: {', '.join(dropped)} (all in the CSV)")
-    if notes:
-        caption += [f"{footnote}s:"] + [f"{i}. {text}" for i, text in enumerate(notes, 1)]
-    if caption:
-        table.caption = "\n".join(caption)
-        table.caption_justify = "left"
-    return table
-
-
-def _widest(cells: list[list[str]], i: int) -> int:
-    """The widest cell of column i, as shown."""
-    from rich.text import Text
-
-    return max((Text.from_markup(line[i]).cell_len for line in cells), default=1)
-
-
-def _longest(cells: list[list[str]], i: int) -> int:
-    """The longest word of column i (a wrapped column need not be narrower)."""
-    from rich.text import Text
-
-    words = [w for line in cells for w in Text.from_markup(line[i]).plain.split()]
-    return max((len(w) for w in words), default=1)
-
-
-# Fit-table columns, and those left out first on a narrow terminal.
-FIT_CONSOLE_HEADERS = ["family", "y", "x", "group", "exponent", "CI", "ideal", "assessment", "regime", "curve", "n",
-                       "note"]
-FIT_CONSOLE_OPTIONAL = ("CI", "curve", "regime", "x", "family", "ideal", "n")
-
-
-def fits_console_table(fits: pd.DataFrame, width: int | None = None) -> Table:
-    """The fits as a rich Table for a terminal of ``width`` columns (one row per fit, notes last, wrapped).
-
-    On a narrow terminal the columns in FIT_CONSOLE_OPTIONAL are left out, in
-    that order, until the rest fit whole (see ``console_table``).
-    """
-    cells = []
-    for family, _, rows in _sections(fits):
-        columns = _group_columns(rows)[0]
-        for _, row in rows.iterrows():
-            b, ci = _exponent_text(row)
-            verdict = _text(row.get("assessment", ""))
-            style = {"worse than ideal": "yellow", "better than ideal": "cyan", "inconclusive": "dim"}.get(verdict, "")
-            cells.append([family or "", row["y"], row["x"], _escape(_group_label(row, columns)), b, ci,
-                          _num(row["ideal_exponent"], "g"), f"[{style}]{verdict}[/]" if style else verdict,
-                          _text(row["regime"]), _text(row.get("curvature", "")), _num(row["n_points"], "g"),
-                          _escape(_note(row["note"]))])
-    return console_table("power-law fits  y = a·x^b", FIT_CONSOLE_HEADERS, cells,
-                         left={"family", "y", "x", "group", "assessment", "regime", "curve", "note"},
-                         wrap={"group", "note"}, optional=FIT_CONSOLE_OPTIONAL, width=width,
-                         footnote="note")
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
-
-
-def _file_name(text: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", text)
-
-
-def plot_families(runs: pd.DataFrame | None, fits: pd.DataFrame, out_dir: Path | str,
-                  usl: pd.DataFrame | None = None) -> list[Path]:
-    """Log-log small multiples, one PNG per (family, y).
-
-    A panel per value of the group columns other than the series column (model
-    size for device-count families, device count for model-size families),
-    panels sharing both axes. Within a panel each series has its own colour and
-    marker: measured points, the fitted line with its confidence band, and the
-    ideal slope (dashed) drawn through the series' first point. Legends mark
-    inconclusive, not-applicable and curved fits. A USL fit of the same group is
-    drawn dotted on throughput panels.
-
-    Args:
-      runs: the fitted rows (None: lines and bands only).
-      fits: from ``analyze.fit_table`` or ``analyze.default_fits``.
-      out_dir: folder for the PNG files (created).
-      usl: from ``analyze.usl_table`` (optional).
-
-    Returns:
-      The paths written, named ``<family>__<y>.png`` (``<x>__<y>.png`` without a family column).
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    frames = {}
-    for family, _, family_rows in _sections(fits):
-        x = family_rows["x"].iloc[0]
-        if runs is not None and family and x not in frames:
-            prepared = prepare_rows(runs)
-            frames[x] = family_frame(prepared, (x,))[0] if x in prepared.columns else prepared
-        for y in dict.fromkeys(family_rows["y"]):
-            rows = family_rows[family_rows["y"] == y]
-            path = out_dir / _file_name(f"{family or rows['x'].iloc[0]}__{y}.png")
-            if _plot_one(frames.get(x, runs), rows, y, family, path, usl, prepared=x in frames):
-                written.append(path)
-    return written
-
-
-def _split_series(rows: pd.DataFrame) -> tuple[list[str], list[str], str]:
-    """(panel columns, series columns, fixed text) for one plot."""
-    varying, fixed = _group_columns(rows)
-    series = [c for c in _SERIES_PREFERENCE if c in varying][:1] or varying[-1:]
-    panels = [c for c in varying if c not in series]
-    # A column that follows the series and the other panel columns (the mesh shape follows the device count
-    # and the strategy) would give every series a panel of its own.
-    for column in list(panels):
-        rest = [c for c in panels if c != column] + series
-        if rest and rows.groupby(rest, dropna=False)[column].nunique(dropna=False).max() <= 1:
-            panels.remove(column)
-    return panels, series, fixed
-
-
-def _usl_row(usl: pd.DataFrame | None, row) -> pd.Series | None:
-    if usl is None or usl.empty or row["y"] not in set(usl["y"]):
-        return None
-    candidates = usl[(usl["y"] == row["y"]) & (usl["x"] == row["x"])]
-    by = [c for c in _by_names(candidates) if c in row.index]
-    for _, cand in candidates.iterrows():
-        if all((pd.isna(cand[c]) and pd.isna(row[c])) or cand[c] == row[c] for c in by):
-            return cand if pd.notna(cand.get("sigma")) else None
-    return None
-
-
-def _legend_label(row, series: list[str]) -> str:
-    label = _group_label(row, series)
-    if pd.notna(row["exponent"]):
-        label += f": b = {row['exponent']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]"
-    elif _text(row["note"]):
-        label += " (no fit)"
-    flags = [f for f in (_text(row.get("assessment", "")), _text(row.get("curvature", "")))
-             if f in ("inconclusive", "not applicable", "concave", "convex")]
-    return label + (f" — {', '.join(flags).upper()}" if flags else "")
-
-
-def _plot_one(runs: pd.DataFrame | None, rows: pd.DataFrame, y: str, family: str | None, path: Path,
-              usl: pd.DataFrame | None = None, prepared: bool = False) -> bool:
-    import matplotlib  # loaded for plots only: about a second of every command otherwise
-
-    matplotlib.use("Agg")  # files only; never open a window, works without a display
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
-
-    panels, series, fixed = _split_series(rows)
-    x = rows["x"].iloc[0]
-    pct = f"{100 * float(_first(rows, 'confidence', 0.95)):g}%"
-    panel_keys = list(dict.fromkeys(_group_label(r, panels) for _, r in rows.iterrows())) if panels else ["all"]
-    n_panels = len(panel_keys)
-    ncols = min(4, n_panels)
-    nrows = math.ceil(n_panels / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols + 0.6, 3.4 * nrows + 0.9), dpi=100, sharex=True,
-                             sharey=True, squeeze=False)
-    colors = plt.get_cmap("tab10").colors
-    markers = "os^Dv<>ph*"
-    drew = False
-    seen = []  # the y values of points and lines: the axis limits, so wide bands cannot stretch the axes
-    for p, panel in enumerate(panel_keys):
-        ax = axes[p // ncols][p % ncols]
-        in_panel = rows[[(_group_label(r, panels) if panels else "all") == panel for _, r in rows.iterrows()]]
-        for i, (_, row) in enumerate(in_panel.iterrows()):
-            color, marker = colors[i % len(colors)], markers[i % len(markers)]
-            points = fit_points(runs, row, prepared) if runs is not None else pd.DataFrame({"x": [], "y": []})
-            label = _legend_label(row, series)
-            if pd.notna(row["exponent"]):
-                fit = PowerLawFit.from_row(row)
-                grid = np.geomspace(fit.x_min, fit.x_max, 64)
-                if fit.dof >= 2:  # with one degree of freedom the band covers the whole panel
-                    low, high = fit.mean_band(grid)
-                    ax.fill_between(grid, low, high, color=color, alpha=0.12, linewidth=0)
-                style = "--" if _text(row.get("assessment", "")) in ("inconclusive", "not applicable") else "-"
-                ax.plot(grid, fit.predict(grid), color=color, linewidth=1.5, linestyle=style)
-                seen += [float(v) for v in fit.predict(grid[[0, -1]])]
-                if pd.notna(row["ideal_exponent"]):
-                    x0, y0 = ((points.sort_values("x").iloc[0]["x"], points.sort_values("x").iloc[0]["y"])
-                              if len(points) else (fit.x_min, float(fit.predict(fit.x_min))))
-                    ax.plot(grid, y0 * (grid / x0) ** row["ideal_exponent"], color=color, linewidth=1.0,
-                            linestyle=(0, (2, 2)), alpha=0.8)
-                drew = True
-            cand = _usl_row(usl, row) if x == "n_devices" else None
-            if cand is not None and len(points):
-                grid = np.geomspace(points["x"].min(), points["x"].max(), 64)
-                n = grid
-                curve = cand["lambda_"] * n / (1 + cand["sigma"] * (n - 1) + cand["kappa"] * n * (n - 1))
-                ax.plot(grid, curve, color=color, linewidth=1.0, linestyle=":")
-            if len(points):
-                seen += points["y"].tolist()
-                ax.scatter(points["x"], points["y"], color=color, marker=marker, s=24, zorder=3, label=label,
-                           edgecolors="black", linewidths=0.3)
-                drew = True
-            elif pd.notna(row["exponent"]):
-                ax.plot([], [], color=color, marker=marker, label=label)
-        ax.set_title(panel if panels else "", fontsize=9)
-        ax.grid(True, which="major", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6, loc="lower left", framealpha=0.8)
-    for p in range(n_panels, nrows * ncols):
-        axes[p // ncols][p % ncols].set_visible(False)
-    if not drew:
-        plt.close(fig)
-        return False
-    ax0 = axes[0][0]
-    ax0.set_yscale("log")
-    finite = [v for v in seen if np.isfinite(v) and v > 0]
-    if finite:
-        ax0.set_ylim(min(finite) / 2, max(finite) * 2)
-    if x == "n_devices":
-        ax0.set_xscale("log", base=2)
-        ax0.xaxis.set_major_locator(LogLocator(base=2))
-        ax0.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    else:
-        ax0.set_xscale("log")
-    # Minor ticks on shared log axes cost most of the drawing time and add nothing here.
-    ax0.xaxis.set_minor_locator(NullLocator())
-    ax0.yaxis.set_minor_locator(NullLocator())
-    for ax in axes[-1]:
-        ax.set_xlabel(axis_label(x))
-    for row_axes in axes:
-        row_axes[0].set_ylabel(axis_label(y))
-    tail = ", dotted: USL" if usl is not None and y == "tokens_per_s" else ""
-    fig.suptitle(f"{axis_label(y)} vs {axis_label(x)}" + (f"  [{family}]" if family else "") +
-                 f"\npoints: measured; solid: fit y = a·x^b (dashed: inconclusive or not applicable), band: {pct} "
-                 f"confidence (2+ dof); fine dashes: ideal slope through the first point{tail}", fontsize=8)
-    fig.subplots_adjust(hspace=0.3, wspace=0.08, top=1 - 0.8 / fig.get_figheight(), bottom=0.9 / fig.get_figheight())
-    if fixed:
-        fig.text(0.01, 0.01, textwrap.fill(f"fixed: {fixed}", 180), fontsize=6.5, color="0.35", va="bottom")
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return True
 
 
 def write_report(out_dir: Path | str, fits: pd.DataFrame, runs: pd.DataFrame | None = None,
@@ -785,111 +358,97 @@ def write_report(out_dir: Path | str, fits: pd.DataFrame, runs: pd.DataFrame | N
     return written
 
 
-# ------------------------------------------------------------ console printers of the CLI
+# ------------------------------------------------------------ compare.md
 
 
-def print_failures(console, failed) -> int:
-    """A line per failed row (point, status, the error's start) under a count; returns the count."""
-    if len(failed):
-        console.print(f"[red]{len(failed)} point(s) failed:[/red]")
-        for _, r in failed.iterrows():
-            console.print(f"  {r['size_name']} {r['strategy']} n={r['n_devices']}: {r['status']}: "
-                          f"{str(r['error'])[:200]}", markup=False)
-    return len(failed)
+def method_line(table: pd.DataFrame) -> str:
+    """One sentence: how the ratios, intervals and verdicts of the table were made."""
+    confidence = table.attrs.get("confidence", 0.95)
+    level = table.attrs.get("point_confidence", confidence)
+    threshold = table.attrs.get("threshold", 0.05)
+    if not table["interval_over"].notna().any():
+        return (f"ratio = new / base step time, threshold ±{threshold:.1%}; no intervals: "
+                "no point has measured samples on both sides")
+    together = (f"{confidence:.0%} for all points together ({level:.2%} each)" if table.attrs.get("familywise", True)
+                else f"{confidence:.0%} each, not simultaneous")
+    parts = []
+    if (table["interval_over"] == "steps").any():
+        parts.append("over steps: Hodges–Lehmann ratio, Moses (Mann–Whitney) interval")
+    if (table["interval_over"] == "runs").any():
+        parts.append("over 3 or more runs a side: ratio of the geometric means of run medians, Welch t interval")
+    text = f"ratio = new / base step time; {'; '.join(parts)}; intervals {together}; threshold ±{threshold:.1%}"
+    drift = table.attrs.get("run_drift")
+    if drift is not None:
+        if drift.sd == drift.sd:
+            text += (f"; drift between runs {drift.sd:.3f} (log-scale SD, from {drift.n_points - drift.n_outliers}"
+                     f" of {drift.n_points} points) widens the intervals over steps")
+        else:
+            text += "; too few points to estimate the drift between runs: intervals over steps cover steps only"
+    return text
 
 
-def print_dropped(console, dropped, kept: int) -> None:
-    total = sum(dropped.values()) + kept
-    console.print(f"[yellow]{sum(dropped.values())} of {total} grid points dropped:[/yellow]")
-    for reason, count in dropped.items():
-        console.print(f"  {count} x {reason}", markup=False)
+def format_markdown(table: pd.DataFrame, diff: pd.DataFrame, base_sources=(), new_sources=()) -> str:
+    """compare.md: the runtime diff, the verdict counts, the points sorted by effect, then the rest."""
+    lines = ["# jaxscale compare", ""]
+    if base_sources:
+        lines.append(f"- base: {', '.join(map(str, base_sources))}")
+    if new_sources:
+        lines.append(f"- new: {', '.join(map(str, new_sources))}")
+    lines += [f"- {method_line(table)}", ""]
+    lines += ["## Runtime", ""]
+    main = diff[diff["main"]] if len(diff) else diff
+    if main.empty:
+        lines += ["Versions, devices, processes, flags and peak agree.", ""]
+    else:
+        lines += ["| field | base | new |", "| --- | --- | --- |"]
+        lines += [f"| {r.field} | {r.base} | {r.new} |" for r in main.itertuples()]
+        lines.append("")
+    if len(diff) > len(main):
+        lines += ["Other runtime.json fields that differ: "
+                  + ", ".join(f"`{f}`" for f in diff.loc[~diff["main"], "field"]) + ".", ""]
+    tally = counts(table)
+    lines += ["## Verdicts", "", " · ".join(f"{v}: {c}" for v, c in tally.items()), ""]
+    left_out = table.attrs.get("left_out", ())
+    if left_out:
+        lines += [f"Not matched on {', '.join(left_out)}: one side's rows lack the column.", ""]
+    extra = varying_key_columns(table)
+    timed = table[table["verdict"].isin(TIMING_VERDICTS)]
+    if len(timed):
+        memory = pd.to_numeric(timed["memory_ratio"], errors="coerce").notna().any()  # a plan against a run
+        lines += ["## Points, largest change first", "",
+                  "| point | compared | base step s | new step s | ratio | interval | verdict | MFU Δ | compiled Δ | "
+                  "runtime peak Δ | collective Δ |" + (" memory measured / planned |" if memory else ""),
+                  "| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if memory else "")]
+        for _, r in timed.iterrows():
+            interval = (f"{r['ratio_ci_low']:.3f}–{r['ratio_ci_high']:.3f} ({r['ci_level']:.1%})"
+                        if pd.notna(r["ratio_ci_low"]) else "none")
+            lines.append(f"| {point_label(r, extra)} | {r['compared']} | {cell_number(r['step_time_s_base'], '{:.4g}')} | "
+                         f"{cell_number(r['step_time_s_new'], '{:.4g}')} | {cell_number(r['ratio'], '{:.3f}')} | {interval} | "
+                         f"**{r['verdict']}** | {cell_number(r['mfu_delta'], '{:+.2%}')} | "
+                         f"{cell_bytes(r['compiled_total_bytes_delta'], signed=True)} | {cell_bytes(r['peak_bytes_in_use_delta'], signed=True)} | "
+                         f"{cell_bytes(r['collective_bytes_delta'], signed=True)} |" + (f" {cell_number(r['memory_ratio'], '{:.3f}')} |"
+                                                                       if memory else ""))
+        lines.append("")
+        notes = sorted({str(n) for n in timed["note"].dropna() if str(n)})
+        if notes:
+            lines += ["Notes: " + " ".join(f"{n}." for n in notes), ""]
+    rest = table[~table["verdict"].isin(TIMING_VERDICTS)]
+    if len(rest):
+        lines += ["## Failed and one-sided points", "", "| point | verdict | note |", "| --- | --- | --- |"]
+        lines += [f"| {point_label(r, extra)} | {r['verdict']} | {r['note']} |" for _, r in rest.iterrows()]
+        lines.append("")
+    return "\n".join(lines)
 
 
-
-def print_runs(console, rows) -> None:
-    """A short table of the sweep's rows: rich on a terminal, plain full-width text elsewhere.
-
-    Off a terminal (a pipe, a CI log) rich would squeeze the table into 80
-    columns and cut its cells; the plain table keeps every cell whole. On a
-    narrow terminal the least needed columns are left out instead of cutting cells.
-    """
-    headers, cells = _runs_cells(rows)
-    print_cells(console, "jaxscale runs", headers, cells, {"size", "strategy", "mesh", "status", "remat", "xla_flags"},
-                 optional=("mesh", "params", "tokens/s", "cv", "xla_flags", "remat", "mem/device"))
-
-
-def print_cells(console, title: str, headers: list[str], cells: list[list[str]], left: set[str],
-                 optional=(), wrap=()) -> None:
-    """Cells as a rich Table fitted to the terminal, else as plain full-width text."""
-    from rich.markup import escape
-
-    cells = [[escape(c) for c in line] for line in cells]
-    table = console_table(title, headers, cells, left=left, wrap=wrap, optional=optional,
-                          width=console.width if console.is_terminal else None)
-    print_table(console, table)
-
-
-def _runs_cells(rows) -> tuple[list[str], list[list[str]]]:
-    """Column names and cell texts of the runs table; remat and xla_flags only where they vary."""
-    headers = ["size", "strategy", "n", "mesh", "params", "step_time_s", "cv", "tokens/s", "mfu", "mem/device",
-               "status"]
-    extra = [c for c in ("remat", "xla_flags") if c in rows.columns and rows[c].astype(str).nunique() > 1]
-    cells = []
-    for _, r in rows.iterrows():
-        ok = r["status"] == "ok"
-        mem = r.get("peak_bytes_in_use")
-        if mem is None or mem == "" or (isinstance(mem, float) and mem != mem):
-            mem = r.get("compiled_total_bytes")
-        cells.append([str(r["size_name"]), str(r["strategy"]), str(r["n_devices"]), str(r["mesh_shape"]),
-                      cell_number(r.get("params"), "{:.3g}"), cell_number(r.get("step_time_s"), "{:.4g}") if ok else "",
-                      cell_number(r.get("step_time_cv"), "{:.1%}") if ok else "",
-                      cell_number(r.get("tokens_per_s"), "{:.4g}") if ok else "",
-                      cell_number(r.get("mfu"), "{:.1%}") if ok else "", cell_bytes(mem), str(r["status"]),
-                      *[str(r[c]) if r[c] is not None and r[c] == r[c] else "" for c in extra]])
-    return headers + extra, cells
-
-
-def print_table(console, table) -> None:
-    """A rich Table on a terminal; off one, the same cells as plain full-width text a log keeps whole."""
-    if console.is_terminal:
-        console.print(table)
-        return
-    from rich.text import Text
-
-    headers = [str(c.header) for c in table.columns]
-    columns = [[Text.from_markup(str(cell)).plain for cell in c.cells] for c in table.columns]
-    left = {str(c.header) for c in table.columns if c.justify == "left"}
-    if table.title:
-        print(table.title, file=console.file)
-    print(_plain_table(headers, [list(r) for r in zip(*columns)], left), file=console.file, flush=True)
-
-
-def _plain_table(headers: list[str], cells: list[list[str]], left: set[str]) -> str:
-    """Columns padded to their widest cell, two spaces apart, nothing cut."""
-    widths = [max([len(h)] + [len(line[i]) for line in cells]) for i, h in enumerate(headers)]
-
-    def line(texts):
-        return "  ".join(t.ljust(w) if h in left else t.rjust(w)
-                         for t, w, h in zip(texts, widths, headers)).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(c) for c in cells])
-
-
-
-def print_plan(console, rows) -> None:
-    """The plan's rows: what fits, predicted step time and MFU, plain text off a terminal."""
-    headers = ["size", "strategy", "n", "slice", "batch", "remat", "status", "state/chip", "total/chip", "of HBM",
-               "compute_s", "comm_s", "step_s", "mfu"]
-    cells = []
-    for _, r in rows.iterrows():
-        hbm = r.get("device_memory_bytes")
-        total = r.get("compiled_total_bytes")
-        share = cell_number(float(total) / float(hbm), "{:.0%}") if cell_number(total, "{}") and cell_number(hbm, "{}") else ""
-        state = (r.get("param_bytes") or 0) + (r.get("opt_state_bytes") or 0)
-        cells.append([str(r["size_name"]), str(r["strategy"]), str(r["n_devices"]), str(r.get("topology") or ""),
-                      str(r["global_batch"]), str(r.get("remat") or ""), str(r["status"]), cell_bytes(state or None),
-                      cell_bytes(total), share, cell_number(r.get("predicted_compute_s"), "{:.3g}"),
-                      cell_number(r.get("predicted_comm_s"), "{:.3g}"), cell_number(r.get("predicted_step_time_s"), "{:.3g}"),
-                      cell_number(r.get("predicted_mfu"), "{:.1%}")])
-    print_cells(console, "jaxscale plan", headers, cells, {"size", "strategy", "slice", "remat", "status"},
-                 optional=("compute_s", "comm_s", "state/chip", "batch", "remat", "slice", "of HBM"))
+def write_compare(out_dir: Path | str, table: pd.DataFrame, diff: pd.DataFrame, base_sources=(),
+                  new_sources=()) -> dict[str, Path]:
+    """Write compare.csv, compare.md and compare.png into out_dir; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / "compare.csv", "md": out_dir / "compare.md"}
+    table.to_csv(paths["csv"], index=False)
+    paths["md"].write_text(format_markdown(table, diff, base_sources, new_sources))
+    plot = plot_ratios(table, out_dir / "compare.png")
+    if plot is not None:
+        paths["plot"] = plot
+    return paths

@@ -4,25 +4,17 @@ A point is matched on its grid key (grid.KEY_COLUMNS and the other columns
 that decide what was compiled: size name, dtype, batch mode, attention,
 scan_layers). Each side is one run or several runs of the same profile.
 
-The ratio new/base of a point's step times is the Hodges–Lehmann estimate:
-the median of all pairwise ratios new_j / base_i. Its interval is Moses's:
-order statistics of those pairwise ratios, with ranks from the exact null
-distribution of the Mann–Whitney U statistic (a normal approximation for
-large samples). It is distribution-free: it assumes only exchangeable samples
-and a change that scales the step-time distribution, has exact coverage at any
-sample size (the achieved level is reported where few samples cannot reach
-the one asked for), needs no resampling (the same inputs always give the same
-verdict), and a few outlying steps cannot move it.
-
-Per-step samples show only the noise within a run, not the drift between two
-runs (other load on the host, clocks, placement), which on a shared machine
-is larger. So where each side holds at least three runs of the point, the
-interval is Welch's t over the logs of the runs' median step times
-(interval_over = runs); otherwise it is over the steps, widened by the drift
-estimated from all points of the comparison (run_drift_sd, an empirical
-null). Intervals are simultaneous over the points of a comparison
-(Bonferroni), so an unchanged grid of any size has at most a 1 − confidence
-chance of a point called slower or faster.
+The ratio new/base of a point's step times and its interval come from
+jaxscale.intervals. Per-step samples show only the noise within a run, not
+the drift between two runs (other load on the host, clocks, placement), which
+on a shared machine is larger. So where each side holds at least three runs of
+the point, the interval is Welch's t over the logs of the runs' median step
+times (interval_over = runs); otherwise it is the Hodges–Lehmann ratio with
+Moses's interval over the steps, widened by the drift estimated from all
+points of the comparison (run_drift_sd, an empirical null). Intervals are
+simultaneous over the points of a comparison (Bonferroni), so an unchanged
+grid of any size has at most a 1 − confidence chance of a point called slower
+or faster.
 
 Verdicts, with threshold t:
   slower   the interval lies above 1 and the ratio exceeds 1 + t
@@ -35,8 +27,6 @@ compiled memory with runtime peak memory; a plan has no samples, so there is
 no interval and the verdict applies the threshold to the ratio alone.
 Points whose rows failed are ``failed`` (new side), ``fixed`` (base side) or
 ``both_failed``; points on one side only are ``base_only`` or ``new_only``.
-
-Formatting (compare.md, the plot) is kept in its own functions at the end.
 """
 
 from __future__ import annotations
@@ -45,8 +35,6 @@ import csv
 import dataclasses
 import json
 import math
-import sys
-import types
 import warnings
 from pathlib import Path
 
@@ -54,8 +42,9 @@ import numpy as np
 import pandas as pd
 
 from jaxscale.grid import KEY_COLUMNS
+from jaxscale.intervals import (MIN_POINTS_FOR_DRIFT, MIN_SAMPLES, RunDrift, estimate_run_drift, ratio_interval,
+                                run_ratio_interval)
 from jaxscale.records import COLLECTIVE_COLUMNS, SUCCESS_STATUSES, drop_duplicates, file_digest, read_rows, run_labels
-from jaxscale.report import cell_bytes, cell_number
 
 # The point key: the grid key and the other columns that change the compiled program.
 MATCH_COLUMNS: tuple[str, ...] = ("size_name", *KEY_COLUMNS, "batch_mode", "dtype", "attention", "scan_layers")
@@ -69,7 +58,6 @@ RUNTIME_FIELDS = ("jax_version", "jaxlib_version", "flax_version", "libtpu_versi
 RUNTIME_IGNORED = ("process_index",)
 TIMING_VERDICTS = ("faster", "slower", "same", "noisy")
 GATE_VERDICTS = ("slower", "failed")  # a CI gate fails on these
-MIN_SAMPLES = 3  # fewer per side give no interval worth a verdict (at best 1 − 2/C(4,2) = 67% coverage)
 
 
 class CompareError(ValueError):
@@ -175,116 +163,7 @@ def _runtime_of(csv_path: Path, rows: pd.DataFrame) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- statistics
-
-
-def mann_whitney_null_cdf(n: int, m: int) -> np.ndarray:
-    """P(U ≤ u) for u = 0..n·m under the null, exact (sample sizes n and m, no ties).
-
-    The counts of U are the coefficients of the Gaussian binomial
-    [n+m choose n]_q = Π_{i=1..n} (1 − q^(m+i)) / (1 − q^i), built one factor
-    at a time (multiply, then divide by a running sum with stride i).
-    """
-    n, m = sorted((int(n), int(m)))
-    size = n * m + 1
-    poly = np.zeros(size)
-    poly[0] = 1.0
-    for i in range(1, n + 1):
-        shift = m + i
-        if shift < size:
-            poly[shift:] -= poly[:size - shift].copy()
-        pad = (-size) % i  # divide by (1 − q^i): c[k] += c[k − i], a cumulative sum within each residue class
-        grid = np.concatenate([poly, np.zeros(pad)]).reshape(-1, i)
-        poly = np.cumsum(grid, axis=0).reshape(-1)[:size]
-    poly = np.clip(poly, 0.0, None)
-    return np.cumsum(poly) / poly.sum()
-
-
-@dataclasses.dataclass(frozen=True)
-class RatioEstimate:
-    """A ratio new/base of two sets of samples with its interval.
-
-    Attributes:
-      ratio: from ratio_interval, exp(Hodges–Lehmann shift of the logs), the
-        median of all pairwise ratios new_j / base_i; from run_ratio_interval,
-        the ratio of the geometric means of the run medians.
-      ci_low, ci_high: the Moses or Welch interval (NaN with fewer than
-        MIN_SAMPLES a side).
-      level: the interval's coverage: the confidence asked for, or less where
-        the sample sizes cannot reach it.
-    """
-
-    ratio: float
-    ci_low: float
-    ci_high: float
-    level: float
-
-
-EXACT_LIMIT = 40_000  # n·m up to which the exact null distribution is used (a 200 × 200 comparison)
-
-
-def ratio_interval(base, new, confidence: float = 0.95) -> RatioEstimate:
-    """Hodges–Lehmann ratio new/base of positive samples and its Moses confidence interval.
-
-    Args:
-      base, new: per-step times (any positive unit), at least one each.
-      confidence: the two-sided coverage asked for.
-
-    Returns:
-      A RatioEstimate; its interval is NaN when a side has fewer than
-      MIN_SAMPLES samples.
-    """
-    x = np.log(np.asarray(base, dtype=float))
-    y = np.log(np.asarray(new, dtype=float))
-    if not (len(x) and len(y)) or not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise ValueError("ratio_interval needs positive, finite samples on both sides")
-    diffs = np.sort((y[None, :] - x[:, None]).ravel())
-    ratio = float(np.exp(np.median(diffs)))
-    n, m = len(x), len(y)
-    if min(n, m) < MIN_SAMPLES:
-        return RatioEstimate(ratio, math.nan, math.nan, math.nan)
-    alpha = 1.0 - confidence
-    if n * m <= EXACT_LIMIT:
-        cdf = mann_whitney_null_cdf(n, m)
-        # k: how many differences to cut from each end; P(U ≤ k − 1) ≤ α/2.
-        k = int(np.searchsorted(cdf, alpha / 2 * (1 + 1e-9), side="right"))
-        k = max(k, 1)
-        level = 1.0 - 2.0 * float(cdf[k - 1])
-    else:
-        from scipy.stats import norm
-
-        mean, sd = n * m / 2.0, math.sqrt(n * m * (n + m + 1) / 12.0)
-        k = max(int(math.floor(mean - norm.ppf(1 - alpha / 2) * sd)), 1)
-        level = 1.0 - 2.0 * float(norm.cdf((k - 0.5 - mean) / sd))
-    return RatioEstimate(ratio, float(np.exp(diffs[k - 1])), float(np.exp(diffs[n * m - k])), level)
-
-
-def run_ratio_interval(base_medians, new_medians, confidence: float = 0.95) -> RatioEstimate:
-    """Ratio new/base of repeated runs and its Welch t interval, on the logs of the runs' median step times.
-
-    A run's median averages many steps, so its log is close to normal, and the
-    spread between runs holds the drift between runs that per-step samples
-    miss. Unlike a rank interval it reaches any level with three runs a side
-    (wide, where three runs are all there is).
-
-    Returns:
-      A RatioEstimate: the ratio of the geometric means of the run medians;
-      NaN interval with fewer than MIN_SAMPLES runs a side.
-    """
-    from scipy.stats import t as student
-
-    x = np.log(np.asarray(base_medians, dtype=float))
-    y = np.log(np.asarray(new_medians, dtype=float))
-    shift = float(y.mean() - x.mean())
-    if min(len(x), len(y)) < MIN_SAMPLES:
-        return RatioEstimate(math.exp(shift), math.nan, math.nan, math.nan)
-    vx, vy = float(np.var(x, ddof=1)) / len(x), float(np.var(y, ddof=1)) / len(y)
-    se = math.sqrt(vx + vy)
-    if se == 0.0:
-        return RatioEstimate(math.exp(shift), math.exp(shift), math.exp(shift), confidence)
-    df = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))
-    half = float(student.ppf(0.5 + confidence / 2, df)) * se
-    return RatioEstimate(math.exp(shift), math.exp(shift - half), math.exp(shift + half), confidence)
+# ---------------------------------------------------------------- verdicts
 
 
 def verdict(ratio: float, ci_low: float, ci_high: float, threshold: float) -> str:
@@ -536,86 +415,6 @@ def compare(base_rows, new_rows, threshold: float = 0.05, confidence: float = 0.
     return table
 
 
-MIN_POINTS_FOR_DRIFT = 8  # points whose ratios estimate the drift between runs
-
-
-@dataclasses.dataclass(frozen=True)
-class RunDrift:
-    """The spread of step time between two runs that their per-step samples cannot show.
-
-    Attributes:
-      sd: standard deviation of a point's log ratio due to the drift (≈ relative).
-      df: degrees of freedom of that estimate (points used − 1).
-      n_points: points it was estimated from.
-      n_outliers: points left out as really changed (beyond 3 robust SDs).
-    """
-
-    sd: float
-    df: int
-    n_points: int
-    n_outliers: int
-
-
-def estimate_run_drift(log_ratios, within_sd) -> RunDrift:
-    """The drift between two runs, from the ratios of all points of a comparison (an empirical null).
-
-    Most points of a grid do not change, so the spread of their log ratios is
-    the noise of a ratio between two runs (Efron's empirical null, for many
-    simultaneous tests). Points beyond 3 robust standard deviations of the
-    median (MAD × 1.4826) are taken as really changed and left out; the drift
-    is the random-effects SD of the rest beyond their within-run noise
-    (Paule–Mandel, so points with wide within-run intervals count for little).
-    A change common to every point moves the ratios together, not their
-    spread; where many points change by different amounts the spread grows
-    and verdicts err towards ``noisy``.
-
-    Args:
-      log_ratios: log(ratio) of each point.
-      within_sd: the standard deviation of each log ratio within its runs.
-
-    Returns:
-      A RunDrift; its sd is 0 when the within-run noise explains the spread,
-      NaN with fewer than MIN_POINTS_FOR_DRIFT points.
-    """
-    d = np.asarray(log_ratios, dtype=float)
-    s = np.asarray(within_sd, dtype=float)
-    ok = np.isfinite(d) & np.isfinite(s)
-    d, s = d[ok], s[ok]
-    if len(d) < MIN_POINTS_FOR_DRIFT:
-        return RunDrift(math.nan, 0, len(d), 0)
-    centre = float(np.median(d))
-    robust_sd = 1.4826 * float(np.median(np.abs(d - centre)))
-    keep = np.abs(d - centre) <= 3 * robust_sd + 1e-12
-    dk, sk = d[keep], np.maximum(s[keep], 1e-12)
-    return RunDrift(_paule_mandel_sd(dk, sk), max(len(dk) - 1, 1), len(d), int((~keep).sum()))
-
-
-def _paule_mandel_sd(d: np.ndarray, s: np.ndarray) -> float:
-    """The between-run SD τ for which the weighted spread of d about its weighted mean is what k − 1 points give.
-
-    Paule and Mandel's estimator of a random-effects variance: with weights
-    w_i = 1 / (s_i² + τ²), Σ w_i (d_i − d̄_w)² = k − 1. Points whose own
-    within-run noise is large count for little, so a few noisy points cannot
-    hide the drift of the precise ones.
-    """
-    if len(d) < 2:
-        return 0.0
-
-    def q(tau: float) -> float:
-        w = 1.0 / (s ** 2 + tau ** 2)
-        mean = float(np.sum(w * d) / np.sum(w))
-        return float(np.sum(w * (d - mean) ** 2))
-
-    target = len(d) - 1
-    if q(0.0) <= target:
-        return 0.0
-    low, high = 0.0, float(np.ptp(d)) + float(s.max()) + 1e-12
-    for _ in range(100):
-        mid = (low + high) / 2
-        low, high = (mid, high) if q(mid) > target else (low, mid)
-    return high
-
-
 def _widen_for_run_drift(table: pd.DataFrame, threshold: float, confidence: float) -> RunDrift | None:
     """Widen intervals taken over steps by the drift between runs, in place.
 
@@ -778,224 +577,3 @@ def _flatten(data: dict, prefix: str = "") -> dict:
         elif not isinstance(v, list):
             out[f"{prefix}{k}"] = v
     return out
-
-
-# ---------------------------------------------------------------- formatting
-
-
-LABEL_COLUMNS = ("size_name", "strategy", "n_devices")
-
-
-def varying_key_columns(table: pd.DataFrame) -> list[str]:
-    """The key columns that tell apart points sharing a size, strategy and device count (a batch list, remat
-    policies, XLA flag sets): what a point's label needs beyond those three."""
-    key = table.attrs.get("key", MATCH_COLUMNS)
-    groups = [c for c in LABEL_COLUMNS if c in table.columns]
-    out = []
-    for c in key:
-        if c in LABEL_COLUMNS or c not in table.columns:
-            continue
-        spread = table.groupby(groups, dropna=False)[c].nunique(dropna=False) if groups else \
-            pd.Series([table[c].nunique(dropna=False)])
-        if (spread > 1).any():
-            out.append(c)
-    return out
-
-
-def point_label(r, extra) -> str:
-    parts = [f"{r['size_name']} {r['strategy']} n={r['n_devices']}" if "size_name" in r
-             else f"{r['strategy']} n={r['n_devices']}"]
-    parts += [f"{c}={r[c]}" for c in extra if str(r[c]) != ""]
-    return " ".join(parts)
-
-
-def method_line(table: pd.DataFrame) -> str:
-    """One sentence: how the ratios, intervals and verdicts of the table were made."""
-    confidence = table.attrs.get("confidence", 0.95)
-    level = table.attrs.get("point_confidence", confidence)
-    threshold = table.attrs.get("threshold", 0.05)
-    if not table["interval_over"].notna().any():
-        return (f"ratio = new / base step time, threshold ±{threshold:.1%}; no intervals: "
-                "no point has measured samples on both sides")
-    together = (f"{confidence:.0%} for all points together ({level:.2%} each)" if table.attrs.get("familywise", True)
-                else f"{confidence:.0%} each, not simultaneous")
-    parts = []
-    if (table["interval_over"] == "steps").any():
-        parts.append("over steps: Hodges–Lehmann ratio, Moses (Mann–Whitney) interval")
-    if (table["interval_over"] == "runs").any():
-        parts.append("over 3 or more runs a side: ratio of the geometric means of run medians, Welch t interval")
-    text = f"ratio = new / base step time; {'; '.join(parts)}; intervals {together}; threshold ±{threshold:.1%}"
-    drift = table.attrs.get("run_drift")
-    if drift is not None:
-        if drift.sd == drift.sd:
-            text += (f"; drift between runs {drift.sd:.3f} (log-scale SD, from {drift.n_points - drift.n_outliers}"
-                     f" of {drift.n_points} points) widens the intervals over steps")
-        else:
-            text += "; too few points to estimate the drift between runs: intervals over steps cover steps only"
-    return text
-
-
-def format_markdown(table: pd.DataFrame, diff: pd.DataFrame, base_sources=(), new_sources=()) -> str:
-    """compare.md: the runtime diff, the verdict counts, the points sorted by effect, then the rest."""
-    lines = ["# jaxscale compare", ""]
-    if base_sources:
-        lines.append(f"- base: {', '.join(map(str, base_sources))}")
-    if new_sources:
-        lines.append(f"- new: {', '.join(map(str, new_sources))}")
-    lines += [f"- {method_line(table)}", ""]
-    lines += ["## Runtime", ""]
-    main = diff[diff["main"]] if len(diff) else diff
-    if main.empty:
-        lines += ["Versions, devices, processes, flags and peak agree.", ""]
-    else:
-        lines += ["| field | base | new |", "| --- | --- | --- |"]
-        lines += [f"| {r.field} | {r.base} | {r.new} |" for r in main.itertuples()]
-        lines.append("")
-    if len(diff) > len(main):
-        lines += ["Other runtime.json fields that differ: "
-                  + ", ".join(f"`{f}`" for f in diff.loc[~diff["main"], "field"]) + ".", ""]
-    tally = counts(table)
-    lines += ["## Verdicts", "", " · ".join(f"{v}: {c}" for v, c in tally.items()), ""]
-    left_out = table.attrs.get("left_out", ())
-    if left_out:
-        lines += [f"Not matched on {', '.join(left_out)}: one side's rows lack the column.", ""]
-    extra = varying_key_columns(table)
-    timed = table[table["verdict"].isin(TIMING_VERDICTS)]
-    if len(timed):
-        memory = pd.to_numeric(timed["memory_ratio"], errors="coerce").notna().any()  # a plan against a run
-        lines += ["## Points, largest change first", "",
-                  "| point | compared | base step s | new step s | ratio | interval | verdict | MFU Δ | compiled Δ | "
-                  "runtime peak Δ | collective Δ |" + (" memory measured / planned |" if memory else ""),
-                  "| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if memory else "")]
-        for _, r in timed.iterrows():
-            interval = (f"{r['ratio_ci_low']:.3f}–{r['ratio_ci_high']:.3f} ({r['ci_level']:.1%})"
-                        if pd.notna(r["ratio_ci_low"]) else "none")
-            lines.append(f"| {point_label(r, extra)} | {r['compared']} | {cell_number(r['step_time_s_base'], '{:.4g}')} | "
-                         f"{cell_number(r['step_time_s_new'], '{:.4g}')} | {cell_number(r['ratio'], '{:.3f}')} | {interval} | "
-                         f"**{r['verdict']}** | {cell_number(r['mfu_delta'], '{:+.2%}')} | "
-                         f"{cell_bytes(r['compiled_total_bytes_delta'], signed=True)} | {cell_bytes(r['peak_bytes_in_use_delta'], signed=True)} | "
-                         f"{cell_bytes(r['collective_bytes_delta'], signed=True)} |" + (f" {cell_number(r['memory_ratio'], '{:.3f}')} |"
-                                                                       if memory else ""))
-        lines.append("")
-        notes = sorted({str(n) for n in timed["note"].dropna() if str(n)})
-        if notes:
-            lines += ["Notes: " + " ".join(f"{n}." for n in notes), ""]
-    rest = table[~table["verdict"].isin(TIMING_VERDICTS)]
-    if len(rest):
-        lines += ["## Failed and one-sided points", "", "| point | verdict | note |", "| --- | --- | --- |"]
-        lines += [f"| {point_label(r, extra)} | {r['verdict']} | {r['note']} |" for _, r in rest.iterrows()]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot_ratios(table: pd.DataFrame, path: Path) -> Path | None:
-    """Ratios with their intervals against device count, a panel per strategy (log-2 x, log y).
-
-    Returns the path written, or None when no point has a ratio.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    data = table[pd.to_numeric(table["ratio"], errors="coerce").notna()].copy()
-    if data.empty:
-        return None
-    threshold = table.attrs.get("threshold", 0.05)
-    strategies = list(dict.fromkeys(data["strategy"]))
-    extra = varying_key_columns(table)
-    series_cols = [c for c in ("size_name", *extra) if c in data.columns]
-    data["_series"] = data[series_cols].astype(str).agg(" ".join, axis=1) if series_cols else ""
-    series = list(dict.fromkeys(data["_series"]))
-    colors = {"slower": "#c0392b", "faster": "#1e8449", "same": "#7f8c8d", "noisy": "#e67e22"}
-    markers = "osD^v<>ph*"
-    fig, axes = plt.subplots(1, len(strategies), figsize=(3.6 * len(strategies) + 1.2, 3.8), sharey=True,
-                             squeeze=False)
-    ratios = pd.to_numeric(data["ratio"])
-    low = pd.to_numeric(data["ratio_ci_low"], errors="coerce").fillna(ratios)
-    high = pd.to_numeric(data["ratio_ci_high"], errors="coerce").fillna(ratios)
-    span = max(abs(math.log(float(low.min()))), abs(math.log(float(high.max()))), math.log(1 + 2 * threshold))
-    for ax, strategy in zip(axes[0], strategies):
-        ax.axhspan(1 - threshold, 1 + threshold, color="#d5dbdb", alpha=0.6, lw=0)
-        ax.axhline(1.0, color="black", lw=0.8)
-        part = data[data["strategy"] == strategy]
-        for j, name in enumerate(series):
-            points = part[part["_series"] == name]
-            offset = 2 ** ((j - (len(series) - 1) / 2) * 0.06)
-            for _, r in points.iterrows():
-                x = float(r["n_devices"]) * offset
-                y = float(r["ratio"])
-                lo = float(r["ratio_ci_low"]) if pd.notna(r["ratio_ci_low"]) else y
-                hi = float(r["ratio_ci_high"]) if pd.notna(r["ratio_ci_high"]) else y
-                color = colors.get(r["verdict"], "black")
-                ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt=markers[j % len(markers)], color=color,
-                            mfc=color if r["compared"] == "measured/measured" else "white", ms=6, capsize=3,
-                            lw=1.2)
-        ax.set_xscale("log", base=2)
-        counts_ = sorted({int(v) for v in part["n_devices"]})
-        ax.set_xticks(counts_, [str(c) for c in counts_])
-        ax.minorticks_off()
-        ax.set_title(strategy)
-        ax.set_xlabel("devices")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_yscale("log")
-    y_low, y_high = math.exp(-span * 1.15), math.exp(span * 1.15)
-    axes[0][0].set_ylim(y_low, y_high)
-    if y_high / y_low > 30:  # decades, and 2 and 5 between them
-        candidates = [m * 10.0 ** e for e in range(-4, 5) for m in (1, 2, 5)]
-    else:
-        fine = (0.95, 1.05) if y_high < 1.3 else ()  # next to 1 they only crowd a wide axis
-        candidates = [0.1, 0.2, 0.25, 0.5, 0.67, 0.8, 0.9, *fine, 1.0, 1.1, 1.25, 1.5, 2, 4, 5, 10]
-    ticks = [t for t in candidates if y_low <= t <= y_high]
-    if len(ticks) > 9:  # keep 1 and thin out the rest
-        ticks = sorted({1.0, *ticks[::2]})
-    axes[0][0].yaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
-    axes[0][0].yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    axes[0][0].yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    axes[0][0].set_ylabel("step time ratio new / base")
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], marker=markers[j % len(markers)], ls="", color="black", label=name)
-               for j, name in enumerate(series)]
-    handles += [Line2D([], [], marker="s", ls="", color=c, label=v) for v, c in colors.items()]
-    handles.append(Line2D([], [], lw=6, color="#d5dbdb", label=f"±{threshold:.0%}"))
-    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-    fig.suptitle("jaxscale compare: step time new / base with intervals (hollow: a plan against a run, no "
-                 "interval)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1 - 1.3 / fig.get_figwidth(), 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_compare(out_dir: Path | str, table: pd.DataFrame, diff: pd.DataFrame, base_sources=(),
-                  new_sources=()) -> dict[str, Path]:
-    """Write compare.csv, compare.md and compare.png into out_dir; returns their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out_dir / "compare.csv", "md": out_dir / "compare.md"}
-    table.to_csv(paths["csv"], index=False)
-    paths["md"].write_text(format_markdown(table, diff, base_sources, new_sources))
-    plot = plot_ratios(table, out_dir / "compare.png")
-    if plot is not None:
-        paths["plot"] = plot
-    return paths
-
-
-class _CallableModule(types.ModuleType):
-    """``jaxscale.compare`` names both this module and its function ``compare``.
-
-    Importing the module (``from jaxscale.compare import ...``) binds the
-    package attribute to the module, so the module itself calls ``compare``:
-    ``jaxscale.compare(base, new)`` works whichever Python bound.
-    """
-
-    def __call__(self, base_rows, new_rows, threshold: float = 0.05, confidence: float = 0.95,
-                 familywise: bool = True) -> pd.DataFrame:
-        return compare(base_rows, new_rows, threshold=threshold, confidence=confidence, familywise=familywise)
-
-
-sys.modules[__name__].__class__ = _CallableModule
