@@ -126,7 +126,7 @@ def test_run_and_plan_list_their_failures_alike():
 
     from rich.console import Console
 
-    from jaxscale.report import print_failures
+    from jaxscale.console import print_failures
 
     rows = pd.DataFrame([{"size_name": "1b", "strategy": "fsdp", "n_devices": 16, "status": "compile_error",
                           "error": "XlaRuntimeError: [tpu] " + "x" * 300},
@@ -147,7 +147,7 @@ def test_tables_off_a_terminal_keep_every_cell_whole():
     from rich.console import Console
     from rich.table import Table
 
-    from jaxscale.report import print_table
+    from jaxscale.console import print_table
 
     table = Table(title="fits")
     table.add_column("group", justify="left", max_width=10, overflow="ellipsis")

@@ -134,7 +134,8 @@ def cmd_run(args) -> int:
 
 
 def _run(args, dist, profile, isolation, recorded, held, console) -> int:
-    from jaxscale import distributed, report
+    from jaxscale import distributed
+    from jaxscale.console import print_dropped, print_failures, print_runs
     from jaxscale.config import ProfileError
     from jaxscale.records import ReportDirError, os_error_line, stamped
 
@@ -166,7 +167,7 @@ def _run(args, dist, profile, isolation, recorded, held, console) -> int:
         else:  # another host's process: it records nothing, and names traces as process 0 would
             report_dir = Path(args.resume) if args.resume else Path(args.out or "reports") / stamped(profile.run.name)
         if dropped:
-            report.print_dropped(console, dropped, len(points))
+            print_dropped(console, dropped, len(points))
         result = _sweep_with_progress(args, profile, runtime, report_dir, console)
     except OSError as e:
         return _fail(f"{os_error_line(e, str(report_dir))}; rows finished before are kept: free the space or fix "
@@ -177,7 +178,7 @@ def _run(args, dist, profile, isolation, recorded, held, console) -> int:
         runtime.close()
     if not lead:
         return 0 if not len(result.failed) else 1
-    report.print_runs(console, result.rows)
+    print_runs(console, result.rows)
     if result.skipped:
         console.print(f"{result.skipped} points were already recorded in {report_dir} and were skipped", soft_wrap=True)
     console.print(f"rows: {report_dir / 'runs.csv'}", soft_wrap=True)
@@ -185,7 +186,7 @@ def _run(args, dist, profile, isolation, recorded, held, console) -> int:
         _analyze_into(console, result.rows, report_dir, quiet_errors=True)
     if result.interrupted:
         return _interrupted(console, held[0], ["jaxscale", "run", "--resume", str(report_dir)])
-    return 1 if report.print_failures(console, result.failed) else 0
+    return 1 if print_failures(console, result.failed) else 0
 
 
 def _sweep_with_progress(args, profile, runtime, report_dir, console):
@@ -247,12 +248,13 @@ def _analyze_into(console, rows, out_dir: Path, expectations=(), confidence: flo
 
 
 def _print_fits(console, fits, rows, out_dir: Path) -> None:
-    from jaxscale import analyze, report
+    from jaxscale import analyze
+    from jaxscale.console import fits_console_table, print_table
 
     if fits.empty or not analyze.succeeded(rows).any():
         _note(f"no fits: {analyze.why_no_fits(rows)}")
     if not fits.empty:
-        report.print_table(console, report.fits_console_table(fits, console.width if console.is_terminal else None))
+        print_table(console, fits_console_table(fits, console.width if console.is_terminal else None))
     console.print(f"fits: {out_dir / 'fits.csv'}, summary: {out_dir / 'summary.md'}, plots: {out_dir / 'plots'}",
                   soft_wrap=True)
 
@@ -450,11 +452,6 @@ def cmd_calibrate(args) -> int:
 
 def cmd_compare(args) -> int:
     """Exit 0: nothing slower beyond the threshold; 1: something is (or fails now); 2: bad input."""
-    import importlib
-    import warnings
-
-    cmp = importlib.import_module("jaxscale.compare")  # the module; `from jaxscale import compare` is the function
-
     if args.base or args.new:
         if args.reports or not (args.base and args.new):
             return _fail("give BASE NEW, or --base PATH [--base PATH ...] --new PATH [--new PATH ...], not a mix")
@@ -464,50 +461,29 @@ def cmd_compare(args) -> int:
     else:
         return _fail(f"compare takes two reports, BASE NEW (got {len(args.reports)}); for several a side, "
                      "--base PATH [--base PATH ...] --new PATH [--new PATH ...]")
+    from jaxscale.comparison import CompareError, compare_reports, gate_fails
+    from jaxscale.console import print_comparison
     from jaxscale.records import ReportDirError, check_output_dir, os_error_line
+    from jaxscale.report import write_compare
 
     first = Path(new_paths[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else first.resolve().parent) / "compare"
     try:
         check_output_dir(out)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            base, new = cmp.read_side(base_paths), cmp.read_side(new_paths)
-            table = cmp.compare(base.runs, new.runs, threshold=args.threshold, confidence=args.confidence,
-                                familywise=not args.per_point)
-        if not cmp.matched(table):
-            raise cmp.CompareError(f"no point of {', '.join(base_paths)} matches one of {', '.join(new_paths)} "
-                                   f"on {', '.join(table.attrs['key'])}")
-    except (cmp.CompareError, ReportDirError) as e:
+        with _warnings_as_lines():
+            table, diff, shared, sources = compare_reports(base_paths, new_paths, threshold=args.threshold,
+                                                           confidence=args.confidence, familywise=not args.per_point)
+    except (CompareError, ReportDirError) as e:
         return _fail(str(e))
-    for w in caught:
-        print(f"jaxscale: warning: {w.message}", file=sys.stderr)
-    shared = cmp.shared_runs(base, new)
     if shared:
         print(f"jaxscale: warning: base and new hold the same run ({', '.join(shared[:3])}): its rows are compared "
               "with themselves, so every ratio is 1 and says nothing about a change", file=sys.stderr)
-    diff = cmp.runtime_diff(base.runtimes, new.runtimes)
     try:
-        paths = cmp.write_compare(out, table, diff, base.sources, new.sources)
+        paths = write_compare(out, table, diff, *sources)
     except OSError as e:
         return _fail(f"--out {out}: {os_error_line(e, str(out))}")
-    main = diff[diff["main"]] if len(diff) else diff
-    if main.empty:
-        print("runtime: the same versions, devices, processes, flags and peak")
-    else:
-        print("runtime: " + "; ".join(f"{r.field} {r.base} -> {r.new}" for r in main.itertuples()))
-    tally = cmp.counts(table)
-    print(cmp.method_line(table))
-    print(f"{cmp.matched(table)} points matched: "
-          + ", ".join(f"{c} {v}" for v, c in tally.items() if c or v in cmp.TIMING_VERDICTS))
-    extra = cmp.varying_key_columns(table)
-    for _, r in table[table["verdict"].isin(("slower", "failed"))].iterrows():
-        interval = (f" [{r['ratio_ci_low']:.3f}, {r['ratio_ci_high']:.3f}]" if r["verdict"] == "slower"
-                    and r["ratio_ci_low"] == r["ratio_ci_low"] else "")
-        detail = f"{r['ratio']:.3f}x{interval}" if r["verdict"] == "slower" else r["note"]
-        print(f"  {r['verdict']}: {cmp.point_label(r, extra)}: {detail}")
-    print("compare: " + ", ".join(str(p) for p in paths.values()), flush=True)
-    return 1 if cmp.gate_fails(table) else 0
+    print_comparison(table, diff, paths)
+    return 1 if gate_fails(table) else 0
 
 
 def cmd_plan(args) -> int:
@@ -544,8 +520,8 @@ def cmd_plan(args) -> int:
 
 
 def _plan(args, profile, target, report_dir: Path, console) -> int:
-    from jaxscale import report
     from jaxscale.config import ProfileError
+    from jaxscale.console import print_dropped, print_failures, print_plan
     from jaxscale.records import os_error_line
 
     # Planning compiles for the target only: no local accelerator is initialized (and the CUDA plugin then
@@ -563,7 +539,7 @@ def _plan(args, profile, target, report_dir: Path, console) -> int:
     except ProfileError as e:
         return _fail(str(e))
     if dropped:
-        report.print_dropped(console, dropped, len(points))
+        print_dropped(console, dropped, len(points))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         task = progress.add_task("starting", total=len(points))
@@ -581,11 +557,11 @@ def _plan(args, profile, target, report_dir: Path, console) -> int:
             return _fail(f"{os_error_line(e, str(report_dir))}; free the space or fix the permissions, then plan "
                          "again")
         progress.update(task, description="done")
-    report.print_plan(console, result.rows)
+    print_plan(console, result.rows)
     console.print(f"rows: {report_dir / 'runs.csv'}", soft_wrap=True)
     if not args.no_analyze and (result.rows["status"] == "planned").sum() >= 2:
         _analyze_into(console, result.rows, report_dir, quiet_errors=True)
-    return 1 if report.print_failures(console, result.rows[result.rows["status"] == "compile_error"]) else 0
+    return 1 if print_failures(console, result.rows[result.rows["status"] == "compile_error"]) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

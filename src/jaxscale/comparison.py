@@ -577,3 +577,21 @@ def _flatten(data: dict, prefix: str = "") -> dict:
         elif not isinstance(v, list):
             out[f"{prefix}{k}"] = v
     return out
+
+
+def compare_reports(base_paths, new_paths, threshold: float = 0.05, confidence: float = 0.95,
+                    familywise: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, list[str], tuple]:
+    """Compare the runs of two sides (report folders or runs.csv files) point by point.
+
+    Returns:
+      (the compare table, the runtime diff, run ids both sides hold, (base sources, new sources)).
+
+    Raises:
+      CompareError: a side that cannot be read, or no point of one side matching one of the other.
+    """
+    base, new = read_side(base_paths), read_side(new_paths)
+    table = compare(base.runs, new.runs, threshold=threshold, confidence=confidence, familywise=familywise)
+    if not matched(table):
+        raise CompareError(f"no point of {', '.join(map(str, base_paths))} matches one of "
+                           f"{', '.join(map(str, new_paths))} on {', '.join(table.attrs['key'])}")
+    return table, runtime_diff(base.runtimes, new.runtimes), shared_runs(base, new), (base.sources, new.sources)

@@ -14,7 +14,7 @@ import pandas as pd
 from rich.table import Table
 
 from jaxscale.analyze import SHARED_HOST_NOTE
-from jaxscale.comparison import MATCH_COLUMNS
+from jaxscale.comparison import MATCH_COLUMNS, TIMING_VERDICTS, counts, matched
 
 # Size dimensions are summarized by size_name in labels when both are group columns.
 _SIZE_DIMS = ("d_model", "n_layers", "n_heads", "d_ff", "vocab", "params")
@@ -396,3 +396,49 @@ def print_plan(console, rows) -> None:
                       cell_number(r.get("predicted_mfu"), "{:.1%}")])
     print_cells(console, "jaxscale plan", headers, cells, {"size", "strategy", "slice", "remat", "status"},
                  optional=("compute_s", "comm_s", "state/chip", "batch", "remat", "slice", "of HBM"))
+
+
+def method_line(table: pd.DataFrame) -> str:
+    """One sentence: how the ratios, intervals and verdicts of the table were made."""
+    confidence = table.attrs.get("confidence", 0.95)
+    level = table.attrs.get("point_confidence", confidence)
+    threshold = table.attrs.get("threshold", 0.05)
+    if not table["interval_over"].notna().any():
+        return (f"ratio = new / base step time, threshold ±{threshold:.1%}; no intervals: "
+                "no point has measured samples on both sides")
+    together = (f"{confidence:.0%} for all points together ({level:.2%} each)" if table.attrs.get("familywise", True)
+                else f"{confidence:.0%} each, not simultaneous")
+    parts = []
+    if (table["interval_over"] == "steps").any():
+        parts.append("over steps: Hodges–Lehmann ratio, Moses (Mann–Whitney) interval")
+    if (table["interval_over"] == "runs").any():
+        parts.append("over 3 or more runs a side: ratio of the geometric means of run medians, Welch t interval")
+    text = f"ratio = new / base step time; {'; '.join(parts)}; intervals {together}; threshold ±{threshold:.1%}"
+    drift = table.attrs.get("run_drift")
+    if drift is not None:
+        if drift.sd == drift.sd:
+            text += (f"; drift between runs {drift.sd:.3f} (log-scale SD, from {drift.n_points - drift.n_outliers}"
+                     f" of {drift.n_points} points) widens the intervals over steps")
+        else:
+            text += "; too few points to estimate the drift between runs: intervals over steps cover steps only"
+    return text
+
+
+def print_comparison(table: pd.DataFrame, diff: pd.DataFrame, paths: dict) -> None:
+    """The comparison in a few lines: runtime changes, the method, verdict counts, each slower or failed point."""
+    main = diff[diff["main"]] if len(diff) else diff
+    if main.empty:
+        print("runtime: the same versions, devices, processes, flags and peak")
+    else:
+        print("runtime: " + "; ".join(f"{r.field} {r.base} -> {r.new}" for r in main.itertuples()))
+    tally = counts(table)
+    print(method_line(table))
+    print(f"{matched(table)} points matched: "
+          + ", ".join(f"{c} {v}" for v, c in tally.items() if c or v in TIMING_VERDICTS))
+    extra = varying_key_columns(table)
+    for _, r in table[table["verdict"].isin(("slower", "failed"))].iterrows():
+        interval = (f" [{r['ratio_ci_low']:.3f}, {r['ratio_ci_high']:.3f}]" if r["verdict"] == "slower"
+                    and r["ratio_ci_low"] == r["ratio_ci_low"] else "")
+        detail = f"{r['ratio']:.3f}x{interval}" if r["verdict"] == "slower" else r["note"]
+        print(f"  {r['verdict']}: {point_label(r, extra)}: {detail}")
+    print("compare: " + ", ".join(str(p) for p in paths.values()), flush=True)

@@ -15,7 +15,7 @@ import pandas as pd
 from jaxscale.analyze import DEFAULT_TOLERANCE, SHARED_HOST_NOTE, succeeded, why_no_fits
 from jaxscale.comparison import TIMING_VERDICTS, counts
 from jaxscale.console import (cell_bytes, cell_format, cell_note, cell_number, cell_text, cell_value, exponent_text,
-                              first_value, fit_sections, group_columns, group_label, point_label,
+                              first_value, fit_sections, group_columns, group_label, method_line, point_label,
                               varying_key_columns)
 from jaxscale.plots import plot_families, plot_ratios
 
@@ -359,32 +359,6 @@ def write_report(out_dir: Path | str, fits: pd.DataFrame, runs: pd.DataFrame | N
 
 
 # ------------------------------------------------------------ compare.md
-
-
-def method_line(table: pd.DataFrame) -> str:
-    """One sentence: how the ratios, intervals and verdicts of the table were made."""
-    confidence = table.attrs.get("confidence", 0.95)
-    level = table.attrs.get("point_confidence", confidence)
-    threshold = table.attrs.get("threshold", 0.05)
-    if not table["interval_over"].notna().any():
-        return (f"ratio = new / base step time, threshold ±{threshold:.1%}; no intervals: "
-                "no point has measured samples on both sides")
-    together = (f"{confidence:.0%} for all points together ({level:.2%} each)" if table.attrs.get("familywise", True)
-                else f"{confidence:.0%} each, not simultaneous")
-    parts = []
-    if (table["interval_over"] == "steps").any():
-        parts.append("over steps: Hodges–Lehmann ratio, Moses (Mann–Whitney) interval")
-    if (table["interval_over"] == "runs").any():
-        parts.append("over 3 or more runs a side: ratio of the geometric means of run medians, Welch t interval")
-    text = f"ratio = new / base step time; {'; '.join(parts)}; intervals {together}; threshold ±{threshold:.1%}"
-    drift = table.attrs.get("run_drift")
-    if drift is not None:
-        if drift.sd == drift.sd:
-            text += (f"; drift between runs {drift.sd:.3f} (log-scale SD, from {drift.n_points - drift.n_outliers}"
-                     f" of {drift.n_points} points) widens the intervals over steps")
-        else:
-            text += "; too few points to estimate the drift between runs: intervals over steps cover steps only"
-    return text
 
 
 def format_markdown(table: pd.DataFrame, diff: pd.DataFrame, base_sources=(), new_sources=()) -> str:
