@@ -10,11 +10,13 @@ import pandas as pd
 import pytest
 from scipy import optimize, stats
 
-from jaxscale import analyze
-from jaxscale.analyze import (PowerLawFit, add_memory_column, check_expectation, classify_regime, curvature_test,
-                              default_fits, default_joint_fit, fit_points, fit_power_law, fit_table,
-                              fit_usl, grade, joint_fit, parse_expectation, plan_vs_measured, predict_table,
-                              scaling_efficiency, usl_table)
+from jaxscale import analyze, families
+from jaxscale.analyze import (check_expectation, default_fits, default_joint_fit, parse_expectation, plan_vs_measured,
+                              predict_table, scaling_efficiency)
+from jaxscale.families import add_memory_column, fit_points
+from jaxscale.powerlaw import (PowerLawFit, classify_regime, curvature_test, fit_power_law, fit_table, grade,
+                               joint_fit)
+from jaxscale.usl import fit_usl, usl_table
 from jaxscale.records import COLUMNS
 
 
@@ -525,9 +527,9 @@ def test_model_size_and_joint_verdicts():
 
 
 def test_every_row_column_is_classified():
-    linked = {c for cs in analyze.X_LINKED.values() for c in cs}
-    unclassified = set(COLUMNS) - set(analyze.CONFIG_COLUMNS) - analyze.NON_CONFIG_COLUMNS - linked
-    assert not unclassified, f"say whether these split a fit (analyze.CONFIG_COLUMNS) or not: {unclassified}"
+    linked = {c for cs in families.X_LINKED.values() for c in cs}
+    unclassified = set(COLUMNS) - set(families.CONFIG_COLUMNS) - families.NON_CONFIG_COLUMNS - linked
+    assert not unclassified, f"say whether these split a fit (families.CONFIG_COLUMNS) or not: {unclassified}"
 
 
 @pytest.mark.parametrize("column, values", [
@@ -677,16 +679,16 @@ def test_amdahl_recovers_a_planted_contention():
 def test_unusable_values_are_counted_per_column():
     rows = pd.DataFrame({"status": ["ok", "ok", "ok", "error", "ok"], "step_time_s": [0.1, 0.0, np.inf, -1, None],
                          "n_devices": [1, 2, 4, 8, -2]})
-    assert analyze.unusable_values(rows, ["step_time_s", "n_devices", "absent"]) == {"step_time_s": 2,
-                                                                                   "n_devices": 1}
+    assert families.unusable_values(rows, ["step_time_s", "n_devices", "absent"]) == {"step_time_s": 2,
+                                                                                    "n_devices": 1}
 
 
 def test_why_no_fits_says_what_is_the_case():
     failed = pd.DataFrame({"status": ["oom", "oom", "compile_error"], "n_devices": [1, 2, 4]})
-    assert analyze.why_no_fits(failed) == ("every one of the 3 rows failed (2 oom, 1 compile_error), so there is "
-                                           "nothing to fit")
+    assert families.why_no_fits(failed) == ("every one of the 3 rows failed (2 oom, 1 compile_error), so there is "
+                                            "nothing to fit")
     one = pd.DataFrame({"status": ["ok"], "n_devices": [1]})
-    assert analyze.why_no_fits(one).startswith("1 of the 1 rows succeeded; a fit needs at least 3 points")
+    assert families.why_no_fits(one).startswith("1 of the 1 rows succeeded; a fit needs at least 3 points")
 
 
 def test_pure_power_laws_are_not_flagged_curved():
