@@ -12,8 +12,9 @@ from scipy import stats
 from jaxscale import analyze
 from jaxscale.analyze import (check_expectation, default_fits, default_joint_fit, parse_expectation,
                               plan_vs_measured, predict_table, scaling_efficiency)
-from jaxscale.families import fit_points
+from jaxscale.families import fit_points, unusable_values
 from jaxscale.powerlaw import fit_table, joint_fit
+from jaxscale.usl import usl_table
 from test_powerlaw import planted
 
 
@@ -431,3 +432,62 @@ def test_fsdp_tp_memory_ideals(mode):
     assert (fits.loc[["state_bytes", "activation_bytes"], "assessment"] == "as ideal").all()
     assert fits.loc["state_bytes", "model_axis"] == 2
 
+
+# ------------------------------------------------------------------ the analysis in one call
+
+
+def test_analyze_rows_default_pipeline_is_the_default_tables():
+    runs = make_runs()
+    runs.loc[3, "step_time_s"] = 0.0  # a successful row a log-log fit cannot use
+    measured = runs.assign(row_source="measured")
+    rows = pd.concat([measured, planned_rows(measured)], ignore_index=True)
+    result = analyze.analyze_rows(rows, confidence=0.9, tolerance=0.1)
+    pd.testing.assert_frame_equal(result.fits, default_fits(rows, confidence=0.9, tolerance=0.1))
+    pd.testing.assert_frame_equal(result.efficiency, scaling_efficiency(rows))
+    pd.testing.assert_frame_equal(result.joint, default_joint_fit(rows, confidence=0.9, tolerance=0.1))
+    pd.testing.assert_frame_equal(result.usl, analyze.default_usl(rows, confidence=0.9))
+    pd.testing.assert_frame_equal(result.predictions, analyze.default_predictions(rows, confidence=0.9))
+    pd.testing.assert_frame_equal(result.plan, plan_vs_measured(rows))
+    assert result.expectations is None
+    # The zero step time, and the plan's predicted step time made from it.
+    assert result.unusable == unusable_values(rows, analyze.DEFAULT_COLUMNS) == {"step_time_s": 1,
+                                                                                 "predicted_step_time_s": 1}
+    assert (result.confidence, result.tolerance) == (0.9, 0.1)
+    assert analyze.analyze_rows(measured).plan is None  # no plan meets a measurement
+
+
+def test_analyze_rows_checks_each_expectation():
+    runs = make_runs()
+    result = analyze.analyze_rows(runs, expectations=["step_time_s:params=1", "tokens_per_s:n_devices=0.8"])
+    expected = pd.concat([check_expectation(runs, "step_time_s", "params", 1.0),
+                          check_expectation(runs, "tokens_per_s", "n_devices", 0.8)], ignore_index=True)
+    pd.testing.assert_frame_equal(result.expectations, expected)
+    with pytest.raises(ValueError, match="Y:X=EXPONENT"):
+        analyze.analyze_rows(runs, expectations=["step_time_s"])
+
+
+def test_analyze_rows_custom_pipeline_is_fit_usl_and_predict_tables():
+    x, y = planted(0.7, sigma=0.02, n=8, seed=13)
+    rows = pd.DataFrame({"g": np.repeat(["a", "b"], 8), "x": np.tile(x, 2), "y": np.tile(y, 2),
+                         "cost": np.tile(1 / y, 2), "status": "ok"})
+    rows.loc[0, "cost"] = -1.0
+    args = dict(by=["g"], ideal=0.5, directions={"cost": "lower"})
+    result = analyze.analyze_rows(rows, x="x", ys=["y", "cost"], expectations=["y:x=0.7"], confidence=0.9,
+                                  tolerance=0.02, **args)
+    pd.testing.assert_frame_equal(result.fits, fit_table(rows, "x", ["y", "cost"], confidence=0.9, tolerance=0.02,
+                                                         **args))
+    assert result.fits["exponent"].tolist()[:2] == pytest.approx([0.7, -0.7], abs=0.05)
+    pd.testing.assert_frame_equal(result.usl, usl_table(rows, "x", ["y", "cost"], by=["g"], confidence=0.9,
+                                                        directions={"cost": "lower"}))
+    pd.testing.assert_frame_equal(result.predictions, predict_table(rows, "x", ["y", "cost"], by=["g"],
+                                                                    confidence=0.9, directions={"cost": "lower"}))
+    pd.testing.assert_frame_equal(result.expectations, check_expectation(rows, "y", "x", 0.7, by=["g"],
+                                                                         confidence=0.9, tolerance=0.02))
+    assert result.efficiency is None and result.joint is None and result.plan is None
+    assert result.unusable == {"cost": 1}
+
+
+@pytest.mark.parametrize("x, ys", [("x", ()), (None, ("y",))])
+def test_analyze_rows_needs_x_and_ys_together(x, ys):
+    with pytest.raises(ValueError, match="--x and --y go together"):
+        analyze.analyze_rows(pd.DataFrame({"x": [1.0, 2, 4], "y": [1.0, 2, 4]}), x=x, ys=ys)

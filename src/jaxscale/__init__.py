@@ -79,6 +79,8 @@ _EXPORTS = {
     "usl_table": "jaxscale.usl",
     "predict_table": "jaxscale.analyze",
     "plan_vs_measured": "jaxscale.analyze",
+    "Analysis": "jaxscale.analyze",
+    "analyze_rows": "jaxscale.analyze",
     "write_report": "jaxscale.report",
     "compare": "jaxscale.compare",
 }
@@ -100,8 +102,8 @@ def __dir__():
 
 
 if TYPE_CHECKING:
-    from jaxscale.analyze import (check_expectation, default_fits, default_joint_fit, parse_expectation,
-                                  plan_vs_measured, predict_table, scaling_efficiency)
+    from jaxscale.analyze import (Analysis, analyze_rows, check_expectation, default_fits, default_joint_fit,
+                                  parse_expectation, plan_vs_measured, predict_table, scaling_efficiency)
     from jaxscale.families import add_memory_column
     from jaxscale.powerlaw import PowerLawFit, curvature_test, fit_power_law, fit_table, grade, joint_fit
     from jaxscale.usl import fit_usl, usl_table

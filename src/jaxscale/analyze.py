@@ -1,11 +1,12 @@
-"""jaxscale's analysis of runs.csv rows: the default fits and every other table of a report.
+"""jaxscale's analysis of runs.csv rows: ``analyze_rows`` computes every table of a report into an ``Analysis``.
 
 The default fits are the standard families (``default_fits``: ideals per
 family); beside them: the joint fit of step time on params and devices, the
-scaling efficiency, predictions beyond the largest x (``predict_table``),
-plans against measurements and claimed exponents (expectations). Everything
-here is a pure function of DataFrames; nothing prints or touches files
-(report.py formats what these return).
+scaling efficiency, the USL of throughput (``default_usl``), predictions beyond
+the largest x (``predict_table``), plans against measurements and claimed
+exponents (expectations). Given an x and ys, ``analyze_rows`` fits any table's
+columns instead. Everything here is a pure function of DataFrames; nothing
+prints or touches files (report.py formats what these return).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import numpy as np
 import pandas as pd
 from jaxscale.families import (ACTIVATION_COLUMN, CONFIG_COLUMNS, MEMORY_COLUMN, SHARED_HOST_NOTE, STATE_COLUMN,
                                family_frame, group_positions, grouped, numeric_column, prepare_rows, require_columns,
-                               shared_host, succeeded, usable_rows)
+                               shared_host, succeeded, unusable_values, usable_rows)
 from jaxscale.powerlaw import (DEFAULT_TOLERANCE, FIT_COLUMNS, IdealFn, check_confidence, check_tolerance,
                                direction_of, fit_power_law, fit_table, grade, join_notes, joint_fit, t_critical,
                                t_test)
 from jaxscale.records import COLLECTIVE_COLUMNS
-from jaxscale.usl import fit_usl
+from jaxscale.usl import default_usl, fit_usl, usl_table
 
 SHARDED_STRATEGIES = ("fsdp", "tp", "fsdp_tp")
 BATCH_SPLITTING_STRATEGIES = ("dp", "fsdp", "fsdp_tp")
@@ -508,3 +509,84 @@ def check_expectation(data: pd.DataFrame, y: str, x: str, exponent: float, by: S
                                        "ci_high", "confidence", "tolerance", "t_stat", "p_value", "rejected",
                                        "assessment", "n_points", "note"])
 
+
+# ------------------------------------------------------------------ the analysis
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: DataFrames have no single truth value to compare by
+class Analysis:
+    """Every table of one analysis of rows (``analyze_rows``), for report.write_report.
+
+    Attributes:
+      fits: ``default_fits``, or ``fit_table`` in the custom pipeline.
+      efficiency, joint: ``scaling_efficiency`` and ``default_joint_fit`` (None in the custom pipeline).
+      usl, predictions: ``default_usl`` and ``default_predictions``, or ``usl_table`` and ``predict_table``.
+      plan: ``plan_vs_measured`` (None when it is empty, and in the custom pipeline).
+      expectations: ``check_expectation`` of every expectation, one frame (None without expectations).
+      unusable: per fitted column, the successful rows whose value a log-log fit cannot use (``unusable_values``).
+      confidence, tolerance: the level of the intervals and the half-width of the band around each ideal.
+    """
+
+    fits: pd.DataFrame
+    efficiency: pd.DataFrame | None
+    joint: pd.DataFrame | None
+    usl: pd.DataFrame | None
+    predictions: pd.DataFrame | None
+    plan: pd.DataFrame | None
+    expectations: pd.DataFrame | None
+    unusable: dict[str, int]
+    confidence: float
+    tolerance: float
+
+
+def analyze_rows(rows: pd.DataFrame, *, x: str | None = None, ys: str | Sequence[str] = (), by: Sequence[str] = (),
+                 ideal: float | IdealFn | None = None, directions: dict[str, str] | None = None,
+                 expectations: Sequence[str] = (), confidence: float = 0.95,
+                 tolerance: float = DEFAULT_TOLERANCE) -> Analysis:
+    """The analysis of rows: jaxscale's default pipeline, or with ``x`` and ``ys`` the fits of any table's columns.
+
+    Every table is computed before this returns, so a ValueError leaves nothing half done.
+
+    Args:
+      rows: runs.csv rows, or (custom pipeline) any table with numeric x and y columns.
+      x, ys: the custom pipeline's x and y columns, given together: ``fit_table``, ``usl_table`` and
+        ``predict_table`` of ys against x. Without them: ``default_fits``, ``scaling_efficiency``,
+        ``default_joint_fit``, ``default_usl``, ``default_predictions`` and ``plan_vs_measured``.
+      by, ideal, directions: the custom pipeline's group columns, ideal exponent and better directions (see
+        ``fit_table``); the default pipeline ignores them.
+      expectations: claims ``"Y:X=B"`` (``parse_expectation``), each checked with ``check_expectation``.
+      confidence, tolerance: the level of the intervals and the half-width of the band around each ideal.
+
+    Raises:
+      ValueError: x without ys or ys without x, a bad confidence, tolerance or expectation, or rows that
+        cannot share a fit (see ``family_frame``).
+    """
+    ys = (ys,) if isinstance(ys, str) else tuple(ys)
+    if bool(x) != bool(ys):
+        raise ValueError("--x and --y go together: --x COL --y COL [--y COL ...]")
+    check_confidence(confidence)
+    check_tolerance(tolerance)
+    claims = [parse_expectation(text) for text in expectations]
+    efficiency = joint = plan = None
+    if x:
+        fits = fit_table(rows, x, ys, by=by, ideal=ideal, confidence=confidence, tolerance=tolerance,
+                         directions=directions)
+        usl = usl_table(rows, x, ys, by=by, confidence=confidence, directions=directions)
+        predictions = predict_table(rows, x, ys, by=by, confidence=confidence, directions=directions)
+        checks = [check_expectation(rows, y=cy, x=cx, exponent=b, by=by or None, confidence=confidence,
+                                    tolerance=tolerance) for cy, cx, b in claims]
+        fitted = (x, *ys)
+    else:
+        fits = default_fits(rows, confidence=confidence, tolerance=tolerance)
+        efficiency = scaling_efficiency(rows)
+        joint = default_joint_fit(rows, confidence=confidence, tolerance=tolerance)
+        usl = default_usl(rows, confidence=confidence)
+        predictions = default_predictions(rows, confidence=confidence)
+        plan = plan_vs_measured(rows)
+        checks = [check_expectation(rows, y=cy, x=cx, exponent=b, confidence=confidence, tolerance=tolerance)
+                  for cy, cx, b in claims]
+        fitted = DEFAULT_COLUMNS
+    return Analysis(fits=fits, efficiency=efficiency, joint=joint, usl=usl, predictions=predictions,
+                    plan=plan if plan is not None and len(plan) else None,
+                    expectations=pd.concat(checks, ignore_index=True) if checks else None,
+                    unusable=unusable_values(rows, fitted), confidence=confidence, tolerance=tolerance)
