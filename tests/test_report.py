@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 
 from jaxscale import analyze
+from jaxscale.powerlaw import fit_table
 from jaxscale.report import fits_markdown, write_report
+from jaxscale.usl import default_usl
 
 
 def small_runs(backend: str = "gpu") -> pd.DataFrame:
@@ -39,7 +41,7 @@ def tables(runs) -> dict:
     return {"fits": analyze.default_fits(runs), "efficiency": analyze.scaling_efficiency(runs),
             "joint": analyze.default_joint_fit(runs),
             "expectations": analyze.check_expectation(runs, "step_time_s", "n_devices", -1.0),
-            "usl": analyze.default_usl(runs), "predictions": analyze.default_predictions(runs)}
+            "usl": default_usl(runs), "predictions": analyze.default_predictions(runs)}
 
 
 def write_all(out, runs):
@@ -158,7 +160,7 @@ def test_plots_exist_and_are_images(written):
 def test_markdown_for_an_arbitrary_csv_fit():
     x = np.array([1.0, 2, 4, 8])
     df = pd.DataFrame({"g": ["a"] * 4 + ["b"] * 2, "n": [*x, 1, 2], "t": [*(3 / x), 1, 1]})
-    fits = analyze.fit_table(df, "n", "t", by=("g",), ideal=-1.0)
+    fits = fit_table(df, "n", "t", by=("g",), ideal=-1.0)
     text = fits_markdown(fits)
     assert "## y against n" in text
     assert "| g=b |" in text and "too few points: need at least 3 points" in text

@@ -63,22 +63,24 @@ _EXPORTS = {
     "run_profile": "jaxscale.sweep",
     "read_rows": "jaxscale.records",
     # analysis
-    "PowerLawFit": "jaxscale.analyze",
-    "fit_power_law": "jaxscale.analyze",
-    "fit_table": "jaxscale.analyze",
-    "joint_fit": "jaxscale.analyze",
+    "PowerLawFit": "jaxscale.powerlaw",
+    "fit_power_law": "jaxscale.powerlaw",
+    "fit_table": "jaxscale.powerlaw",
+    "joint_fit": "jaxscale.powerlaw",
     "default_fits": "jaxscale.analyze",
     "scaling_efficiency": "jaxscale.analyze",
-    "add_memory_column": "jaxscale.analyze",
+    "add_memory_column": "jaxscale.families",
     "parse_expectation": "jaxscale.analyze",
     "check_expectation": "jaxscale.analyze",
     "default_joint_fit": "jaxscale.analyze",
-    "grade": "jaxscale.analyze",
-    "curvature_test": "jaxscale.analyze",
-    "fit_usl": "jaxscale.analyze",
-    "usl_table": "jaxscale.analyze",
+    "grade": "jaxscale.powerlaw",
+    "curvature_test": "jaxscale.powerlaw",
+    "fit_usl": "jaxscale.usl",
+    "usl_table": "jaxscale.usl",
     "predict_table": "jaxscale.analyze",
     "plan_vs_measured": "jaxscale.analyze",
+    "Analysis": "jaxscale.analyze",
+    "analyze_rows": "jaxscale.analyze",
     "write_report": "jaxscale.report",
     "compare": "jaxscale.comparison:compare",
 }
@@ -100,10 +102,12 @@ def __dir__():
 
 
 if TYPE_CHECKING:
-    from jaxscale.analyze import (PowerLawFit, add_memory_column, check_expectation, curvature_test, default_fits,
-                                  default_joint_fit, fit_power_law, fit_table, fit_usl, grade, joint_fit,
-                                  parse_expectation, plan_vs_measured, predict_table, scaling_efficiency, usl_table)
+    from jaxscale.analyze import (Analysis, analyze_rows, check_expectation, default_fits, default_joint_fit,
+                                  parse_expectation, plan_vs_measured, predict_table, scaling_efficiency)
     from jaxscale.chips import CHIPS, DEVICE_KINDS, device_peak, matmul_math_mode
+    from jaxscale.families import add_memory_column
+    from jaxscale.powerlaw import PowerLawFit, curvature_test, fit_power_law, fit_table, grade, joint_fit
+    from jaxscale.usl import fit_usl, usl_table
     from jaxscale.comms import count_collectives, find_collectives
     from jaxscale.comparison import compare
     from jaxscale.config import ModelSpec, Profile, ProfileError, build_profile, load_profile

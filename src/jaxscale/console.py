@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from rich.table import Table
 
-from jaxscale.analyze import SHARED_HOST_NOTE
+from jaxscale.families import SHARED_HOST_NOTE
 from jaxscale.comparison import MATCH_COLUMNS, TIMING_VERDICTS, counts, matched
 
 # Size dimensions are summarized by size_name in labels when both are group columns.

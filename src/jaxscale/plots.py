@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from jaxscale.analyze import PowerLawFit, family_frame, fit_points, prepare_rows
+from jaxscale.families import family_frame, fit_points, prepare_rows
+from jaxscale.powerlaw import PowerLawFit
 from jaxscale.console import (by_names, cell_text, first_value, fit_sections, group_columns, group_label,
                               varying_key_columns)
 
@@ -63,9 +64,9 @@ def plot_families(runs: pd.DataFrame | None, fits: pd.DataFrame, out_dir: Path |
 
     Args:
       runs: the fitted rows (None: lines and bands only).
-      fits: from ``analyze.fit_table`` or ``analyze.default_fits``.
+      fits: from ``powerlaw.fit_table`` or ``analyze.default_fits``.
       out_dir: folder for the PNG files (created).
-      usl: from ``analyze.usl_table`` (optional).
+      usl: from ``usl.usl_table`` (optional).
 
     Returns:
       The paths written, named ``<family>__<y>.png`` (``<x>__<y>.png`` without a family column).

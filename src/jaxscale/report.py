@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from jaxscale.analyze import DEFAULT_TOLERANCE, SHARED_HOST_NOTE, succeeded, why_no_fits
+from jaxscale.families import SHARED_HOST_NOTE, succeeded, why_no_fits
 from jaxscale.comparison import TIMING_VERDICTS, counts
 from jaxscale.console import (cell_bytes, cell_format, cell_note, cell_number, cell_text, cell_value, exponent_text,
                               first_value, fit_sections, group_columns, group_label, method_line, point_label,
                               varying_key_columns)
 from jaxscale.plots import plot_families, plot_ratios
+from jaxscale.powerlaw import DEFAULT_TOLERANCE
 
 VERDICTS = ("as ideal", "better than ideal", "worse than ideal", "above ideal", "below ideal", "inconclusive",
             "not applicable")
@@ -277,11 +278,11 @@ def fits_markdown(fits: pd.DataFrame, efficiency: pd.DataFrame | None = None, jo
     predictions, joint fit, plan against measurement, expectations, notes.
 
     Args:
-      fits: from ``analyze.fit_table`` or ``analyze.default_fits``.
+      fits: from ``powerlaw.fit_table`` or ``analyze.default_fits``.
       efficiency: from ``analyze.scaling_efficiency``.
       joint: from ``analyze.joint_fit``.
       expectations: from ``analyze.check_expectation`` (several may be concatenated).
-      usl: from ``analyze.usl_table`` / ``analyze.default_usl``.
+      usl: from ``usl.usl_table`` / ``usl.default_usl``.
       predictions: from ``analyze.predict_table`` / ``analyze.default_predictions``.
       plan: from ``analyze.plan_vs_measured``.
       runs: the rows fitted, to say why there is no fit when ``fits`` is empty.
@@ -331,7 +332,7 @@ def write_report(out_dir: Path | str, fits: pd.DataFrame, runs: pd.DataFrame | N
 
     Args:
       out_dir: the folder (created).
-      fits: from ``analyze.fit_table`` or ``analyze.default_fits``.
+      fits: from ``powerlaw.fit_table`` or ``analyze.default_fits``.
       runs: the fitted rows, for the points on the plots.
       efficiency, joint, expectations, usl, predictions, plan: optional tables
         from jaxscale.analyze, written as efficiency.csv, joint.csv,
