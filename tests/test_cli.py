@@ -166,7 +166,7 @@ def test_tables_off_a_terminal_keep_every_cell_whole():
 def test_rows_carry_the_run_id_and_runtime_json_the_users_flags(smoke_report):
     import json
 
-    from jaxscale.records import read_run_id
+    from jaxscale.folders import read_run_id
 
     report, proc = smoke_report
     rows = read_rows(report / "runs.csv")

@@ -234,7 +234,7 @@ def _assert_exact(folder):
     """Every point of the folder's profile once, all of its own run."""
     from jaxscale.config import load_profile
     from jaxscale.grid import build_grid
-    from jaxscale.records import read_run_id
+    from jaxscale.folders import read_run_id
 
     rows = read_rows(folder / "runs.csv")
     points, _ = build_grid(load_profile(str(folder / "profile.toml")), 8)
@@ -273,7 +273,7 @@ def test_concurrent_runs_and_resumes_record_every_point_once_in_its_own_run(tmp_
 
 
 def test_a_folder_in_use_is_refused_naming_its_holder(tmp_path):
-    from jaxscale.records import ReportDir
+    from jaxscale.folders import ReportDir
 
     held = ReportDir.create(tmp_path, "r")  # as a run holds it before its profile.toml is written
     proc = jaxscale("run", "--resume", held.path, "--no-analyze", cwd=tmp_path, env=cli_env(JAX_PLATFORMS="none"))

@@ -69,10 +69,11 @@ def _warnings_as_lines():
 
 def _claim_report(args, profile, recorded):
     """The report folder, held by this process: a new one (never reused) or the --resume one."""
-    from jaxscale.records import ReportDir
+    from jaxscale.folders import ReportDir
+    from jaxscale.records import last_run_id
 
     if args.resume:
-        return ReportDir.reopen(args.resume, recorded)
+        return ReportDir.reopen(args.resume, last_run_id(recorded))
     return ReportDir.for_run(profile.run.name, args.out)
 
 
@@ -94,7 +95,7 @@ def _interrupted(console, report, command: list[str], then: str = "continue with
 def cmd_run(args) -> int:
     from jaxscale import distributed
     from jaxscale.config import ProfileError, load_profile
-    from jaxscale.records import ReportDirError, check_output_dir
+    from jaxscale.folders import ReportDirError, check_output_dir
 
     dist = distributed.Distributed.from_args(args)
     if dist.wanted and not distributed.supervised():
@@ -137,7 +138,7 @@ def _run(args, dist, profile, isolation, recorded, held, console) -> int:
     from jaxscale import distributed
     from jaxscale.console import print_dropped, print_failures, print_runs
     from jaxscale.config import ProfileError
-    from jaxscale.records import ReportDirError, os_error_line, stamped
+    from jaxscale.folders import ReportDirError, os_error_line, stamped
 
     _prepare_runtime(not args.no_compile_cache)
     from jaxscale import sweep as sw
@@ -208,141 +209,32 @@ def _sweep_with_progress(args, profile, runtime, report_dir, console):
     return result
 
 
-def _analyze_into(console, rows, out_dir: Path, expectations=(), confidence: float = 0.95,
-                  tolerance: float | None = None, quiet_errors: bool = False) -> None:
-    """The default analysis of jaxscale rows into out_dir. Every table is computed before
-    anything is written, so a ValueError (rows that cannot share a fit) leaves no files.
+def _analyze_into(console, rows, out_dir: Path, quiet_errors: bool = False, **options) -> None:
+    """analyze.analyze_rows into out_dir, written and printed. With ``quiet_errors`` (the end of a run, whose
+    rows are safe) rows that cannot share a fit are one warning line instead of a ValueError."""
+    from jaxscale.analyze import analyze_rows
+    from jaxscale.console import print_analysis
+    from jaxscale.report import write_analysis
 
-    With ``quiet_errors`` (the end of a run, whose rows are safe) such a ValueError
-    is one warning line instead of an exception.
-    """
-    from jaxscale import analyze, report
-
-    tolerance = analyze.DEFAULT_TOLERANCE if tolerance is None else tolerance
     try:
-        fits = analyze.default_fits(rows, confidence=confidence, tolerance=tolerance)
-        efficiency = analyze.scaling_efficiency(rows)
-        joint = analyze.default_joint_fit(rows, confidence=confidence, tolerance=tolerance)
-        usl = analyze.default_usl(rows, confidence=confidence)
-        predictions = analyze.default_predictions(rows, confidence=confidence)
-        plan = analyze.plan_vs_measured(rows)
-        checks = None
-        if expectations:
-            import pandas as pd
-
-            frames = []
-            for text in expectations:
-                y, x, b = analyze.parse_expectation(text)
-                frames.append(analyze.check_expectation(rows, y=y, x=x, exponent=b, confidence=confidence,
-                                                        tolerance=tolerance))
-            checks = pd.concat(frames, ignore_index=True)
+        analysis = analyze_rows(rows, **options)
     except ValueError as e:
         if not quiet_errors:
             raise
         print(f"jaxscale: warning: no analysis: {e}", file=sys.stderr)
         return
-    _report_unusable(rows, analyze.DEFAULT_COLUMNS)
-    report.write_report(out_dir, fits, runs=rows, efficiency=efficiency, joint=joint, expectations=checks, usl=usl,
-                        predictions=predictions, plan=plan if len(plan) else None)
-    _print_fits(console, fits, rows, out_dir)
-
-
-def _print_fits(console, fits, rows, out_dir: Path) -> None:
-    from jaxscale import analyze
-    from jaxscale.console import fits_console_table, print_table
-
-    if fits.empty or not analyze.succeeded(rows).any():
-        _note(f"no fits: {analyze.why_no_fits(rows)}")
-    if not fits.empty:
-        print_table(console, fits_console_table(fits, console.width if console.is_terminal else None))
-    console.print(f"fits: {out_dir / 'fits.csv'}, summary: {out_dir / 'summary.md'}, plots: {out_dir / 'plots'}",
-                  soft_wrap=True)
-
-
-def _report_unusable(rows, columns) -> None:
-    """One line per fitted column whose successful rows hold values a log-log fit cannot use."""
-    from jaxscale import analyze
-
-    for column, count in analyze.unusable_values(rows, columns).items():
-        _note(f"{column}: {count} row(s) with a value <= 0 or infinite left out of the fits")
-
-
-def load_tables(paths: list[str]):
-    """Read and concatenate CSVs (or report folders' runs.csv) for analysis; a problem is a ValueError naming the file.
-
-    A file given twice is read once, and rows that repeat a run's point (the
-    same run_id, or the same file, and the same grid point) are dropped; each
-    says so in one line.
-    """
-    import warnings
-
-    import pandas as pd
-
-    from jaxscale.records import drop_duplicates, file_digest, read_rows, run_labels
-
-    frames, seen = [], {}
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            if not (path / "runs.csv").is_file():
-                raise ValueError(f"{name}: a folder without runs.csv; give a report folder written by `jaxscale "
-                                 "run` or `jaxscale plan`, or a CSV file")
-            path = path / "runs.csv"
-        elif not path.is_file():
-            raise ValueError(f"{name}: no such file or folder; give the path of a CSV (a runs.csv or any table) "
-                             "or of a report folder")
-        if path.stat().st_size == 0:
-            raise ValueError(f"{name}: the file is empty; expected a CSV with a header line")
-        digest = file_digest(path)
-        if digest in seen:
-            _note(f"{name} holds the same rows as {seen[digest]}; read once")
-            continue
-        seen[digest] = name
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                frame = read_rows(path)
-            except (UnicodeDecodeError, pd.errors.ParserError) as e:
-                raise ValueError(f"{name}: not a readable CSV ({e})") from None
-        for w in caught:
-            print(f"jaxscale: warning: {w.message}", file=sys.stderr)
-        if frame.empty:
-            raise ValueError(f"{name}: has a header but no rows")
-        frames.append(frame.assign(_file=len(frames)))
-    rows = pd.concat(frames, ignore_index=True)
-    runs = run_labels(rows, "").where(run_labels(rows, "") != "", "file " + rows["_file"].astype(str))
-    rows, dropped = drop_duplicates(rows.drop(columns="_file"), runs)
-    if dropped:
-        _note(f"dropped {dropped} duplicate row(s): the same run and grid point recorded twice (kept the first)")
-    return rows.reset_index(drop=True)
-
-
-def _require_numeric(frame, column: str, source: str) -> None:
-    import pandas as pd
-
-    if column not in frame.columns:
-        raise ValueError(f"{source}: no column {column!r}; columns are: {', '.join(map(str, frame.columns))}")
-    from jaxscale.records import SUCCESS_STATUSES
-
-    values = frame[column]
-    if "status" in frame.columns:
-        values = values[frame["status"].astype(str).isin(SUCCESS_STATUSES)]
-    present = values[values.astype(str).str.strip() != ""].dropna()
-    numbers = pd.to_numeric(present, errors="coerce")
-    bad = present[numbers.isna()]
-    if len(bad):
-        raise ValueError(f"{source}: column {column!r} needs numbers but has {bad.iloc[0]!r} "
-                         f"(row {bad.index[0] + 2}); fix or remove such rows")
+    write_analysis(out_dir, analysis, rows)
+    print_analysis(console, analysis, rows, out_dir)
 
 
 def cmd_analyze(args) -> int:
-    import pandas as pd
     from rich.console import Console
 
-    from jaxscale import analyze, report
-    from jaxscale.records import ReportDirError, check_output_dir, os_error_line
+    from jaxscale.analyze import parse_expectation
+    from jaxscale.families import check_columns
+    from jaxscale.folders import ReportDirError, check_output_dir, os_error_line
+    from jaxscale.records import load_tables
 
-    console = Console()
     source = ", ".join(args.csv)
     first = Path(args.csv[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else first.resolve().parent) / "analysis"
@@ -355,51 +247,17 @@ def cmd_analyze(args) -> int:
             raise ValueError(f"--confidence {args.confidence}: expected a number between 0 and 1, e.g. 0.95")
         if not (args.tolerance >= 0 and args.tolerance < float("inf")):
             raise ValueError(f"--tolerance {args.tolerance}: expected a finite number >= 0, e.g. 0.05")
-        expectations = [analyze.parse_expectation(text) for text in args.expect]
-        rows = load_tables(args.csv)
-        if args.x or args.y:
-            if not (args.x and args.y):
-                raise ValueError("--x and --y go together: --x COL --y COL [--y COL ...]")
-            for column in (args.x, *args.y):
-                _require_numeric(rows, column, source)
-            for flag, columns in (("--by", args.by), ("--higher-is-better", args.higher_is_better),
-                                  ("--lower-is-better", args.lower_is_better)):
-                for column in columns:
-                    if column not in rows.columns:
-                        raise ValueError(f"{source}: no {flag} column {column!r}; columns are: "
-                                         f"{', '.join(map(str, rows.columns))}")
-        else:
-            for column in ("n_devices", "params", "strategy", "step_time_s"):
-                if column not in rows.columns:
-                    raise ValueError(f"{source}: no column {column!r}, so these are not jaxscale rows; "
-                                     "for any other CSV give --x COL --y COL [--by COL]")
-            for column in ("n_devices", "params", "step_time_s", "tokens_per_s"):
-                if column in rows.columns:
-                    _require_numeric(rows, column, source)
-        for y, x, _ in expectations:
-            for column in (x, y):
-                if column not in (analyze.MEMORY_COLUMN, analyze.STATE_COLUMN, analyze.ACTIVATION_COLUMN):
-                    _require_numeric(rows, column, source)
-        if args.x:
-            # Computed before anything is written: a refusal leaves no half-written folder.
-            directions = {**{c: "higher" for c in args.higher_is_better}, **{c: "lower" for c in args.lower_is_better}}
-            fits = analyze.fit_table(rows, args.x, args.y, by=args.by, ideal=args.ideal, confidence=args.confidence,
-                                     tolerance=args.tolerance, directions=directions)
-            usl = analyze.usl_table(rows, args.x, args.y, by=args.by, confidence=args.confidence,
-                                    directions=directions)
-            predictions = analyze.predict_table(rows, args.x, args.y, by=args.by, confidence=args.confidence,
-                                                directions=directions)
-            checks = None
-            if expectations:
-                checks = pd.concat([analyze.check_expectation(rows, y=y, x=x, exponent=b, by=args.by or None,
-                                                              confidence=args.confidence, tolerance=args.tolerance)
-                                    for y, x, b in expectations], ignore_index=True)
-            _report_unusable(rows, (args.x, *args.y))
-            report.write_report(out, fits, runs=rows, expectations=checks, usl=usl, predictions=predictions)
-            _print_fits(console, fits, rows, out)
-        else:
-            _analyze_into(console, rows, out, [f"{y}:{x}={b}" for y, x, b in expectations], args.confidence,
-                          args.tolerance)
+        claims = [parse_expectation(text) for text in args.expect]
+        with _warnings_as_lines():
+            rows, notes = load_tables(args.csv)
+        for note in notes:
+            _note(note)
+        check_columns(rows, source, x=args.x, ys=args.y or (), by=args.by, expectations=[c[:2] for c in claims],
+                      higher_is_better=args.higher_is_better, lower_is_better=args.lower_is_better)
+        directions = {**{c: "higher" for c in args.higher_is_better}, **{c: "lower" for c in args.lower_is_better}}
+        _analyze_into(Console(), rows, out, x=args.x, ys=args.y or (), by=args.by, ideal=args.ideal,
+                      directions=directions, expectations=args.expect, confidence=args.confidence,
+                      tolerance=args.tolerance)
     except OSError as e:
         return _fail(f"--out {out}: {os_error_line(e, str(out))}")
     except ValueError as e:
@@ -463,7 +321,7 @@ def cmd_compare(args) -> int:
                      "--base PATH [--base PATH ...] --new PATH [--new PATH ...]")
     from jaxscale.comparison import CompareError, compare_reports, gate_fails
     from jaxscale.console import print_comparison
-    from jaxscale.records import ReportDirError, check_output_dir, os_error_line
+    from jaxscale.folders import ReportDirError, check_output_dir, os_error_line
     from jaxscale.report import write_compare
 
     first = Path(new_paths[0])
@@ -488,7 +346,7 @@ def cmd_compare(args) -> int:
 
 def cmd_plan(args) -> int:
     from jaxscale.config import ProfileError, load_profile
-    from jaxscale.records import ReportDir, ReportDirError, stamped
+    from jaxscale.folders import ReportDir, ReportDirError, stamped
     from jaxscale.targets import TargetError, parse_target, require_compiler
 
     from rich.console import Console
@@ -522,7 +380,7 @@ def cmd_plan(args) -> int:
 def _plan(args, profile, target, report_dir: Path, console) -> int:
     from jaxscale.config import ProfileError
     from jaxscale.console import print_dropped, print_failures, print_plan
-    from jaxscale.records import os_error_line
+    from jaxscale.folders import os_error_line
 
     # Planning compiles for the target only: no local accelerator is initialized (and the CUDA plugin then
     # skips its check for CUDA libraries it does not need to compile). JAX's persistent compilation cache

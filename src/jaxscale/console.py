@@ -9,11 +9,14 @@ of summary.md, compare.md and the plots too.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from rich.table import Table
 
-from jaxscale.families import SHARED_HOST_NOTE
+from jaxscale.families import SHARED_HOST_NOTE, succeeded, why_no_fits
 from jaxscale.comparison import MATCH_COLUMNS, TIMING_VERDICTS, counts, matched
 
 # Size dimensions are summarized by size_name in labels when both are group columns.
@@ -442,3 +445,19 @@ def print_comparison(table: pd.DataFrame, diff: pd.DataFrame, paths: dict) -> No
         detail = f"{r['ratio']:.3f}x{interval}" if r["verdict"] == "slower" else r["note"]
         print(f"  {r['verdict']}: {point_label(r, extra)}: {detail}")
     print("compare: " + ", ".join(str(p) for p in paths.values()), flush=True)
+
+
+def print_analysis(console, analysis, rows: pd.DataFrame, out_dir) -> None:
+    """An analyze.Analysis on the terminal: values left out of the fits, why there are none, the fits table,
+    and where the files are."""
+    for column, count in analysis.unusable.items():
+        print(f"jaxscale: note: {column}: {count} row(s) with a value <= 0 or infinite left out of the fits",
+              file=sys.stderr)
+    fits = analysis.fits
+    if fits.empty or not succeeded(rows).any():
+        print(f"jaxscale: note: no fits: {why_no_fits(rows)}", file=sys.stderr)
+    if not fits.empty:
+        print_table(console, fits_console_table(fits, console.width if console.is_terminal else None))
+    out_dir = Path(out_dir)
+    console.print(f"fits: {out_dir / 'fits.csv'}, summary: {out_dir / 'summary.md'}, plots: {out_dir / 'plots'}",
+                  soft_wrap=True)

@@ -13,7 +13,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
-from jaxscale.records import COLLECTIVE_COLUMNS, SUCCESS_STATUSES
+
+from jaxscale.records import COLLECTIVE_COLUMNS, SUCCESS_STATUSES, require_numeric
 
 MEMORY_COLUMN = "memory_per_device_bytes"
 STATE_COLUMN = "state_bytes"
@@ -284,3 +285,37 @@ def fit_points(runs: pd.DataFrame, fit_row, prepared: bool = False) -> pd.DataFr
         value = fit_row[column]
         mask &= runs[column].isna() if pd.isna(value) else runs[column] == value
     return pd.DataFrame({"x": numeric_column(runs, x)[mask].to_numpy(), "y": numeric_column(runs, y)[mask].to_numpy()})
+
+
+def check_columns(rows: pd.DataFrame, source: str, x: str | None = None, ys: Sequence[str] = (),
+                  by: Sequence[str] = (), expectations: Sequence[tuple[str, str]] = (),
+                  higher_is_better: Sequence[str] = (), lower_is_better: Sequence[str] = ()) -> None:
+    """A ValueError naming ``source`` and the column unless the rows hold what the analysis asked for reads.
+
+    With ``x`` and ``ys`` (any CSV): those columns as numbers, and the group and direction columns present.
+    Without (jaxscale rows): the columns of a runs.csv, its fitted ones numeric. Each expectation's (y, x)
+    numeric too, unless derived from the memory columns.
+    """
+    if x or ys:
+        if not (x and ys):
+            raise ValueError("--x and --y go together: --x COL --y COL [--y COL ...]")
+        for column in (x, *ys):
+            require_numeric(rows, column, source)
+        for flag, columns in (("--by", by), ("--higher-is-better", higher_is_better),
+                              ("--lower-is-better", lower_is_better)):
+            for column in columns:
+                if column not in rows.columns:
+                    raise ValueError(f"{source}: no {flag} column {column!r}; columns are: "
+                                     f"{', '.join(map(str, rows.columns))}")
+    else:
+        for column in ("n_devices", "params", "strategy", "step_time_s"):
+            if column not in rows.columns:
+                raise ValueError(f"{source}: no column {column!r}, so these are not jaxscale rows; "
+                                 "for any other CSV give --x COL --y COL [--by COL]")
+        for column in ("n_devices", "params", "step_time_s", "tokens_per_s"):
+            if column in rows.columns:
+                require_numeric(rows, column, source)
+    for y, x_ in expectations:
+        for column in (x_, y):
+            if column not in (MEMORY_COLUMN, STATE_COLUMN, ACTIVATION_COLUMN):
+                require_numeric(rows, column, source)

@@ -1,37 +1,27 @@
-"""Report folders and the rows in them: the row schema of runs.csv, appending rows durably, reading them back.
+"""The rows of runs.csv: their schema, column roles and point key; appending them durably, reading them back.
 
 Each row is appended and fsync'd the moment its point finishes, so a sweep
 killed at any instant leaves a file whose complete lines are all valid rows.
 A torn last line (the write that was interrupted) is dropped by the reader
 with a warning.
 
-A report folder belongs to one run: it is created exclusively (never reused),
-holds the run's id (``run_id.txt``, stamped on every row it writes), and has
-one writer at a time (``.lock``, an advisory lock the kernel releases when its
-holder dies, so a killed run never blocks the next one). Rows carry their
-run's id, so rows of one run given twice can be told from two runs of the
-same point (``drop_duplicates``).
+Rows carry their run's id (folders.py), so rows of one run given twice can be
+told from two runs of the same point (``drop_duplicates``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import datetime as dt
-import errno
 import hashlib
 import io
 import os
-import secrets
-import shutil
-import socket
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pandas as pd
 
+from jaxscale.folders import new_run_id, read_run_id
 from jaxscale.grid import KEY_COLUMNS, TEXT_KEY_COLUMNS
 
 # 3: run_id, attention_impl and attention_note, the roofline model's terms and kernels_per_step.
@@ -299,6 +289,15 @@ def run_labels(frame: pd.DataFrame, fallback: str = "") -> pd.Series:
     return ids.where(ids != "", fallback)
 
 
+def last_run_id(frame: pd.DataFrame | None) -> str | None:
+    """The run id of the last row that has one, or None."""
+    if frame is None:
+        return None
+    ids = run_labels(frame)
+    ids = ids[ids != ""]
+    return str(ids.iloc[-1]) if len(ids) else None
+
+
 def drop_duplicates(frame: pd.DataFrame, runs: pd.Series | None = None) -> tuple[pd.DataFrame, int]:
     """Drop rows that repeat an earlier row's run and point: the same measurement recorded or given twice.
 
@@ -324,271 +323,63 @@ def file_digest(path: Path | str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-# ------------------------------------------------------------------ report folders
-
-RUN_ID_FILE = "run_id.txt"
-LOCK_FILE = ".lock"
-MIN_FREE_BYTES = 1 << 20  # below this a folder counts as full: a runs.csv row alone is a few kB
+# ------------------------------------------------------------------ tables for analysis
 
 
-class ReportDirError(ValueError):
-    """A report or output folder that cannot be used; one line naming it and what to do."""
+def load_tables(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, list[str]]:
+    """Read and concatenate CSVs (or report folders' runs.csv) for analysis; a problem is a ValueError naming the file.
 
+    A file given twice is read once, and rows that repeat a run's point (the
+    same run_id, or the same file, and the same grid point) are dropped. The
+    reader's warnings (a torn last line) are raised as warnings.
 
-def stamped(stem: str) -> str:
-    """A report folder name: ``stem`` and the UTC time, to the second (ReportDir.create numbers clashes)."""
-    return f"{stem}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
-
-
-def new_run_id() -> str:
-    """A run id: the UTC start time and a random suffix (text, never read back as a number)."""
-    return f"{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
-
-
-def read_run_id(folder: Path | str) -> str | None:
-    """The run id kept in a report folder, or None."""
-    try:
-        text = (Path(folder) / RUN_ID_FILE).read_text().strip()
-    except OSError:
-        return None
-    return text or None
-
-
-def _existing_ancestor(path: Path) -> Path:
-    """The nearest of path and its parents that exists; a file among them is refused."""
-    path = Path(os.path.abspath(path))
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            return candidate
-    return Path("/")
-
-
-def check_output_dir(path: Path | str, flag: str = "--out") -> None:
-    """Refuse an output folder that cannot be written, before any work starts.
-
-    Raises:
-      ReportDirError: a file where the folder (or one above it) would be, a
-        folder this process cannot create entries in (permissions, a read-only
-        file system), or one with less than MIN_FREE_BYTES free.
+    Returns:
+      (the rows, one note per file read once and per duplicate dropped).
     """
-    where = _existing_ancestor(Path(path))
-    if not where.is_dir():
-        raise ReportDirError(f"{flag} {path}: {where} is a file, not a folder; give a folder path "
-                             "(it is created if missing)")
-    try:
-        probe = Path(os.path.join(where, f".jaxscale-probe-{os.getpid()}-{secrets.token_hex(3)}"))
-        probe.mkdir()
-        probe.rmdir()
-    except OSError as e:
-        raise ReportDirError(f"{flag} {path}: cannot write in {where} ({e.strerror or e}); give a folder "
-                             "you can write to") from None
-    try:
-        stats = os.statvfs(where)
-    except OSError:
-        return
-    free = stats.f_bavail * stats.f_frsize
-    if free < MIN_FREE_BYTES:
-        raise ReportDirError(f"{flag} {path}: no space left on the file system of {where} ({free} bytes free); "
-                             "free some space or give a folder on another disk")
-
-
-def os_error_line(e: OSError, what: str) -> str:
-    """One line for an OSError met while writing ``what``."""
-    name = e.filename or what
-    return f"{name}: {e.strerror or e}" + ("; free some space" if e.errno == errno.ENOSPC else "")
-
-
-class ReportDir:
-    """A report folder held by this process: created exclusively or reopened to resume, and locked.
-
-    Use ``ReportDir.create`` or ``ReportDir.reopen``; ``release`` (or the
-    context manager) lets go of the lock, ``discard`` also removes a folder
-    this process created and wrote no rows to.
-
-    Attributes:
-      path: the folder.
-      run_id: the run's id, stamped on its rows.
-      created: True when this process created the folder.
-    """
-
-    def __init__(self, path: Path, run_id: str, created: bool, lock, parents: tuple[Path, ...] = ()):
-        self.path, self.run_id, self.created, self._lock = path, run_id, created, lock
-        self._parents = parents  # folders above it this process created, innermost first
-
-    @classmethod
-    def for_run(cls, run_name: str, out: Path | str | None) -> "ReportDir":
-        """A run's new report folder ``<out>/<name>-<UTC time>`` (``reports`` by default), held by this process.
-
-        Raises:
-          ReportDirError: ``out`` cannot hold it.
-        """
-        return cls.create(out or "reports", stamped(run_name))
-
-    @classmethod
-    def create(cls, parent: Path | str, stem: str, flag: str = "--out") -> "ReportDir":
-        """A new folder ``parent/stem`` (``stem-2``, ``stem-3``, ... when taken): never an existing one.
-
-        Raises:
-          ReportDirError: the parent cannot hold it (see ``check_output_dir``).
-        """
-        parent = Path(parent)
-        check_output_dir(parent, flag)
-        existing = _existing_ancestor(parent)
-        made = tuple(p for p in (Path(os.path.abspath(parent)), *Path(os.path.abspath(parent)).parents)
-                     if len(p.parts) > len(existing.parts))
+    frames, seen, notes = [], {}, []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            if not (path / "runs.csv").is_file():
+                raise ValueError(f"{name}: a folder without runs.csv; give a report folder written by `jaxscale "
+                                 "run` or `jaxscale plan`, or a CSV file")
+            path = path / "runs.csv"
+        elif not path.is_file():
+            raise ValueError(f"{name}: no such file or folder; give the path of a CSV (a runs.csv or any table) "
+                             "or of a report folder")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{name}: the file is empty; expected a CSV with a header line")
+        digest = file_digest(path)
+        if digest in seen:
+            notes.append(f"{name} holds the same rows as {seen[digest]}; read once")
+            continue
+        seen[digest] = name
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ReportDirError(f"{flag} {parent}: {os_error_line(e, str(parent))}") from None
-        for i in range(1, 10_000):
-            path = parent / (stem if i == 1 else f"{stem}-{i}")
-            try:
-                path.mkdir()
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise ReportDirError(f"{flag} {parent}: {os_error_line(e, str(path))}") from None
-            run_id = new_run_id()
-            try:
-                lock = _lock(path)
-                (path / RUN_ID_FILE).write_text(run_id + "\n")
-            except BaseException:
-                shutil.rmtree(path, ignore_errors=True)
-                raise
-            return cls(path, run_id, True, lock, made)
-        raise ReportDirError(f"{flag} {parent}: {stem} and 9,998 numbered variants exist already; clean up "
-                             "or give another --out")
-
-    @classmethod
-    def reopen(cls, path: Path | str, rows: pd.DataFrame | None = None) -> "ReportDir":
-        """An existing report folder, locked for this process, to resume a run in.
-
-        The run keeps its id: the folder's ``run_id.txt``, else that of its
-        last row, else a new one (written to the folder).
-
-        Raises:
-          ReportDirError: not a folder, or another process holds it.
-        """
-        path = Path(path)
-        if not path.is_dir():
-            raise ReportDirError(f"--resume {path}: " + ("not a folder; give the report folder `jaxscale run` "
-                                                         "wrote" if path.exists() else "no such folder"))
-        lock = _lock(path)
-        try:
-            run_id = read_run_id(path)
-            if run_id is None:
-                run_id = new_run_id()
-                if rows is not None and "run_id" in rows.columns:
-                    ids = run_labels(rows)
-                    ids = ids[ids != ""]
-                    run_id = str(ids.iloc[-1]) if len(ids) else run_id
-                (path / RUN_ID_FILE).write_text(run_id + "\n")
-        except OSError as e:
-            _unlock(lock)
-            raise ReportDirError(f"--resume {path}: {os_error_line(e, str(path))}") from None
-        except BaseException:
-            _unlock(lock)
-            raise
-        return cls(path, run_id, False, lock)
-
-    def release(self) -> None:
-        """Let go of the lock (idempotent)."""
-        if self._lock is not None:
-            _unlock(self._lock)
-            self._lock = None
-
-    def discard(self) -> None:
-        """Release, and remove the folder if this process created it and recorded no row in it."""
-        self.release()
-        csv_path = self.path / "runs.csv"
-        has_rows = csv_path.exists() and len(csv_path.read_bytes().splitlines()) > 1
-        if self.created and not has_rows:
-            shutil.rmtree(self.path, ignore_errors=True)
-            for folder in self._parents:  # the --out folders made for it, if nothing else went there since
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
+            frame = read_rows(path)
+        except (UnicodeDecodeError, pd.errors.ParserError) as e:
+            raise ValueError(f"{name}: not a readable CSV ({e})") from None
+        if frame.empty:
+            raise ValueError(f"{name}: has a header but no rows")
+        frames.append(frame.assign(_file=len(frames)))
+    rows = pd.concat(frames, ignore_index=True)
+    runs = run_labels(rows, "").where(run_labels(rows, "") != "", "file " + rows["_file"].astype(str))
+    rows, dropped = drop_duplicates(rows.drop(columns="_file"), runs)
+    if dropped:
+        notes.append(f"dropped {dropped} duplicate row(s): the same run and grid point recorded twice (kept the first)")
+    return rows.reset_index(drop=True), notes
 
 
-def _holder_text() -> str:
-    command = " ".join(["jaxscale", *sys.argv[1:]]) if sys.argv else "python"
-    since = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return f"process {os.getpid()} on {socket.gethostname()} since {since} ({command})"
-
-
-def _lock(folder: Path):
-    """Take the folder's advisory lock, writing who holds it; refuse when another process has it.
-
-    The lock is flock(2) on ``.lock``: the kernel drops it when the holding
-    process ends, however it ends, so a lock left by a killed run is stale and
-    taken over. File systems without flock are used unlocked.
-    """
-    import fcntl
-
-    path = folder / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-    except OSError as e:
-        raise ReportDirError(f"{folder}: cannot create its lock file ({e.strerror or e}); give a folder "
-                             "you can write to") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise ReportDirError(_in_use(folder, holder)) from None
-    except OSError as e:
-        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-            os.close(fd)
-            raise
-        warnings.warn(f"{folder}: the file system cannot lock files ({e.strerror}); nothing stops a second "
-                      "run from writing here at the same time")
-    text = _holder_text().encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, text + b"\n", 0)
-    return fd
-
-
-def _in_use(folder: Path, holder: str) -> str:
-    return f"{folder}: in use by {holder}; wait for it to end or stop it, or give another folder"
-
-
-def check_not_in_use(folder: Path | str) -> None:
-    """Refuse a report folder another process holds (see ``ReportDir``), without taking it.
-
-    Raises:
-      ReportDirError: naming the holder.
-    """
-    import fcntl
-
-    path = Path(folder) / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return  # no lock file: nobody holds it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ReportDirError(_in_use(Path(folder), os.pread(fd, 4096, 0).decode(errors="replace").strip()
-                                     or "another process")) from None
-    except OSError:
-        pass
-    finally:
-        os.close(fd)  # closing drops the shared lock taken to look
-
-
-def _unlock(fd) -> None:
-    import fcntl
-
-    with contextlib.suppress(OSError):
-        os.ftruncate(fd, 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    with contextlib.suppress(OSError):
-        os.close(fd)
+def require_numeric(frame: pd.DataFrame, column: str, source: str) -> None:
+    """A ValueError naming ``source``, the column and the first bad row unless the column holds numbers
+    (in its successful rows, where the frame has a status)."""
+    if column not in frame.columns:
+        raise ValueError(f"{source}: no column {column!r}; columns are: {', '.join(map(str, frame.columns))}")
+    values = frame[column]
+    if "status" in frame.columns:
+        values = values[frame["status"].astype(str).isin(SUCCESS_STATUSES)]
+    present = values[values.astype(str).str.strip() != ""].dropna()
+    numbers = pd.to_numeric(present, errors="coerce")
+    bad = present[numbers.isna()]
+    if len(bad):
+        raise ValueError(f"{source}: column {column!r} needs numbers but has {bad.iloc[0]!r} "
+                         f"(row {bad.index[0] + 2}); fix or remove such rows")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from jaxscale.analyze import Analysis
 from jaxscale.families import SHARED_HOST_NOTE, succeeded, why_no_fits
 from jaxscale.comparison import TIMING_VERDICTS, counts
 from jaxscale.console import (cell_bytes, cell_format, cell_note, cell_number, cell_text, cell_value, exponent_text,
@@ -427,3 +428,10 @@ def write_compare(out_dir: Path | str, table: pd.DataFrame, diff: pd.DataFrame, 
     if plot is not None:
         paths["plot"] = plot
     return paths
+
+
+def write_analysis(out_dir: Path | str, analysis: Analysis, runs: pd.DataFrame | None = None) -> dict[str, Path]:
+    """write_report of an analyze.Analysis: fits.csv, summary.md, plots/*.png and each table it holds."""
+    return write_report(out_dir, analysis.fits, runs=runs, efficiency=analysis.efficiency, joint=analysis.joint,
+                        expectations=analysis.expectations, usl=analysis.usl, predictions=analysis.predictions,
+                        plan=analysis.plan)

@@ -22,7 +22,8 @@ import pandas as pd
 
 from jaxscale.config import Profile, ProfileError, load_profile, profile_difference
 from jaxscale.grid import GRID_COLUMNS, Point, build_grid
-from jaxscale.records import ReportDir, RowWriter, append_rows, check_not_in_use, read_rows, row_key
+from jaxscale.folders import ReportDir, check_not_in_use
+from jaxscale.records import RowWriter, append_rows, read_rows, row_key
 from jaxscale.runtimes import InProcess, choose_isolation
 from jaxscale.targets import toolchain_versions
 from jaxscale.workers import WorkerRuntime
