@@ -30,7 +30,7 @@ def test_slices_are_the_ones_a_user_would_rent():
 def test_libtpu_stays_quiet_where_no_tpu_is_attached(tmp_path):
     env = {k: v for k, v in cli_env().items() if k not in ("JAX_PLATFORMS",) and not k.startswith("TPU_")}
     env.pop("ALLOW_MULTIPLE_LIBTPU_LOAD", None)
-    code = "from jaxscale.cli import _prepare_runtime; _prepare_runtime(False); import jax; print(jax.devices()[0].platform)"
+    code = "from jaxscale.startup import prepare_process; prepare_process(False); import jax; print(jax.devices()[0].platform)"
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "cpu"

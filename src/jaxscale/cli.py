@@ -1,7 +1,8 @@
 """`jaxscale run | plan | analyze | compare | devices | calibrate | profiles`: parse, call the library, print.
 
 Exit codes: 0 all points ok, 1 some points failed (listed), 2 bad input (a profile, a path, a folder in use),
-130 interrupted (Ctrl-C; the command that continues is printed).
+130 interrupted (Ctrl-C; the command that continues is printed). Nothing here imports JAX before a command
+has set up the process (startup.prepare_process).
 """
 
 from __future__ import annotations
@@ -9,40 +10,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shlex
+import signal
 import sys
 import warnings
 from pathlib import Path
 
-HOST_DEVICES = 8
 
-
-def _prepare_runtime(compile_cache: bool = True) -> None:
-    """Set up XLA before JAX initializes its backends.
-
-    Unless the user's XLA_FLAGS set a host device count, the host platform gets 8
-    virtual devices, so a machine without an accelerator can still run
-    multi-device meshes (the flag only affects the CPU backend; the user's other
-    flags are kept); JAXSCALE_ADDED_XLA_FLAGS says it was jaxscale's doing, so
-    records keep it apart from the user's flags. The persistent compilation
-    cache is JAX's own.
-    """
-    from jaxscale.config import ADDED_XLA_FLAGS_ENV
-
-    user = os.environ.get("XLA_FLAGS", "")
-    if "--xla_force_host_platform_device_count" not in user:
-        flag = f"--xla_force_host_platform_device_count={HOST_DEVICES}"
-        os.environ["XLA_FLAGS"] = f"{user} {flag}".strip()
-        os.environ[ADDED_XLA_FLAGS_ENV] = flag
-    from jaxscale.targets import quiet_plugins
-
-    quiet_plugins()
-    from jaxscale.runtimes import configure_compile_cache
-
-    configure_compile_cache(compile_cache)
-
-
-def _fail(message: str) -> int:
+def _fail(message) -> int:
+    """Bad input: one line, exit 2."""
     print(f"jaxscale: error: {message}", file=sys.stderr)
     return 2
 
@@ -67,32 +42,33 @@ def _warnings_as_lines():
         print(f"jaxscale: warning: {w.message}", file=sys.stderr)
 
 
+def _prepare(compile_cache: bool) -> None:
+    from jaxscale.startup import prepare_process
+
+    prepare_process(compile_cache)
+
+
+def _interrupted(console, report, command: list[str], then: str = "continue with") -> int:
+    """After Ctrl-C: where the rows are and the command that continues, never a traceback; exit 130."""
+    from jaxscale.console import print_interrupted
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C must not cut this short
+    print_interrupted(console, report.path / "runs.csv" if report is not None else None, command, then)
+    return 130
+
+
 def _claim_report(args, profile, recorded):
     """The report folder, held by this process: a new one (never reused) or the --resume one."""
     from jaxscale.folders import ReportDir
     from jaxscale.records import last_run_id
 
-    if args.resume:
-        return ReportDir.reopen(args.resume, last_run_id(recorded))
-    return ReportDir.for_run(profile.run.name, args.out)
-
-
-def _interrupted(console, report, command: list[str], then: str = "continue with") -> int:
-    """After Ctrl-C: where the rows are and the command that continues, never a traceback; exit 130."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C must not cut this short
-    csv_path = report.path / "runs.csv" if report is not None else None
-    rows = len(csv_path.read_bytes().splitlines()) - 1 if csv_path is not None and csv_path.exists() else 0
-    if rows <= 0:
-        print("jaxscale: interrupted before any point finished; nothing was recorded", file=sys.stderr)
-        return 130
-    console.print(f"[yellow]interrupted; {rows} row(s) kept in {csv_path}; {then}:[/yellow]", soft_wrap=True)
-    print(shlex.join(command), flush=True)  # unwrapped, to copy and paste
-    return 130
+    return ReportDir.reopen(args.resume, last_run_id(recorded)) if args.resume else ReportDir.for_run(
+        profile.run.name, args.out)
 
 
 def cmd_run(args) -> int:
+    from rich.console import Console
+
     from jaxscale import distributed
     from jaxscale.config import ProfileError, load_profile
     from jaxscale.folders import ReportDirError, check_output_dir
@@ -100,32 +76,28 @@ def cmd_run(args) -> int:
     dist = distributed.Distributed.from_args(args)
     if dist.wanted and not distributed.supervised():
         return distributed.supervise(args.argv, dist)
-    from rich.console import Console
-
-    console = Console()
-    held = []  # the report folder once this process holds it
+    console, held = Console(), []  # held: the report folder once this process holds it
     try:
         try:
             if args.retry_failed and not args.resume:
                 raise ProfileError("--retry-failed reruns the failed points of a recorded sweep: give it with "
                                    "--resume REPORT_DIR")
+            profile, recorded = load_profile(args.profile or "smoke", args.set or []), None
             if args.resume:
-                from jaxscale import sweep as sw
+                from jaxscale.sweep import profile_to_resume
 
                 with _warnings_as_lines():
-                    profile, recorded = sw.profile_to_resume(args.resume, args.profile, args.set or [], dist.wanted)
-            else:
-                profile, recorded = load_profile(args.profile or "smoke", args.set or []), None
-            from jaxscale.runtimes import choose_isolation
+                    profile, recorded = profile_to_resume(args.resume, args.profile, args.set or [], dist.wanted)
+            from jaxscale.startup import choose_isolation
 
-            isolation = choose_isolation(profile.run)
+            choose_isolation(profile.run)  # refuses flag sets without worker processes before a folder is made
             if not dist.wanted:  # one process: the folder is its own before any backend starts
                 held.append(_claim_report(args, profile, recorded))
             elif args.out and not args.resume:
                 check_output_dir(args.out)
         except (ProfileError, ReportDirError) as e:
-            return _fail(str(e))
-        return _run(args, dist, profile, isolation, recorded, held, console)
+            return _fail(e)
+        return _run(args, dist, profile, recorded, held, console)
     except KeyboardInterrupt:
         folder = held[0].path if held else args.resume
         return _interrupted(console, held[0] if held else None, ["jaxscale", "run", "--resume", str(folder)])
@@ -134,50 +106,48 @@ def cmd_run(args) -> int:
             report.discard()  # releases it; removes a folder this run created and recorded nothing in
 
 
-def _run(args, dist, profile, isolation, recorded, held, console) -> int:
-    from jaxscale import distributed
-    from jaxscale.console import print_dropped, print_failures, print_runs
+def _run(args, dist, profile, recorded, held, console) -> int:
     from jaxscale.config import ProfileError
     from jaxscale.folders import ReportDirError, os_error_line, stamped
 
-    _prepare_runtime(not args.no_compile_cache)
-    from jaxscale import sweep as sw
+    _prepare(not args.no_compile_cache)
+    from jaxscale import sweep
+    from jaxscale.console import point_progress, print_dropped, print_failures, print_runs
+    from jaxscale.distributed import SetupError
 
     try:
-        if isolation == "none" and dist.wanted:
-            distributed.init_distributed(dist)
-        runtime = sw.open_runtime(profile, dist, compile_cache=not args.no_compile_cache)
-    except distributed.SetupError as e:
+        runtime = sweep.open_runtime(profile, dist, compile_cache=not args.no_compile_cache)
+    except SetupError as e:
         return _error(e)
     report_dir = Path(args.resume or args.out or "reports")
     try:
-        lead = runtime.lead
-        console.quiet = not lead
+        console.quiet = not runtime.lead
         try:
-            points, dropped = sw.grid_for(profile, runtime)
+            points, dropped = sweep.grid_for(profile, runtime)
             if args.trace:
-                sw.check_trace(args.trace, points)
-            if args.resume and lead:
-                sw.check_recorded_points(args.resume, profile, points, recorded)
-            if lead and not held:  # several hosts: process 0 holds the folder
+                sweep.check_trace(args.trace, points)
+            if args.resume and runtime.lead:
+                sweep.check_recorded_points(args.resume, profile, points, recorded)
+            if runtime.lead and not held:  # several hosts: process 0 holds the folder
                 held.append(_claim_report(args, profile, recorded))
         except (ProfileError, ReportDirError) as e:
-            return _fail(str(e))
-        if held:
-            report_dir = held[0].path
-        else:  # another host's process: it records nothing, and names traces as process 0 would
-            report_dir = Path(args.resume) if args.resume else Path(args.out or "reports") / stamped(profile.run.name)
+            return _fail(e)
+        # another host's process records nothing, and names traces as process 0 would
+        report_dir = held[0].path if held else Path(args.resume or Path(args.out or "reports")
+                                                    / stamped(profile.run.name))
         if dropped:
             print_dropped(console, dropped, len(points))
-        result = _sweep_with_progress(args, profile, runtime, report_dir, console)
+        with point_progress(console, lambda p: f"{p.describe():<28}", runtime.lead) as (on_point, on_row):
+            result = sweep.run_profile(profile, report_dir, resume=bool(args.resume), retry_failed=args.retry_failed,
+                                       trace=args.trace, on_point=on_point, on_row=on_row, runtime=runtime)
     except OSError as e:
         return _fail(f"{os_error_line(e, str(report_dir))}; rows finished before are kept: free the space or fix "
                      f"the permissions, then `jaxscale run --resume {report_dir}`")
-    except distributed.SetupError as e:
+    except SetupError as e:
         return _error(e)
     finally:
         runtime.close()
-    if not lead:
+    if not runtime.lead:
         return 0 if not len(result.failed) else 1
     print_runs(console, result.rows)
     if result.skipped:
@@ -188,25 +158,6 @@ def _run(args, dist, profile, isolation, recorded, held, console) -> int:
     if result.interrupted:
         return _interrupted(console, held[0], ["jaxscale", "run", "--resume", str(report_dir)])
     return 1 if print_failures(console, result.failed) else 0
-
-
-def _sweep_with_progress(args, profile, runtime, report_dir, console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from jaxscale import sweep as sw
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False, disable=not runtime.lead) as progress:
-        task = progress.add_task("starting", total=None)
-
-        def on_point(point, i, total):
-            progress.update(task, total=total, completed=i, description=f"{point.describe():<28}")
-
-        result = sw.run_profile(profile, report_dir, resume=bool(args.resume), retry_failed=args.retry_failed,
-                                trace=args.trace, on_point=on_point, on_row=lambda row: progress.advance(task),
-                                runtime=runtime)
-        progress.update(task, description="done")
-    return result
 
 
 def _analyze_into(console, rows, out_dir: Path, quiet_errors: bool = False, **options) -> None:
@@ -227,6 +178,11 @@ def _analyze_into(console, rows, out_dir: Path, quiet_errors: bool = False, **op
     print_analysis(console, analysis, rows, out_dir)
 
 
+def _default_out(path: str, name: str) -> Path:
+    """Beside the given report folder or CSV: PATH/name for a folder, else the CSV's folder/name."""
+    return (Path(path) if Path(path).is_dir() else Path(path).resolve().parent) / name
+
+
 def cmd_analyze(args) -> int:
     from rich.console import Console
 
@@ -236,12 +192,11 @@ def cmd_analyze(args) -> int:
     from jaxscale.records import load_tables
 
     source = ", ".join(args.csv)
-    first = Path(args.csv[0])
-    out = Path(args.out) if args.out else (first if first.is_dir() else first.resolve().parent) / "analysis"
+    out = Path(args.out) if args.out else _default_out(args.csv[0], "analysis")
     try:
         check_output_dir(out)
     except ReportDirError as e:
-        return _fail(str(e))
+        return _fail(e)
     try:
         if not 0 < args.confidence < 1:
             raise ValueError(f"--confidence {args.confidence}: expected a number between 0 and 1, e.g. 0.95")
@@ -267,44 +222,29 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_devices(args) -> int:
-    from jaxscale import distributed
+    _prepare(compile_cache=False)
+    from jaxscale import devices
+    from jaxscale.console import print_devices
+    from jaxscale.distributed import Distributed, SetupError, init_distributed
 
-    _prepare_runtime(compile_cache=False)
-    dist = distributed.Distributed.from_args(args)
+    dist = Distributed.from_args(args)
     try:
         if dist.wanted:
-            distributed.init_distributed(dist)
-    except distributed.SetupError as e:
+            init_distributed(dist)
+    except SetupError as e:
         return _error(e)
-    from jaxscale import devices as devinfo
-
-    info = devinfo.describe()
-    peak = devinfo.resolve_peak(args.dtype)
-    for key, value in info.items():
-        print(f"{key:>24}: {value}")
-    if peak.tflops:
-        print(f"{'peak_tflops_per_device':>24}: {peak.tflops:.4g} ({peak.dtype}, {peak.source})")
-    else:
-        print(f"{'peak_tflops_per_device':>24}: none ({peak.note})")
-    if peak.precision:
-        print(f"{'peak_precision':>24}: {peak.precision}")
-    print(f"{'peak_reference':>24}: {peak.reference}")
-    if peak.hbm_gbytes_per_s:
-        print(f"{'memory_gbytes_per_s':>24}: {peak.hbm_gbytes_per_s:.4g}")
-    print(f"{'memory_bytes':>24}: {peak.memory_bytes if peak.memory_bytes else 'unknown (no allocator limit)'}")
-    if peak.interconnect_gbytes_per_s:
-        print(f"{'interconnect_gbytes_per_s':>24}: {peak.interconnect_gbytes_per_s:.4g} ({peak.interconnect})")
+    print_devices(devices.describe(), devices.resolve_peak(args.dtype))
     return 0
 
 
 def cmd_calibrate(args) -> int:
-    _prepare_runtime(compile_cache=False)
-    from jaxscale import devices as devinfo
+    _prepare(compile_cache=False)
+    from jaxscale import devices
 
-    result = devinfo.calibrate(args.dtype, size=args.size)
+    result = devices.calibrate(args.dtype, size=args.size)
     print(f"measured {result['tflops']:.4g} TFLOP/s per device ({args.dtype} {result['size']}^3 matmul on "
           f"{result['n_local_devices']} devices at once), memory {result['hbm_gbytes_per_s']:.4g} GB/s per device; "
-          f"cached in {devinfo.cache_dir() / 'calibration.json'}")
+          f"cached in {devices.cache_dir() / 'calibration.json'}")
     return 0
 
 
@@ -324,15 +264,14 @@ def cmd_compare(args) -> int:
     from jaxscale.folders import ReportDirError, check_output_dir, os_error_line
     from jaxscale.report import write_compare
 
-    first = Path(new_paths[0])
-    out = Path(args.out) if args.out else (first if first.is_dir() else first.resolve().parent) / "compare"
+    out = Path(args.out) if args.out else _default_out(new_paths[0], "compare")
     try:
         check_output_dir(out)
         with _warnings_as_lines():
             table, diff, shared, sources = compare_reports(base_paths, new_paths, threshold=args.threshold,
                                                            confidence=args.confidence, familywise=not args.per_point)
     except (CompareError, ReportDirError) as e:
-        return _fail(str(e))
+        return _fail(e)
     if shared:
         print(f"jaxscale: warning: base and new hold the same run ({', '.join(shared[:3])}): its rows are compared "
               "with themselves, so every ratio is 1 and says nothing about a change", file=sys.stderr)
@@ -345,29 +284,20 @@ def cmd_compare(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from jaxscale.config import ProfileError, load_profile
-    from jaxscale.folders import ReportDir, ReportDirError, stamped
-    from jaxscale.targets import TargetError, parse_target, require_compiler
-
     from rich.console import Console
 
-    console = Console()
-    held = []
+    from jaxscale.config import ProfileError, load_profile
+    from jaxscale.folders import ReportDir, ReportDirError
+    from jaxscale.targets import TargetError, target_of
+
+    console, held = Console(), []
     try:
         try:
             profile = load_profile(args.profile or "smoke", args.set or [])
-            topology = args.topology or profile.mesh.topology
-            if not topology:
-                raise TargetError(f"{profile.source}: no target: give --topology (e.g. v5e:16x16) or [mesh] topology")
-            if args.topology and args.topology != args.topology.strip():
-                raise TargetError(f"--topology {args.topology!r}: spaces around the target; give "
-                                  f"--topology {args.topology.strip()}")
-            target = parse_target(topology)
-            require_compiler(target)
-            held.append(ReportDir.create(args.out or "reports",
-                                         stamped(f"{profile.run.name}-plan-{target.name.replace(':', '-')}")))
+            target = target_of(args.topology, profile.mesh.topology, profile.source)
+            held.append(ReportDir.for_plan(profile.run.name, target.name, args.out))
         except (ProfileError, TargetError, ReportDirError) as e:
-            return _fail(str(e))
+            return _fail(e)
         return _plan(args, profile, target, held[0].path, console)
     except KeyboardInterrupt:
         return _interrupted(console, held[0] if held else None, ["jaxscale", *args.argv],
@@ -378,43 +308,28 @@ def cmd_plan(args) -> int:
 
 
 def _plan(args, profile, target, report_dir: Path, console) -> int:
-    from jaxscale.config import ProfileError
-    from jaxscale.console import print_dropped, print_failures, print_plan
-    from jaxscale.folders import os_error_line
-
     # Planning compiles for the target only: no local accelerator is initialized (and the CUDA plugin then
     # skips its check for CUDA libraries it does not need to compile). JAX's persistent compilation cache
     # cannot load an executable compiled for a device it has no client for (it warns and compiles again),
     # so a plan does not use it.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    _prepare_runtime(compile_cache=False)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from jaxscale import plan as planner
+    _prepare(compile_cache=False)
+    from jaxscale import plan
+    from jaxscale.config import ProfileError
+    from jaxscale.console import point_progress, print_dropped, print_failures, print_plan
+    from jaxscale.folders import os_error_line
 
     try:
-        points, dropped = planner.plan_grid(profile, target)
+        points, dropped = plan.plan_grid(profile, target)
+        if dropped:
+            print_dropped(console, dropped, len(points))
+        with point_progress(console, lambda p: f"{p.describe()} on {target.slice_for(p.n_devices)}") as callbacks:
+            result = plan.run_plan(profile, target, report_dir, *callbacks,
+                                   calibrate=Path(args.calibrate) if args.calibrate else None)
     except ProfileError as e:
-        return _fail(str(e))
-    if dropped:
-        print_dropped(console, dropped, len(points))
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as progress:
-        task = progress.add_task("starting", total=len(points))
-
-        def on_point(point, i, total):
-            progress.update(task, completed=i, description=f"{point.describe()} on {target.slice_for(point.n_devices)}")
-
-        try:
-            result = planner.run_plan(profile, target, report_dir, on_point=on_point,
-                                      on_row=lambda row: progress.advance(task),
-                                      calibrate=Path(args.calibrate) if args.calibrate else None)
-        except ProfileError as e:
-            return _fail(str(e))
-        except OSError as e:
-            return _fail(f"{os_error_line(e, str(report_dir))}; free the space or fix the permissions, then plan "
-                         "again")
-        progress.update(task, description="done")
+        return _fail(e)
+    except OSError as e:
+        return _fail(f"{os_error_line(e, str(report_dir))}; free the space or fix the permissions, then plan again")
     print_plan(console, result.rows)
     console.print(f"rows: {report_dir / 'runs.csv'}", soft_wrap=True)
     if not args.no_analyze and (result.rows["status"] == "planned").sum() >= 2:

@@ -9,6 +9,8 @@ of summary.md, compare.md and the plots too.
 
 from __future__ import annotations
 
+import contextlib
+import shlex
 import sys
 from pathlib import Path
 
@@ -461,3 +463,50 @@ def print_analysis(console, analysis, rows: pd.DataFrame, out_dir) -> None:
     out_dir = Path(out_dir)
     console.print(f"fits: {out_dir / 'fits.csv'}, summary: {out_dir / 'summary.md'}, plots: {out_dir / 'plots'}",
                   soft_wrap=True)
+
+
+@contextlib.contextmanager
+def point_progress(console, label, enabled: bool = True):
+    """A progress bar over a sweep's or a plan's points: yields their (on_point, on_row) callbacks.
+
+    ``label(point)`` names the point being measured or planned.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False, disable=not enabled) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def on_point(point, i: int, total: int) -> None:
+            progress.update(task, total=total, completed=i, description=label(point))
+
+        yield on_point, lambda row: progress.advance(task)
+        progress.update(task, description="done")
+
+
+def print_interrupted(console, csv_path: Path | None, command: list[str], then: str = "continue with") -> None:
+    """After Ctrl-C: how many rows were kept where, and the command that continues (unwrapped, to copy)."""
+    rows = len(csv_path.read_bytes().splitlines()) - 1 if csv_path is not None and csv_path.exists() else 0
+    if rows <= 0:
+        print("jaxscale: interrupted before any point finished; nothing was recorded", file=sys.stderr)
+        return
+    console.print(f"[yellow]interrupted; {rows} row(s) kept in {csv_path}; {then}:[/yellow]", soft_wrap=True)
+    print(shlex.join(command), flush=True)
+
+
+def print_devices(info: dict, peak) -> None:
+    """`jaxscale devices`: the backend, devices and host (devices.describe), then the peak jaxscale assumes."""
+    for key, value in info.items():
+        print(f"{key:>24}: {value}")
+    if peak.tflops:
+        print(f"{'peak_tflops_per_device':>24}: {peak.tflops:.4g} ({peak.dtype}, {peak.source})")
+    else:
+        print(f"{'peak_tflops_per_device':>24}: none ({peak.note})")
+    if peak.precision:
+        print(f"{'peak_precision':>24}: {peak.precision}")
+    print(f"{'peak_reference':>24}: {peak.reference}")
+    if peak.hbm_gbytes_per_s:
+        print(f"{'memory_gbytes_per_s':>24}: {peak.hbm_gbytes_per_s:.4g}")
+    print(f"{'memory_bytes':>24}: {peak.memory_bytes if peak.memory_bytes else 'unknown (no allocator limit)'}")
+    if peak.interconnect_gbytes_per_s:
+        print(f"{'interconnect_gbytes_per_s':>24}: {peak.interconnect_gbytes_per_s:.4g} ({peak.interconnect})")

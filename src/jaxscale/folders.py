@@ -119,6 +119,11 @@ class ReportDir:
         return cls.create(out or "reports", stamped(run_name))
 
     @classmethod
+    def for_plan(cls, run_name: str, target_name: str, out: Path | str | None) -> "ReportDir":
+        """A plan's new report folder ``<out>/<name>-plan-<target>-<UTC time>``, held by this process."""
+        return cls.create(out or "reports", stamped(f"{run_name}-plan-{target_name.replace(':', '-')}"))
+
+    @classmethod
     def create(cls, parent: Path | str, stem: str, flag: str = "--out") -> "ReportDir":
         """A new folder ``parent/stem`` (``stem-2``, ``stem-3``, ... when taken): never an existing one.
 

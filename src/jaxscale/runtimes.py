@@ -9,7 +9,6 @@ Every runtime offers the sweep loop one interface: ``device_count``,
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
@@ -22,57 +21,6 @@ from jaxscale.measure import measure_point, planned_row
 from jaxscale.memory import MemoryBudget, allocator_for, allocator_in_process, memory_budget
 from jaxscale.roofline import Efficiency
 from jaxscale.targets import Target, runtime_columns, slice_devices
-
-
-# Device nodes of accelerators JAX can drive: NVIDIA GPUs, TPUs (accel for v4 and
-# earlier, vfio for v5 and later), AMD GPUs.
-ACCELERATOR_NODES = ("/dev/nvidia0", "/dev/accel0", "/dev/vfio/0", "/dev/kfd")
-
-
-def accelerator_present() -> bool:
-    """True where JAX may find a GPU or TPU, judged without initializing any backend."""
-    platforms = {p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()}
-    if platforms and platforms <= {"cpu"}:
-        return False
-    return any(os.path.exists(node) for node in ACCELERATOR_NODES)
-
-
-def choose_isolation(run) -> str:
-    """``process`` or ``none`` for a RunSpec, before anything initializes JAX.
-
-    ``auto`` means worker processes wherever the backend keeps allocator
-    statistics (a GPU or TPU is present), and in-process on the CPU, where
-    there is no allocator peak to protect and a worker still costs its backend
-    start and cache load (about 0.5 s a point on 2 cores, a third more time
-    for the smoke profile with a warm cache). Non-empty XLA flag sets always
-    need workers: XLA reads its flags once per process.
-
-    Raises:
-      ProfileError: flag sets with ``isolation = "none"``.
-    """
-    from jaxscale.config import ProfileError
-
-    flagged = [f for f in run.xla_flags if f]
-    if flagged:
-        if run.isolation == "none":
-            raise ProfileError(f"[run] isolation = 'none' with [run] xla_flags = {list(run.xla_flags)}: XLA reads "
-                               "its flags once per process, so flag sets need a worker process per point; set "
-                               "[run] isolation = \"process\" or \"auto\" (--set run.isolation=process)")
-        return "process"
-    if run.isolation != "auto":
-        return run.isolation
-    return "process" if accelerator_present() else "none"
-
-
-# ------------------------------------------------------ device memory
-
-
-def configure_compile_cache(enabled: bool) -> None:
-    """JAX's persistent compilation cache under jaxscale's cache folder (before the first compile)."""
-    if enabled and os.environ.get("JAXSCALE_COMPILE_CACHE", "1") != "0":
-        jax.config.update("jax_compilation_cache_dir", str(devices.cache_dir() / "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 class InProcess:

@@ -21,10 +21,12 @@ import jax
 import pandas as pd
 
 from jaxscale.config import Profile, ProfileError, load_profile, profile_difference
+from jaxscale.distributed import init_distributed
 from jaxscale.grid import GRID_COLUMNS, Point, build_grid
 from jaxscale.folders import ReportDir, check_not_in_use
 from jaxscale.records import RowWriter, append_rows, read_rows, row_key
-from jaxscale.runtimes import InProcess, choose_isolation
+from jaxscale.runtimes import InProcess
+from jaxscale.startup import choose_isolation
 from jaxscale.targets import toolchain_versions
 from jaxscale.workers import WorkerRuntime
 
@@ -193,13 +195,18 @@ def _is_main_thread() -> bool:
 
 
 def open_runtime(profile: Profile, dist=None, compile_cache: bool = True):
-    """Where the points of a profile run: runtimes.InProcess, or a workers.WorkerRuntime (runtimes.choose_isolation).
+    """Where the points of a profile run: runtimes.InProcess, or a workers.WorkerRuntime (startup.choose_isolation).
 
-    For isolation ``none`` on several hosts, jax.distributed must already be
-    initialized (distributed.init_distributed); worker owners join their own session.
+    On several hosts (``dist.wanted``), an in-process runtime joins jax.distributed
+    here (distributed.init_distributed); worker owners join their own session.
+
+    Raises:
+      distributed.SetupError: no session to join, or no worker to probe the devices.
     """
     if choose_isolation(profile.run) == "process":
         return WorkerRuntime(profile, dist=dist, compile_cache=compile_cache)
+    if dist is not None and dist.wanted:
+        init_distributed(dist)
     return InProcess(profile)
 
 

@@ -168,6 +168,21 @@ def parse_target(text: str) -> Target:
     return Target(name=f"{generation}:{shape}", generation=generation, shape=shape, n_chips=chips(shape))
 
 
+def target_of(topology: str | None, profile_topology: str | None, source: str) -> Target:
+    """The target a plan compiles for: ``--topology``, else the profile's ``[mesh] topology``.
+
+    Raises:
+      TargetError: none given, spaces around it, or not a known slice or GPU cluster.
+    """
+    if not (topology or profile_topology):
+        raise TargetError(f"{source}: no target: give --topology (e.g. v5e:16x16) or [mesh] topology")
+    if topology and topology != topology.strip():
+        raise TargetError(f"--topology {topology!r}: spaces around the target; give --topology {topology.strip()}")
+    target = parse_target(topology or profile_topology)
+    require_compiler(target)
+    return target
+
+
 def libtpu_version() -> str | None:
     """The installed libtpu's version, or None when it is not installed."""
     for name in ("libtpu", "libtpu-nightly"):

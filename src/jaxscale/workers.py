@@ -45,7 +45,7 @@ from jaxscale.distributed import (SUPERVISED_ENV, Distributed, Owners, SetupErro
 from jaxscale.grid import Point
 from jaxscale.measure import base_row, measure_point
 from jaxscale.memory import MemoryBudget, allocator_for, memory_budget
-from jaxscale.runtimes import accelerator_present, configure_compile_cache
+from jaxscale.startup import accelerator_present, configure_compile_cache
 from jaxscale.targets import runtime_columns
 
 STDERR_TAIL_CHARS = 1500

@@ -1,0 +1,109 @@
+"""This process's set-up before JAX starts: virtual host devices, quiet plugins, the compilation cache, and
+whether a sweep's points run in worker processes or here.
+
+Everything here runs before any JAX backend exists (XLA reads its flags, and
+the TPU and CUDA plugins their settings, once per process), so this module
+imports no JAX at its top.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import threading
+
+from jaxscale.config import ADDED_XLA_FLAGS_ENV, ProfileError
+from jaxscale.targets import quiet_plugins
+
+HOST_DEVICES = 8
+
+# Device nodes of accelerators JAX can drive: NVIDIA GPUs, TPUs (accel for v4 and
+# earlier, vfio for v5 and later), AMD GPUs.
+ACCELERATOR_NODES = ("/dev/nvidia0", "/dev/accel0", "/dev/vfio/0", "/dev/kfd")
+
+
+def accelerator_present() -> bool:
+    """True where JAX may find a GPU or TPU, judged without initializing any backend."""
+    platforms = {p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()}
+    if platforms and platforms <= {"cpu"}:
+        return False
+    return any(os.path.exists(node) for node in ACCELERATOR_NODES)
+
+
+def choose_isolation(run) -> str:
+    """``process`` or ``none`` for a RunSpec, before anything initializes JAX.
+
+    ``auto`` means worker processes wherever the backend keeps allocator
+    statistics (a GPU or TPU is present), and in-process on the CPU, where
+    there is no allocator peak to protect and a worker still costs its backend
+    start and cache load (about 0.5 s a point on 2 cores, a third more time
+    for the smoke profile with a warm cache). Non-empty XLA flag sets always
+    need workers: XLA reads its flags once per process.
+
+    Raises:
+      ProfileError: flag sets with ``isolation = "none"``.
+    """
+    flagged = [f for f in run.xla_flags if f]
+    if flagged:
+        if run.isolation == "none":
+            raise ProfileError(f"[run] isolation = 'none' with [run] xla_flags = {list(run.xla_flags)}: XLA reads "
+                               "its flags once per process, so flag sets need a worker process per point; set "
+                               "[run] isolation = \"process\" or \"auto\" (--set run.isolation=process)")
+        return "process"
+    if run.isolation != "auto":
+        return run.isolation
+    return "process" if accelerator_present() else "none"
+
+
+
+def configure_compile_cache(enabled: bool) -> None:
+    """JAX's persistent compilation cache under jaxscale's cache folder (before the first compile)."""
+    if enabled and os.environ.get("JAXSCALE_COMPILE_CACHE", "1") != "0":
+        import jax
+
+        from jaxscale.devices import cache_dir
+
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def prepare_process(compile_cache: bool = True) -> None:
+    """Set up XLA before JAX initializes its backends.
+
+    Unless the user's XLA_FLAGS set a host device count, the host platform gets 8
+    virtual devices, so a machine without an accelerator can still run
+    multi-device meshes (the flag only affects the CPU backend; the user's other
+    flags are kept); JAXSCALE_ADDED_XLA_FLAGS says it was jaxscale's doing, so
+    records keep it apart from the user's flags. The persistent compilation
+    cache is JAX's own.
+
+    JAX is first imported here with Ctrl-C held back until it has loaded: an
+    import interrupted inside jaxlib's extension modules can crash the
+    interpreter (SIGSEGV) where it should raise KeyboardInterrupt, and the
+    folder a run has just claimed would then be left behind.
+    """
+    user = os.environ.get("XLA_FLAGS", "")
+    if "--xla_force_host_platform_device_count" not in user:
+        flag = f"--xla_force_host_platform_device_count={HOST_DEVICES}"
+        os.environ["XLA_FLAGS"] = f"{user} {flag}".strip()
+        os.environ[ADDED_XLA_FLAGS_ENV] = flag
+    _import_jax_whole()
+    quiet_plugins()
+    configure_compile_cache(compile_cache)
+
+
+def _import_jax_whole() -> None:
+    """Import JAX; a Ctrl-C meanwhile is raised once it has loaded (in the main thread; elsewhere as it comes)."""
+    if threading.current_thread() is not threading.main_thread():
+        importlib.import_module("jax")
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pending.append(True))
+    try:
+        importlib.import_module("jax")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
