@@ -1,4 +1,4 @@
-"""families.py: derived columns, the classification of every row column, and what rows cannot give (no jax here)."""
+"""families.py: derived columns, and what rows cannot give (no jax here)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pandas as pd
 
 from jaxscale import families
 from jaxscale.families import add_memory_column
-from jaxscale.records import COLUMNS
 
 
 def test_add_memory_column_prefers_measured_peak():
@@ -17,12 +16,6 @@ def test_add_memory_column_prefers_measured_peak():
     assert list(out["memory_source"]) == ["compiled_total_bytes", "compiled_total_bytes", "peak_bytes_in_use", ""]
     assert add_memory_column(pd.DataFrame({"a": [1]}))["memory_per_device_bytes"].isna().all()
     assert "memory_per_device_bytes" not in df.columns
-
-
-def test_every_row_column_is_classified():
-    linked = {c for cs in families.X_LINKED.values() for c in cs}
-    unclassified = set(COLUMNS) - set(families.CONFIG_COLUMNS) - families.NON_CONFIG_COLUMNS - linked
-    assert not unclassified, f"say whether these split a fit (families.CONFIG_COLUMNS) or not: {unclassified}"
 
 
 def test_unusable_values_are_counted_per_column():

@@ -1,5 +1,7 @@
 """Rows and step profiles: profile_step on a user function, fused-kernel FLOPs, MFU left empty with its reason."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,3 +91,28 @@ def test_opaque_kernels_are_flagged_not_guessed():
     assert prof.mfu is not None  # model FLOPs do not depend on the count
     tpu_internal = pallas.replace("tpu_custom_call", "AllocateBuffer")  # no arithmetic: no note
     assert hidden_flops(tpu_internal).note == ""
+
+
+def test_the_flops_ratio_compares_with_the_program_that_was_compiled():
+    """Against hand counts: without fused kernels the HLO is held to the full-square count (with recompute
+    under remat full); fused attention kernels stand in for attention's matmuls, both directions."""
+    from jaxscale.flops import train_flops
+    from jaxscale.grid import Point
+    from jaxscale.config import ModelSpec
+    from jaxscale.measure import flops_ratio
+
+    model = ModelSpec(d_model=256, n_layers=4, n_heads=4, d_ff=1024, seq_len=512, vocab=1024, name="t")
+    point = Point(model=model, strategy="dp", n_devices=1, data_axis=1, model_axis=1, global_batch=8,
+                  batch_mode="strong")
+    full = train_flops(256, 4, 512, 1024, 8, 1024, recompute=False, causal=False)
+    causal = train_flops(256, 4, 512, 1024, 8, 1024, recompute=False, causal=True)
+    assert flops_ratio(point, 1.1 * full, None) == (pytest.approx(1.1), "")
+    attention_full = 2 * (full - causal)  # the causal count halves attention's square
+    kernels = attention_full / 2  # fused kernels that skip the masked half
+    ratio, note = flops_ratio(point, full - attention_full + kernels, kernels)
+    assert ratio == pytest.approx(1.0) and note == ""
+    ratio, note = flops_ratio(point, 2 * full, None)
+    assert ratio == pytest.approx(2.0) and "2.00x" in note and "full attention" in note
+    remat = dataclasses.replace(point, remat="full")
+    recomputed = train_flops(256, 4, 512, 1024, 8, 1024, recompute=True, causal=False)
+    assert flops_ratio(remat, recomputed, None) == (pytest.approx(1.0), "")

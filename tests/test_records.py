@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from jaxscale.folders import ReportDir
-from jaxscale.records import COLUMNS, RowWriter, drop_duplicates, read_rows
+from jaxscale import families
+from jaxscale.records import CONFIG_COLUMNS, COLUMNS, NON_CONFIG_COLUMNS, RowWriter, drop_duplicates, read_rows
 
 def test_rows_carry_the_folder_run_id(tmp_path):
     report = ReportDir.create(tmp_path, "r")
@@ -66,3 +67,9 @@ def test_rows_without_a_run_id_take_their_file_as_the_run():
 
 
 # ------------------------------------------------------------------ paths
+
+
+def test_every_row_column_is_classified():
+    linked = {c for cs in families.X_LINKED.values() for c in cs}
+    unclassified = set(COLUMNS) - set(CONFIG_COLUMNS) - NON_CONFIG_COLUMNS - linked
+    assert not unclassified, f"say whether these split a fit (records.CONFIG_COLUMNS) or not: {unclassified}"

@@ -18,13 +18,13 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from jaxscale.families import (ACTIVATION_COLUMN, CONFIG_COLUMNS, MEMORY_COLUMN, SHARED_HOST_NOTE, STATE_COLUMN,
+from jaxscale.families import (ACTIVATION_COLUMN, MEMORY_COLUMN, SHARED_HOST_NOTE, STATE_COLUMN,
                                family_frame, group_positions, grouped, numeric_column, prepare_rows, require_columns,
                                shared_host, succeeded, unusable_values, usable_rows)
 from jaxscale.powerlaw import (DEFAULT_TOLERANCE, FIT_COLUMNS, IdealFn, check_confidence, check_tolerance,
                                direction_of, fit_power_law, fit_table, grade, join_notes, joint_fit, t_critical,
                                t_test)
-from jaxscale.records import COLLECTIVE_COLUMNS
+from jaxscale.records import COLLECTIVE_COLUMNS, CONFIG_COLUMNS, MATCH_COLUMNS
 from jaxscale.usl import default_usl, fit_usl, usl_table
 
 SHARDED_STRATEGIES = ("fsdp", "tp", "fsdp_tp")
@@ -365,8 +365,8 @@ PLAN_COLUMNS = ("plan_source", "size_name", "strategy", "n_devices", "mesh_shape
 def plan_vs_measured(runs: pd.DataFrame) -> pd.DataFrame:
     """Join planned rows (row_source ``planned:<target>``) with measured rows of the same grid point.
 
-    Points are matched on grid.KEY_COLUMNS plus size_name, dtype and batch_mode
-    (a bfloat16 plan never stands in for a float32 run). Ratios:
+    Points are matched on records.MATCH_COLUMNS, the point key and its labels
+    (a bfloat16 plan never stands in for a float32 run, nor a scanned one for unrolled layers). Ratios:
     step_time_ratio = predicted_step_time_s / step_time_s; compiled_ratio = the
     plan's compiled_total_bytes / the measured run's; memory_ratio = the plan's
     compiled_total_bytes / the measured peak_bytes_in_use (empty where the
@@ -375,8 +375,6 @@ def plan_vs_measured(runs: pd.DataFrame) -> pd.DataFrame:
     Returns:
       ``PLAN_COLUMNS``, one row per matched (plan, point); empty without both kinds of rows.
     """
-    from jaxscale.grid import KEY_COLUMNS
-
     if "row_source" not in runs.columns:
         return pd.DataFrame(columns=list(PLAN_COLUMNS))
     source = runs["row_source"].fillna("measured").astype(str)
@@ -384,7 +382,7 @@ def plan_vs_measured(runs: pd.DataFrame) -> pd.DataFrame:
     measured = runs[(source == "measured") & succeeded(runs)]
     if planned.empty or measured.empty:
         return pd.DataFrame(columns=list(PLAN_COLUMNS))
-    keys = [c for c in (*KEY_COLUMNS, "size_name", "dtype", "batch_mode") if c in runs.columns]
+    keys = [c for c in MATCH_COLUMNS if c in runs.columns]
 
     def normalised(frame):
         out = frame.copy()

@@ -240,11 +240,12 @@ def cmd_devices(args) -> int:
 def cmd_calibrate(args) -> int:
     _prepare(compile_cache=False)
     from jaxscale import devices
+    from jaxscale.startup import cache_dir
 
     result = devices.calibrate(args.dtype, size=args.size)
     print(f"measured {result['tflops']:.4g} TFLOP/s per device ({args.dtype} {result['size']}^3 matmul on "
           f"{result['n_local_devices']} devices at once), memory {result['hbm_gbytes_per_s']:.4g} GB/s per device; "
-          f"cached in {devices.cache_dir() / 'calibration.json'}")
+          f"cached in {cache_dir() / 'calibration.json'}")
     return 0
 
 

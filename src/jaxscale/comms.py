@@ -1,4 +1,4 @@
-"""What a compiled step's optimized HLO says it communicates (and computes out of XLA's sight).
+"""What a compiled step's optimized HLO says it communicates: each collective, its bytes, groups and mesh axes.
 
 The per-device HLO module is read by hlo.HloModule (the one parser): computations
 of instructions, the call graph between them, and how many times one step runs

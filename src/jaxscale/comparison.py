@@ -1,8 +1,8 @@
 """Two sets of rows → matched points, step-time ratios with intervals, verdicts.
 
-A point is matched on its grid key (grid.KEY_COLUMNS and the other columns
-that decide what was compiled: size name, dtype, batch mode, attention,
-scan_layers). Each side is one run or several runs of the same profile.
+A point is matched on records.MATCH_COLUMNS: its point key (the grid key and
+the run settings that decide what was compiled: dtype, attention, scan_layers)
+and its labels (size name, batch mode). Each side is one run or several runs of the same profile.
 
 The ratio new/base of a point's step times and its interval come from
 jaxscale.intervals. Per-step samples show only the noise within a run, not
@@ -41,13 +41,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from jaxscale.grid import KEY_COLUMNS
 from jaxscale.intervals import (MIN_POINTS_FOR_DRIFT, MIN_SAMPLES, RunDrift, estimate_run_drift, ratio_interval,
                                 run_ratio_interval)
-from jaxscale.records import COLLECTIVE_COLUMNS, SUCCESS_STATUSES, drop_duplicates, file_digest, read_rows, run_labels
+from jaxscale.records import (COLLECTIVE_COLUMNS, MATCH_COLUMNS, SUCCESS_STATUSES, drop_duplicates, file_digest,
+                              read_rows, run_labels)
 
 # The point key: the grid key and the other columns that change the compiled program.
-MATCH_COLUMNS: tuple[str, ...] = ("size_name", *KEY_COLUMNS, "batch_mode", "dtype", "attention", "scan_layers")
 # Key columns older reports may lack, and the value they then had.
 KEY_DEFAULTS = {"xla_flags": "", "remat": "none"}
 # runtime.json fields (and runs.csv columns) worth a line in the diff, in this order.

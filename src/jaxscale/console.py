@@ -19,7 +19,8 @@ import pandas as pd
 from rich.table import Table
 
 from jaxscale.families import SHARED_HOST_NOTE, succeeded, why_no_fits
-from jaxscale.comparison import MATCH_COLUMNS, TIMING_VERDICTS, counts, matched
+from jaxscale.comparison import TIMING_VERDICTS, counts, matched
+from jaxscale.records import MATCH_COLUMNS
 
 # Size dimensions are summarized by size_name in labels when both are group columns.
 _SIZE_DIMS = ("d_model", "n_layers", "n_heads", "d_ff", "vocab", "params")

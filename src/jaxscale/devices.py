@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import socket
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale import chips
+from jaxscale.startup import cache_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,12 +276,6 @@ def mesh_axis_links(devices: np.ndarray, axis_names, platform: str, local_link: 
         out[name] = AxisLink(name, crossing if crosses else "none", remote_link if crosses else local_link,
                              factor, rings)
     return out
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("JAXSCALE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxscale")
-    return Path(base)
 
 
 CALIBRATION_VERSION = 2  # bump when calibrate() measures differently; old entries are then ignored

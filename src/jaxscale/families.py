@@ -14,49 +14,19 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from jaxscale.records import COLLECTIVE_COLUMNS, SUCCESS_STATUSES, require_numeric
+from jaxscale.records import CONFIG_COLUMNS, SUCCESS_STATUSES, require_numeric
 
 MEMORY_COLUMN = "memory_per_device_bytes"
 STATE_COLUMN = "state_bytes"
 ACTIVATION_COLUMN = "activation_bytes"
-SIZE_COLUMNS = ("size_name", "d_model", "n_layers", "n_heads", "d_ff", "seq_len", "vocab")
 SHARED_HOST_NOTE = "devices share one host's cores (backend cpu): no strong- or weak-scaling speed-up is possible"
 
-# Columns of runs.csv that say how a point was run. Rows that differ in any of
-# them never share a fit: each family is split by every one of them that is not
-# its x or tied to its x (X_LINKED).
-CONFIG_COLUMNS = ("row_source", "backend", "device_kind", "n_processes", "jax_version", "jaxlib_version",
-                  "flax_version", "libtpu_version", *SIZE_COLUMNS, "params", "strategy", "n_devices", "mesh_shape",
-                  "model_axis", "hosts", "batch_mode", "global_batch", "per_device_batch", "tokens_per_step", "dtype",
-                  "remat", "attention", "attention_impl", "scan_layers", "xla_flags", "isolation", "attention_flops",
-                  "topology")
 # Columns that follow x within a family; they must take one value per x (else the analyzer refuses).
 X_LINKED = {
     "n_devices": ("mesh_shape", "hosts"),
     "params": ("size_name", "d_model", "n_layers", "n_heads", "d_ff", "vocab"),
     "tokens_per_step": ("global_batch", "per_device_batch"),
 }
-# Columns of runs.csv that never split a fit: measurements, things derived from
-# the config columns, and bookkeeping.
-NON_CONFIG_COLUMNS = frozenset({
-    "schema_version", "run_id", "timestamp_utc", "profile", "status", "error", "model_flops_per_step", "xla_flops_per_step",
-    "xla_over_model_flops", "flops_note", "compile_s", "warmup_s", "step_time_s", "step_time_p10_s",
-    "step_time_p90_s", "step_time_cv", "step_time_mean_s", "n_timed_steps", "step_time_samples_s", "tokens_per_s",
-    "predicted_compute_s", "predicted_memory_s", "predicted_step_time_s", "predicted_mfu",
-    "achieved_tflops_per_device", "peak_tflops_per_device", "peak_dtype", "peak_source", "peak_reference", "mfu",
-    "hfu", "param_bytes", "opt_state_bytes", "compiled_argument_bytes", "compiled_output_bytes",
-    "compiled_temp_bytes", "compiled_alias_bytes", "compiled_total_bytes", "peak_bytes_in_use", "bytes_limit",
-    "device_memory_bytes", *COLLECTIVE_COLUMNS, "all_reduce_count", "all_gather_count", "reduce_scatter_count",
-    "all_to_all_count", "collective_permute_count", "collective_traffic_bytes", "predicted_comm_s",
-    "comm_bandwidth_gbytes_per_s", "comm_bandwidth_source", "xla_bytes_accessed_per_device",
-    "arithmetic_intensity", "ridge_point", "bound", "loss_first", "loss_last", "trace_dir", "peak_precision",
-    "custom_call_flops_per_step", "collective_traffic_data_bytes", "collective_traffic_model_bytes",
-    "predicted_comm_data_s", "predicted_comm_model_s", "comm_link_data", "comm_link_model",
-    "comm_link_data_gbytes_per_s", "comm_link_model_gbytes_per_s", "attention_note",
-    "predicted_roofline_s", "predicted_compute_bound_s", "predicted_memory_bound_s", "predicted_exposed_comm_s",
-    "predicted_overlapped_step_s", "predicted_exposed_step_s", "roofline_eta_compute", "roofline_eta_memory",
-    "roofline_efficiency", "kernels_per_step",
-})
 
 
 def numeric_column(df: pd.DataFrame, column: str) -> pd.Series:

@@ -74,6 +74,40 @@ SUCCESS_STATUSES = ("ok", "planned")
 COLLECTIVE_COLUMNS = ("all_reduce_bytes", "all_gather_bytes", "reduce_scatter_bytes", "all_to_all_bytes",
                       "collective_permute_bytes")
 
+# ------------------------------------------------------------------ column roles
+
+SIZE_COLUMNS = ("size_name", "d_model", "n_layers", "n_heads", "d_ff", "seq_len", "vocab")
+
+# Columns of runs.csv that say how a point was run. Rows that differ in any of
+# them never share a fit: each family is split by every one of them that is not
+# its x or tied to its x (families.X_LINKED).
+CONFIG_COLUMNS = ("row_source", "backend", "device_kind", "n_processes", "jax_version", "jaxlib_version",
+                  "flax_version", "libtpu_version", *SIZE_COLUMNS, "params", "strategy", "n_devices", "mesh_shape",
+                  "model_axis", "hosts", "batch_mode", "global_batch", "per_device_batch", "tokens_per_step", "dtype",
+                  "remat", "attention", "attention_impl", "scan_layers", "xla_flags", "isolation", "attention_flops",
+                  "topology")
+# Columns of runs.csv that never split a fit: measurements, things derived from
+# the config columns, and bookkeeping.
+NON_CONFIG_COLUMNS = frozenset({
+    "schema_version", "run_id", "timestamp_utc", "profile", "status", "error", "model_flops_per_step", "xla_flops_per_step",
+    "xla_over_model_flops", "flops_note", "compile_s", "warmup_s", "step_time_s", "step_time_p10_s",
+    "step_time_p90_s", "step_time_cv", "step_time_mean_s", "n_timed_steps", "step_time_samples_s", "tokens_per_s",
+    "predicted_compute_s", "predicted_memory_s", "predicted_step_time_s", "predicted_mfu",
+    "achieved_tflops_per_device", "peak_tflops_per_device", "peak_dtype", "peak_source", "peak_reference", "mfu",
+    "hfu", "param_bytes", "opt_state_bytes", "compiled_argument_bytes", "compiled_output_bytes",
+    "compiled_temp_bytes", "compiled_alias_bytes", "compiled_total_bytes", "peak_bytes_in_use", "bytes_limit",
+    "device_memory_bytes", *COLLECTIVE_COLUMNS, "all_reduce_count", "all_gather_count", "reduce_scatter_count",
+    "all_to_all_count", "collective_permute_count", "collective_traffic_bytes", "predicted_comm_s",
+    "comm_bandwidth_gbytes_per_s", "comm_bandwidth_source", "xla_bytes_accessed_per_device",
+    "arithmetic_intensity", "ridge_point", "bound", "loss_first", "loss_last", "trace_dir", "peak_precision",
+    "custom_call_flops_per_step", "collective_traffic_data_bytes", "collective_traffic_model_bytes",
+    "predicted_comm_data_s", "predicted_comm_model_s", "comm_link_data", "comm_link_model",
+    "comm_link_data_gbytes_per_s", "comm_link_model_gbytes_per_s", "attention_note",
+    "predicted_roofline_s", "predicted_compute_bound_s", "predicted_memory_bound_s", "predicted_exposed_comm_s",
+    "predicted_overlapped_step_s", "predicted_exposed_step_s", "roofline_eta_compute", "roofline_eta_memory",
+    "roofline_efficiency", "kernels_per_step",
+})
+
 
 def error_text(exc: BaseException, limit: int = 600) -> str:
     """An exception as a row's ``error`` cell: its type and message on one line, cut to ``limit`` characters."""
@@ -250,6 +284,9 @@ def row_key(row) -> tuple:
 # The columns that decide a point's program: its grid key and the run settings that change what compiles.
 # Labels (size_name, batch_mode) are not part of it: two rows of the same program are the same point.
 POINT_KEY = (*KEY_COLUMNS, "dtype", "attention", "scan_layers")
+# What a point is called. Rows of two runs (compare, plan vs measured) match on the point key and the labels.
+POINT_LABELS = ("size_name", "batch_mode")
+MATCH_COLUMNS = (POINT_LABELS[0], *POINT_KEY, POINT_LABELS[1])
 
 
 def point_key(values) -> tuple:

@@ -42,7 +42,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxscale import hlo, hlo_cost
+from jaxscale import chips, hlo, hlo_cost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +69,6 @@ class Efficiency:
 
 def default_efficiency(device_kind: str) -> Efficiency:
     """The part's measured practical efficiencies (chips.PRACTICAL) where jaxscale has them, else the datasheet's."""
-    from jaxscale import chips
-
     chip = chips.chip_for_kind(device_kind)
     practical = chips.PRACTICAL.get(chip.key) if chip else None
     if practical is None:

@@ -12,6 +12,7 @@ import importlib
 import os
 import signal
 import threading
+from pathlib import Path
 
 from jaxscale.config import ADDED_XLA_FLAGS_ENV, ProfileError
 from jaxscale.targets import quiet_plugins
@@ -57,12 +58,17 @@ def choose_isolation(run) -> str:
 
 
 
+def cache_dir() -> Path:
+    """jaxscale's cache folder: $JAXSCALE_CACHE_DIR, else $XDG_CACHE_HOME/jaxscale (~/.cache/jaxscale)."""
+    base = os.environ.get("JAXSCALE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxscale")
+    return Path(base)
+
+
 def configure_compile_cache(enabled: bool) -> None:
     """JAX's persistent compilation cache under jaxscale's cache folder (before the first compile)."""
     if enabled and os.environ.get("JAXSCALE_COMPILE_CACHE", "1") != "0":
         import jax
-
-        from jaxscale.devices import cache_dir
 
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
