@@ -32,7 +32,7 @@ def no_plots(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, worker_id):
     """One tiny `jaxscale run smoke` (dp and fsdp on 1 and 2 devices, fsdp on 2 traced) into a cache folder of its
-    own, with a planted calibration: test_tool reads its trace and its compilation cache, test_compare compares
+    own, with a planted calibration: test_tool reads its trace and its compilation cache, test_comparison compares
     it with a doctored copy. Run once per session: pytest-xdist workers share it through their common temporary
     folder, the first to arrive running it under a lock."""
     import fcntl
@@ -61,8 +61,8 @@ def tiny_run(tmp_path_factory, worker_id):
 
 # The files that take longest (about a minute each on 2 cores), slowest first: with a file per worker
 # (`-n auto --dist loadfile`), starting them first lets the workers finish together.
-SLOW_FILES = ("test_plan.py", "test_reliability.py", "test_multihost.py", "test_workers.py", "test_step.py",
-              "test_cli.py", "test_compare.py", "test_tool.py", "test_speed_guard.py")
+SLOW_FILES = ("test_plan.py", "test_reliability.py", "test_distributed.py", "test_workers.py", "test_step.py",
+              "test_cli.py", "test_comparison.py", "test_tool.py", "test_speed_guard.py")
 
 
 def pytest_collection_modifyitems(config, items):

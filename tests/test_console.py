@@ -9,7 +9,7 @@ from rich.console import Console
 
 from jaxscale import analyze
 from jaxscale.console import fits_console_table, print_runs
-from test_compare import synthetic_run
+from test_comparison import synthetic_run
 from test_report import small_runs
 
 

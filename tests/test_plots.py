@@ -5,7 +5,7 @@ import numpy as np
 import jaxscale
 from jaxscale import analyze
 from jaxscale.plots import axis_label, plot_families
-from test_compare import synthetic_run
+from test_comparison import synthetic_run
 from test_report import small_runs
 
 
