@@ -82,12 +82,13 @@ def cmd_run(args) -> int:
             if args.retry_failed and not args.resume:
                 raise ProfileError("--retry-failed reruns the failed points of a recorded sweep: give it with "
                                    "--resume REPORT_DIR")
-            profile, recorded = load_profile(args.profile or "smoke", args.set or []), None
             if args.resume:
                 from jaxscale.sweep import profile_to_resume
 
                 with _warnings_as_lines():
                     profile, recorded = profile_to_resume(args.resume, args.profile, args.set or [], dist.wanted)
+            else:
+                profile, recorded = load_profile(args.profile or "smoke", args.set or []), None
             from jaxscale.startup import choose_isolation
 
             choose_isolation(profile.run)  # refuses flag sets without worker processes before a folder is made
@@ -352,16 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--timeout", type=int, default=120,
                        help="seconds to wait for the coordinator and peers (default 120)")
 
+    def profile_options(p, example: str):
+        p.add_argument("profile", nargs="?", help="shipped profile name or path (default: smoke)")
+        p.add_argument("--out", help="parent folder of the report folder (default: reports/)")
+        p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                       help=f"override a profile value, TOML syntax: --set {example}")
+        p.add_argument("--no-compile-cache", action="store_true", help="do not use JAX's persistent compilation cache")
+        p.add_argument("--no-analyze", action="store_true", help="skip the fits at the end")
+
     run = sub.add_parser("run", help="run a sweep profile and write runs.csv")
-    run.add_argument("profile", nargs="?", help="shipped profile name or path (default: smoke)")
-    run.add_argument("--out", help="parent folder of the report folder (default: reports/)")
-    run.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                     help="override a profile value, TOML syntax: --set model.d_model=[512,1024]")
+    profile_options(run, "model.d_model=[512,1024]")
     run.add_argument("--resume", metavar="REPORT_DIR", help="continue the sweep recorded in REPORT_DIR")
     run.add_argument("--retry-failed", action="store_true", help="with --resume, rerun points that failed")
     run.add_argument("--trace", metavar="SELECTOR", help="jax.profiler trace of points matching e.g. strategy=fsdp,n_devices=8")
-    run.add_argument("--no-compile-cache", action="store_true", help="do not use JAX's persistent compilation cache")
-    run.add_argument("--no-analyze", action="store_true", help="skip the fits at the end")
     distributed(run)
     run.set_defaults(func=cmd_run)
 
@@ -397,14 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="compile every grid point for a TPU slice and predict its step, no TPU needed",
                         description="Exit 0 when every point compiled (planned or over budget), 1 when one failed "
                                     "to compile, 2 for bad input.")
-    pl.add_argument("profile", nargs="?", help="shipped profile name or path (default: smoke)")
+    profile_options(pl, 'run.remat=["none","full"]')
     pl.add_argument("--topology", help="the target: a TPU slice (v5e:16x16, v5p:4x4x4) or a GPU cluster as "
                                        "HOSTSxGPUS (h100:4x8, a100:1x8); default: the profile's [mesh] topology")
-    pl.add_argument("--out", help="parent folder of the report folder (default: reports/)")
-    pl.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                    help="override a profile value, TOML syntax: --set run.remat=[\"none\",\"full\"]")
-    pl.add_argument("--no-compile-cache", action="store_true", help="do not use JAX's persistent compilation cache")
-    pl.add_argument("--no-analyze", action="store_true", help="skip the fits at the end")
     pl.add_argument("--calibrate", metavar="RUN_DIR", help="fit the roofline's compute and memory efficiencies to "
                                                           "the measured steps of the target's chip in this run")
     pl.set_defaults(func=cmd_plan)
