@@ -82,6 +82,7 @@ _EXPORTS = {
     "Analysis": "jaxscale.analyze",
     "analyze_rows": "jaxscale.analyze",
     "write_report": "jaxscale.report",
+    "write_analysis": "jaxscale.report",
     "compare": "jaxscale.comparison:compare",
 }
 
@@ -124,7 +125,7 @@ if TYPE_CHECKING:
     from jaxscale.plan import run_plan
     from jaxscale.prediction import predict_step
     from jaxscale.records import read_rows
-    from jaxscale.report import write_report
+    from jaxscale.report import write_analysis, write_report
     from jaxscale.step import build_step, compile_point, compile_step
     from jaxscale.targets import Target, parse_target
     from jaxscale.sweep import run_profile, run_sweep

@@ -525,7 +525,7 @@ def loop_corrected_cost(cost: dict, hlo_text: str) -> tuple[float | None, float 
     Both come from the optimized HLO (program_stats), whatever the backend, so they
     are also there where the compiler gives no cost analysis (deviceless GPU
     compiles). The FLOPs leave out the fused attention kernels (cuDNN, Pallas
-    attention), which callers add as measure.hidden_flops, as they always did for
+    attention), which callers add as prediction.hidden_flops, as they always did for
     XLA's cost analysis; they are None where they cannot be trusted (an unreadable
     trip count, a kernel that cannot be counted). ``cost`` is XLA's cost_analysis
     dict: the correction reports how far the HLO count is from XLA's one-trip figures.

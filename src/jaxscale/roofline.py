@@ -10,7 +10,7 @@ another: a matmul is compute-bound and the elementwise work around it
 memory-bound, so ``max(Σ compute, Σ memory)`` would let one hide the other.
 
 Collectives run on the links while kernels run on the chip. Each collective
-takes its ring traffic over the link of the mesh axes it spans (measure.predict_comm)
+takes its ring traffic over the link of the mesh axes it spans (prediction.predict_comm)
 and the model walks each computation's schedule on two clocks, the chip's and
 each link's:
 
@@ -169,7 +169,7 @@ class Schedule:
         """Args:
           hlo_text: optimized HLO (text or parsed).
           collective_seconds: ``key -> (seconds of one execution, link)`` for a collective kernel,
-            its key the collective's channel id or instruction name (measure.predict_comm gives
+            its key the collective's channel id or instruction name (prediction.predict_comm gives
             one); None: collectives take no time.
         """
         module = hlo.parse(hlo_text)
