@@ -2,7 +2,7 @@
 
 The default fits are the standard families (``default_fits``: ideals per
 family); beside them: the joint fit of step time on params and devices, the
-scaling efficiency, the USL of throughput (``default_usl``), predictions beyond
+scaling efficiency, the USL of throughput (``usl.default_usl``), predictions beyond
 the largest x (``predict_table``), plans against measurements and claimed
 exponents (expectations). Given an x and ys, ``analyze_rows`` fits any table's
 columns instead. Everything here is a pure function of DataFrames; nothing
@@ -513,12 +513,12 @@ def check_expectation(data: pd.DataFrame, y: str, x: str, exponent: float, by: S
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: DataFrames have no single truth value to compare by
 class Analysis:
-    """Every table of one analysis of rows (``analyze_rows``), for report.write_report.
+    """Every table of one analysis of rows (``analyze_rows``), for report.write_analysis.
 
     Attributes:
-      fits: ``default_fits``, or ``fit_table`` in the custom pipeline.
+      fits: ``default_fits``, or ``powerlaw.fit_table`` in the custom pipeline.
       efficiency, joint: ``scaling_efficiency`` and ``default_joint_fit`` (None in the custom pipeline).
-      usl, predictions: ``default_usl`` and ``default_predictions``, or ``usl_table`` and ``predict_table``.
+      usl, predictions: ``usl.default_usl`` and ``default_predictions``, or ``usl.usl_table`` and ``predict_table``.
       plan: ``plan_vs_measured`` (None when it is empty, and in the custom pipeline).
       expectations: ``check_expectation`` of every expectation, one frame (None without expectations).
       unusable: per fitted column, the successful rows whose value a log-log fit cannot use (``unusable_values``).
@@ -547,11 +547,11 @@ def analyze_rows(rows: pd.DataFrame, *, x: str | None = None, ys: str | Sequence
 
     Args:
       rows: runs.csv rows, or (custom pipeline) any table with numeric x and y columns.
-      x, ys: the custom pipeline's x and y columns, given together: ``fit_table``, ``usl_table`` and
+      x, ys: the custom pipeline's x and y columns, given together: ``powerlaw.fit_table``, ``usl.usl_table`` and
         ``predict_table`` of ys against x. Without them: ``default_fits``, ``scaling_efficiency``,
-        ``default_joint_fit``, ``default_usl``, ``default_predictions`` and ``plan_vs_measured``.
+        ``default_joint_fit``, ``usl.default_usl``, ``default_predictions`` and ``plan_vs_measured``.
       by, ideal, directions: the custom pipeline's group columns, ideal exponent and better directions (see
-        ``fit_table``); the default pipeline ignores them.
+        ``powerlaw.fit_table``); the default pipeline ignores them.
       expectations: claims ``"Y:X=B"`` (``parse_expectation``), each checked with ``check_expectation``.
       confidence, tolerance: the level of the intervals and the half-width of the band around each ideal.
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import signal
 import sys
 import warnings
@@ -37,15 +36,17 @@ def _warnings_as_lines():
     """The library's warnings (a torn last line, a malformed row) as one line each, every time."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        yield
-    for w in caught:
-        print(f"jaxscale: warning: {w.message}", file=sys.stderr)
+        try:
+            yield
+        finally:  # also those caught before an error
+            for w in caught:
+                print(f"jaxscale: warning: {w.message}", file=sys.stderr)
 
 
-def _prepare(compile_cache: bool) -> None:
+def _prepare(compile_cache: bool, compile_only: bool = False) -> None:
     from jaxscale.startup import prepare_process
 
-    prepare_process(compile_cache)
+    prepare_process(compile_cache, compile_only)
 
 
 def _interrupted(console, report, command: list[str], then: str = "continue with") -> int:
@@ -83,7 +84,7 @@ def cmd_run(args) -> int:
                 raise ProfileError("--retry-failed reruns the failed points of a recorded sweep: give it with "
                                    "--resume REPORT_DIR")
             if args.resume:
-                from jaxscale.sweep import profile_to_resume
+                from jaxscale.records import profile_to_resume
 
                 with _warnings_as_lines():
                     profile, recorded = profile_to_resume(args.resume, args.profile, args.set or [], dist.wanted)
@@ -241,12 +242,9 @@ def cmd_devices(args) -> int:
 def cmd_calibrate(args) -> int:
     _prepare(compile_cache=False)
     from jaxscale import devices
-    from jaxscale.startup import cache_dir
+    from jaxscale.console import print_calibration
 
-    result = devices.calibrate(args.dtype, size=args.size)
-    print(f"measured {result['tflops']:.4g} TFLOP/s per device ({args.dtype} {result['size']}^3 matmul on "
-          f"{result['n_local_devices']} devices at once), memory {result['hbm_gbytes_per_s']:.4g} GB/s per device; "
-          f"cached in {cache_dir() / 'calibration.json'}")
+    print_calibration(devices.calibrate(args.dtype, size=args.size), args.dtype)
     return 0
 
 
@@ -310,12 +308,7 @@ def cmd_plan(args) -> int:
 
 
 def _plan(args, profile, target, report_dir: Path, console) -> int:
-    # Planning compiles for the target only: no local accelerator is initialized (and the CUDA plugin then
-    # skips its check for CUDA libraries it does not need to compile). JAX's persistent compilation cache
-    # cannot load an executable compiled for a device it has no client for (it warns and compiles again),
-    # so a plan does not use it.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    _prepare(compile_cache=False)
+    _prepare(compile_cache=False, compile_only=True)
     from jaxscale import plan
     from jaxscale.config import ProfileError
     from jaxscale.console import point_progress, print_dropped, print_failures, print_plan
@@ -334,9 +327,9 @@ def _plan(args, profile, target, report_dir: Path, console) -> int:
         return _fail(f"{os_error_line(e, str(report_dir))}; free the space or fix the permissions, then plan again")
     print_plan(console, result.rows)
     console.print(f"rows: {report_dir / 'runs.csv'}", soft_wrap=True)
-    if not args.no_analyze and (result.rows["status"] == "planned").sum() >= 2:
+    if not args.no_analyze and result.fittable:
         _analyze_into(console, result.rows, report_dir, quiet_errors=True)
-    return 1 if print_failures(console, result.rows[result.rows["status"] == "compile_error"]) else 0
+    return 1 if print_failures(console, result.failed) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,11 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_profiles(args) -> int:
     """The shipped profiles, one line each: name, the command it is for, what it sweeps."""
     from jaxscale.config import profile_summary, shipped_profiles
+    from jaxscale.console import print_profiles
 
-    summaries = [(name, *profile_summary(path)) for name, path in shipped_profiles().items()]
-    width = max(len(name) for name, *_ in summaries)
-    for name, command, text in summaries:
-        print(f"{name:<{width}}  {command:<4}  {text}")
+    print_profiles([(name, *profile_summary(path)) for name, path in shipped_profiles().items()])
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Tables for the terminal, and the cell texts and group labels that every output of jaxscale shares.
+"""The terminal: tables, the CLI's printers and progress bar, and the cell texts and labels every output shares.
 
 On a terminal a table is a rich Table fitted to its width (the least needed
 columns left out and named, long notes numbered under it); off one (a pipe, a
@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 from rich.table import Table
 
-from jaxscale.families import SHARED_HOST_NOTE, succeeded, why_no_fits
 from jaxscale.comparison import TIMING_VERDICTS, counts, matched
+from jaxscale.families import SHARED_HOST_NOTE, succeeded, why_no_fits
 from jaxscale.records import MATCH_COLUMNS
+from jaxscale.startup import cache_dir
 
 # Size dimensions are summarized by size_name in labels when both are group columns.
 _SIZE_DIMS = ("d_model", "n_layers", "n_heads", "d_ff", "vocab", "params")
@@ -493,6 +494,20 @@ def print_interrupted(console, csv_path: Path | None, command: list[str], then: 
         return
     console.print(f"[yellow]interrupted; {rows} row(s) kept in {csv_path}; {then}:[/yellow]", soft_wrap=True)
     print(shlex.join(command), flush=True)
+
+
+def print_calibration(result: dict, dtype: str) -> None:
+    """`jaxscale calibrate`: the practical matmul peak and memory bandwidth measured, and where they are cached."""
+    print(f"measured {result['tflops']:.4g} TFLOP/s per device ({dtype} {result['size']}^3 matmul on "
+          f"{result['n_local_devices']} devices at once), memory {result['hbm_gbytes_per_s']:.4g} GB/s per device; "
+          f"cached in {cache_dir() / 'calibration.json'}")
+
+
+def print_profiles(summaries: list[tuple[str, str, str]]) -> None:
+    """`jaxscale profiles`: one line per shipped profile (name, the command it is for, what it sweeps)."""
+    width = max(len(name) for name, *_ in summaries)
+    for name, command, text in summaries:
+        print(f"{name:<{width}}  {command:<4}  {text}")
 
 
 def print_devices(info: dict, peak) -> None:

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from jaxscale.records import CONFIG_COLUMNS, SUCCESS_STATUSES, require_numeric
+from jaxscale.records import CONFIG_COLUMNS, SUCCESS_STATUSES
 
 MEMORY_COLUMN = "memory_per_device_bytes"
 STATE_COLUMN = "state_bytes"
@@ -255,6 +255,22 @@ def fit_points(runs: pd.DataFrame, fit_row, prepared: bool = False) -> pd.DataFr
         value = fit_row[column]
         mask &= runs[column].isna() if pd.isna(value) else runs[column] == value
     return pd.DataFrame({"x": numeric_column(runs, x)[mask].to_numpy(), "y": numeric_column(runs, y)[mask].to_numpy()})
+
+
+def require_numeric(frame: pd.DataFrame, column: str, source: str) -> None:
+    """A ValueError naming ``source``, the column and the first bad row unless the column holds numbers
+    (in its successful rows, where the frame has a status)."""
+    if column not in frame.columns:
+        raise ValueError(f"{source}: no column {column!r}; columns are: {', '.join(map(str, frame.columns))}")
+    values = frame[column]
+    if "status" in frame.columns:
+        values = values[frame["status"].astype(str).isin(SUCCESS_STATUSES)]
+    present = values[values.astype(str).str.strip() != ""].dropna()
+    numbers = pd.to_numeric(present, errors="coerce")
+    bad = present[numbers.isna()]
+    if len(bad):
+        raise ValueError(f"{source}: column {column!r} needs numbers but has {bad.iloc[0]!r} "
+                         f"(row {bad.index[0] + 2}); fix or remove such rows")
 
 
 def check_columns(rows: pd.DataFrame, source: str, x: str | None = None, ys: Sequence[str] = (),

@@ -105,7 +105,7 @@ def measure_point(point: Point, profile: Profile, peak: PeakInfo, columns: dict,
       point: the grid point.
       profile: its profile (run settings).
       peak: the run's PeakInfo (devices.resolve_peak).
-      columns: the runtime's columns of a row (runtimes.runtime_columns).
+      columns: the runtime's columns of a row (targets.runtime_columns).
       trace_dir: where jax.profiler writes the point's trace, or None.
       memory: the budget a point may plan to use per device, or None for none.
 

@@ -1,6 +1,7 @@
-"""Plan a sweep for a TPU slice or a GPU cluster: compile every point for the target, predict its step.
+"""A grid → planned rows for a TPU slice or a GPU cluster, and the roofline calibrated on measured steps.
 
-Nothing runs and nothing is allocated: each point is traced from abstract
+Each point is compiled for the target and predicted on runtimes.CompileOnly
+(rows from measure.planned_row). Nothing runs and nothing is allocated: each point is traced from abstract
 shapes (step.build_step) and compiled by the TPU compiler for the slice a user
 would rent for its chip count (targets.Target; GPU clusters likewise). Its row has the runs.csv
 schema with ``row_source = planned:<target>``, the slice it compiled for in
@@ -91,9 +92,21 @@ def _row_sample(r) -> roofline.Sample | None:
 
 @dataclasses.dataclass(frozen=True)
 class PlanResult:
+    """What a plan wrote: its rows, its folder, and the points left out of the grid with their reasons."""
+
     rows: pd.DataFrame
     report_dir: Path
     dropped: collections.Counter
+
+    @property
+    def failed(self) -> pd.DataFrame:
+        """Points that did not compile (over_budget is an answer, not a failure)."""
+        return self.rows[self.rows["status"] == "compile_error"]
+
+    @property
+    def fittable(self) -> bool:
+        """At least two planned points: something to fit."""
+        return int((self.rows["status"] == "planned").sum()) >= 2
 
 
 def plan_grid(profile: Profile, target: Target) -> tuple[list[Point], collections.Counter]:
@@ -177,5 +190,9 @@ def run_plan(profile: Profile, target: Target, report_dir: Path,
         return runtime.measure(point, i, None)
 
     csv_path = report_dir / "runs.csv"
-    append_rows(points, row_of, csv_path, on_point=on_point, on_row=on_row)
+    def on_later_point(point: Point, i: int, total: int) -> None:  # the calibration's points were announced
+        if on_point and i not in early:
+            on_point(point, i, total)
+
+    append_rows(points, row_of, csv_path, on_point=on_later_point, on_row=on_row)
     return PlanResult(rows=read_rows(csv_path), report_dir=report_dir, dropped=dropped)

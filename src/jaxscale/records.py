@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from jaxscale.folders import new_run_id, read_run_id
+from jaxscale.config import Profile, ProfileError, load_profile, profile_difference
+from jaxscale.folders import check_not_in_use, new_run_id, read_run_id
 from jaxscale.grid import KEY_COLUMNS, TEXT_KEY_COLUMNS
 
 # 3: run_id, attention_impl and attention_note, the roofline model's terms and kernels_per_step.
@@ -360,6 +361,54 @@ def file_digest(path: Path | str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+# ------------------------------------------------------------------ resuming
+
+
+def profile_to_resume(resume: Path | str, name: str | None = None, sets: list[str] | tuple = (),
+                      several_hosts: bool = False) -> tuple[Profile, pd.DataFrame | None]:
+    """The profile of a sweep to resume from its report folder, and the rows already recorded there (or None).
+
+    The folder's profile.toml is the sweep; a profile ``name`` or ``sets`` given
+    too must define the same sweep. Without a profile.toml (a host of several
+    that lacks the folder, or a folder from an older version) ``name`` is
+    required and the folder's rows must be its own. The reader's warnings (a
+    torn last line) are raised as warnings.
+
+    Raises:
+      ProfileError: one line naming the folder and what to give instead.
+    """
+    folder = Path(resume)
+    if folder.exists() and not folder.is_dir():
+        raise ProfileError(f"--resume {folder}: a file, not a report folder; give the folder `jaxscale run` wrote")
+    if not several_hosts:  # (several hosts: process 0 takes the folder once it knows it is process 0)
+        check_not_in_use(folder)  # a run still writing it is the reason, whatever the folder holds yet
+    saved = folder / "profile.toml"
+    recorded = read_rows(folder / "runs.csv") if (folder / "runs.csv").is_file() else None
+    if saved.is_file():
+        profile = load_profile(str(saved))
+        if name or sets:
+            given = load_profile(name or str(saved), list(sets))
+            difference = profile_difference(profile, given)
+            if difference:
+                what = " ".join(filter(None, [name, *[f"--set {s}" for s in sets]]))
+                raise ProfileError(f"--resume {folder}: {what} is not the sweep recorded there ({difference}); "
+                                   "resume with --resume alone to continue it, or start a new run without --resume")
+        return profile, recorded
+    if not name:
+        raise ProfileError(f"--resume {folder}: no profile.toml there; give a report folder written by "
+                           "`jaxscale run` (on hosts without that folder, also give the PROFILE and --set options "
+                           "of the original run)")
+    if not folder.exists() and not several_hosts:
+        raise ProfileError(f"--resume {folder}: no such folder")
+    profile = load_profile(name, list(sets))
+    if recorded is not None and len(recorded) and "profile" in recorded.columns:
+        others = sorted(set(recorded["profile"].dropna().astype(str)) - {profile.run.name})
+        if others:
+            raise ProfileError(f"--resume {folder}: its runs.csv holds rows of profile {others[0]!r}, not of "
+                               f"{profile.run.name!r} ({profile.source}); give the profile that recorded them")
+    return profile, recorded
+
+
 # ------------------------------------------------------------------ tables for analysis
 
 
@@ -404,19 +453,3 @@ def load_tables(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, list[str]]:
     if dropped:
         notes.append(f"dropped {dropped} duplicate row(s): the same run and grid point recorded twice (kept the first)")
     return rows.reset_index(drop=True), notes
-
-
-def require_numeric(frame: pd.DataFrame, column: str, source: str) -> None:
-    """A ValueError naming ``source``, the column and the first bad row unless the column holds numbers
-    (in its successful rows, where the frame has a status)."""
-    if column not in frame.columns:
-        raise ValueError(f"{source}: no column {column!r}; columns are: {', '.join(map(str, frame.columns))}")
-    values = frame[column]
-    if "status" in frame.columns:
-        values = values[frame["status"].astype(str).isin(SUCCESS_STATUSES)]
-    present = values[values.astype(str).str.strip() != ""].dropna()
-    numbers = pd.to_numeric(present, errors="coerce")
-    bad = present[numbers.isna()]
-    if len(bad):
-        raise ValueError(f"{source}: column {column!r} needs numbers but has {bad.iloc[0]!r} "
-                         f"(row {bad.index[0] + 2}); fix or remove such rows")

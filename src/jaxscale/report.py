@@ -281,7 +281,7 @@ def fits_markdown(fits: pd.DataFrame, efficiency: pd.DataFrame | None = None, jo
     Args:
       fits: from ``powerlaw.fit_table`` or ``analyze.default_fits``.
       efficiency: from ``analyze.scaling_efficiency``.
-      joint: from ``analyze.joint_fit``.
+      joint: from ``analyze.default_joint_fit`` (or ``powerlaw.joint_fit``).
       expectations: from ``analyze.check_expectation`` (several may be concatenated).
       usl: from ``usl.usl_table`` / ``usl.default_usl``.
       predictions: from ``analyze.predict_table`` / ``analyze.default_predictions``.

@@ -8,6 +8,7 @@ imports no JAX at its top.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import signal
@@ -75,8 +76,15 @@ def configure_compile_cache(enabled: bool) -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def prepare_process(compile_cache: bool = True) -> None:
+def prepare_process(compile_cache: bool = True, compile_only: bool = False) -> None:
     """Set up XLA before JAX initializes its backends.
+
+    ``compile_only`` (a plan): JAX opens the CPU only, unless JAX_PLATFORMS says
+    otherwise; no local accelerator is initialized (and the CUDA plugin then
+    skips its check for CUDA libraries a compile does not need). JAX's
+    persistent compilation cache cannot load an executable compiled for a
+    device it has no client for (it warns and compiles again), so a plan passes
+    ``compile_cache=False``.
 
     Unless the user's XLA_FLAGS set a host device count, the host platform gets 8
     virtual devices, so a machine without an accelerator can still run
@@ -90,25 +98,29 @@ def prepare_process(compile_cache: bool = True) -> None:
     interpreter (SIGSEGV) where it should raise KeyboardInterrupt, and the
     folder a run has just claimed would then be left behind.
     """
+    if compile_only:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     user = os.environ.get("XLA_FLAGS", "")
     if "--xla_force_host_platform_device_count" not in user:
         flag = f"--xla_force_host_platform_device_count={HOST_DEVICES}"
         os.environ["XLA_FLAGS"] = f"{user} {flag}".strip()
         os.environ[ADDED_XLA_FLAGS_ENV] = flag
-    _import_jax_whole()
-    quiet_plugins()
+    with _ctrl_c_after_jax_loads():
+        quiet_plugins()  # first: it sets JAX_PLATFORMS, which JAX reads when imported
+        importlib.import_module("jax")
     configure_compile_cache(compile_cache)
 
 
-def _import_jax_whole() -> None:
-    """Import JAX; a Ctrl-C meanwhile is raised once it has loaded (in the main thread; elsewhere as it comes)."""
+@contextlib.contextmanager
+def _ctrl_c_after_jax_loads():
+    """A Ctrl-C while JAX loads is raised once it has loaded (in the main thread; elsewhere as it comes)."""
     if threading.current_thread() is not threading.main_thread():
-        importlib.import_module("jax")
+        yield
         return
     pending = []
     previous = signal.signal(signal.SIGINT, lambda *_: pending.append(True))
     try:
-        importlib.import_module("jax")
+        yield
     finally:
         signal.signal(signal.SIGINT, previous)
     if pending:

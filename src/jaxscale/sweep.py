@@ -1,9 +1,10 @@
-"""Run a profile's grid: compile, budget-check, time and record every point.
+"""A profile's grid → measured rows: the runtime its points run on, the loop that records them, resuming.
 
-A point that fails becomes a row with a failure status (``compile_error``,
-``oom``, ``over_budget``, ``error``) and the sweep goes on. Rows are appended
-durably as they finish (records.RowWriter), so an interrupted sweep can be
-resumed from its report folder without redoing or duplicating a point.
+Each point becomes a row in measure.py, on the runtime chosen for the profile
+(runtimes.InProcess or workers.WorkerRuntime); a point that fails is a row
+with a failure status and the sweep goes on. Rows are appended durably as they
+finish (records.append_rows), so an interrupted sweep can be resumed from its
+report folder without redoing or duplicating a point.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from typing import Callable
 import jax
 import pandas as pd
 
-from jaxscale.config import Profile, ProfileError, load_profile, profile_difference
+from jaxscale.config import Profile, ProfileError, load_profile
 from jaxscale.distributed import init_distributed
 from jaxscale.grid import GRID_COLUMNS, Point, build_grid
-from jaxscale.folders import ReportDir, check_not_in_use
+from jaxscale.folders import ReportDir
 from jaxscale.records import RowWriter, append_rows, read_rows, row_key
 from jaxscale.runtimes import InProcess
 from jaxscale.startup import choose_isolation
@@ -86,51 +87,6 @@ def check_trace(selector_text: str, points: list[Point]) -> None:
         values.append(f"{key}: {', '.join(seen)}")
     raise ProfileError(f"--trace {selector_text!r} matches none of the {len(points)} points (their "
                        f"{'; '.join(values)})")
-
-
-def profile_to_resume(resume: Path | str, name: str | None = None, sets: list[str] | tuple = (),
-                      several_hosts: bool = False) -> tuple[Profile, pd.DataFrame | None]:
-    """The profile of a sweep to resume from its report folder, and the rows already recorded there (or None).
-
-    The folder's profile.toml is the sweep; a profile ``name`` or ``sets`` given
-    too must define the same sweep. Without a profile.toml (a host of several
-    that lacks the folder, or a folder from an older version) ``name`` is
-    required and the folder's rows must be its own. The reader's warnings (a
-    torn last line) are raised as warnings.
-
-    Raises:
-      ProfileError: one line naming the folder and what to give instead.
-    """
-    folder = Path(resume)
-    if folder.exists() and not folder.is_dir():
-        raise ProfileError(f"--resume {folder}: a file, not a report folder; give the folder `jaxscale run` wrote")
-    if not several_hosts:  # (several hosts: process 0 takes the folder once it knows it is process 0)
-        check_not_in_use(folder)  # a run still writing it is the reason, whatever the folder holds yet
-    saved = folder / "profile.toml"
-    recorded = read_rows(folder / "runs.csv") if (folder / "runs.csv").is_file() else None
-    if saved.is_file():
-        profile = load_profile(str(saved))
-        if name or sets:
-            given = load_profile(name or str(saved), list(sets))
-            difference = profile_difference(profile, given)
-            if difference:
-                what = " ".join(filter(None, [name, *[f"--set {s}" for s in sets]]))
-                raise ProfileError(f"--resume {folder}: {what} is not the sweep recorded there ({difference}); "
-                                   "resume with --resume alone to continue it, or start a new run without --resume")
-        return profile, recorded
-    if not name:
-        raise ProfileError(f"--resume {folder}: no profile.toml there; give a report folder written by "
-                           "`jaxscale run` (on hosts without that folder, also give the PROFILE and --set options "
-                           "of the original run)")
-    if not folder.exists() and not several_hosts:
-        raise ProfileError(f"--resume {folder}: no such folder")
-    profile = load_profile(name, list(sets))
-    if recorded is not None and len(recorded) and "profile" in recorded.columns:
-        others = sorted(set(recorded["profile"].dropna().astype(str)) - {profile.run.name})
-        if others:
-            raise ProfileError(f"--resume {folder}: its runs.csv holds rows of profile {others[0]!r}, not of "
-                               f"{profile.run.name!r} ({profile.source}); give the profile that recorded them")
-    return profile, recorded
 
 
 def check_recorded_points(resume: Path | str, profile: Profile, points: list[Point], recorded) -> None:

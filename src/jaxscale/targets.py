@@ -1,4 +1,4 @@
-"""Where a point compiles: the local devices, or a target it only compiles for.
+"""Where a point compiles: the local devices, or a target it only compiles for; the versions that compiled it.
 
 ``jaxscale plan --topology v5e:16x16`` compiles every grid point for the slice a
 user would rent for its chip count, with the real TPU compiler (libtpu) on a
@@ -332,18 +332,18 @@ def quiet_tpu_runtime() -> None:
 def quiet_plugins() -> None:
     """Keep compile-only plugins from changing a run where their hardware is absent.
 
-    libtpu: see quiet_tpu_runtime. The CUDA plugin (installed to plan for GPUs)
-    on a machine with no NVIDIA driver would make JAX try CUDA at start-up and
-    print that it cannot load it; there, unless JAX_PLATFORMS says otherwise,
-    JAX is told to use the TPU (where attached) and the CPU. Call before JAX
-    initializes its backends.
+    The CUDA plugin (installed to plan for GPUs) on a machine with no NVIDIA
+    driver would make JAX try CUDA at start-up and print that it cannot load
+    it; there, unless JAX_PLATFORMS says otherwise, JAX is told to use the TPU
+    (where its device files are) and the CPU. JAX reads JAX_PLATFORMS when it
+    is imported, so this comes first, and call it before anything imports JAX.
+    libtpu: see quiet_tpu_runtime (which imports JAX to look for TPU chips).
     """
+    nvidia = any(os.path.exists(p) for p in ("/dev/nvidiactl", "/proc/driver/nvidia/version"))
+    if cuda_plugin_version() is not None and not os.environ.get("JAX_PLATFORMS") and not nvidia:
+        tpu = any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0"))
+        os.environ["JAX_PLATFORMS"] = "tpu,cpu" if libtpu_version() and tpu else "cpu"
     quiet_tpu_runtime()
-    if cuda_plugin_version() is None or os.environ.get("JAX_PLATFORMS"):
-        return
-    if any(os.path.exists(p) for p in ("/dev/nvidiactl", "/proc/driver/nvidia/version")):
-        return
-    os.environ["JAX_PLATFORMS"] = "tpu,cpu" if libtpu_version() and _tpu_chips_attached() else "cpu"
 
 
 def _tpu_chips_attached() -> bool:
