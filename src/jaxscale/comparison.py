@@ -31,7 +31,6 @@ Points whose rows failed are ``failed`` (new side), ``fixed`` (base side) or
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -44,7 +43,7 @@ import pandas as pd
 from jaxscale.intervals import (MIN_POINTS_FOR_DRIFT, MIN_SAMPLES, RunDrift, estimate_run_drift, ratio_interval,
                                 run_ratio_interval)
 from jaxscale.records import (COLLECTIVE_COLUMNS, MATCH_COLUMNS, SUCCESS_STATUSES, drop_duplicates, file_digest,
-                              read_rows, run_labels)
+                              read_table, run_labels, table_path)
 
 # The point key: the grid key and the other columns that change the compiled program.
 # Key columns older reports may lack, and the value they then had.
@@ -95,24 +94,11 @@ def read_side(paths) -> Side:
         paths = [paths]
     frames, runtimes, sources, digests = [], [], [], []
     for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            csv_path = path / "runs.csv"
-            if not csv_path.is_file():
-                raise CompareError(f"{name}: a folder without runs.csv; give a report folder written by "
-                                   "`jaxscale run` or `jaxscale plan`, or a runs.csv file")
-        elif path.is_file():
-            csv_path = path
-        else:
-            raise CompareError(f"{name}: no such file or folder")
-        if csv_path.stat().st_size == 0:
-            raise CompareError(f"{csv_path}: the file is empty; expected runs.csv rows with a header line")
         try:
-            frame = read_rows(csv_path)
-        except (UnicodeDecodeError, pd.errors.ParserError, csv.Error) as e:
-            raise CompareError(f"{csv_path}: not a readable CSV ({str(e).splitlines()[0] if str(e) else e})") from None
-        if frame.empty:
-            raise CompareError(f"{csv_path}: has a header but no rows")
+            csv_path = table_path(name)
+            frame = read_table(csv_path, csv_path)
+        except ValueError as e:
+            raise CompareError(str(e)) from None
         missing = [c for c in ("strategy", "n_devices") if c not in frame.columns]
         if missing or not ({"step_time_s", "predicted_step_time_s"} & set(frame.columns)):
             need = missing or ["step_time_s or predicted_step_time_s"]

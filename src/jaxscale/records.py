@@ -412,6 +412,33 @@ def profile_to_resume(resume: Path | str, name: str | None = None, sets: list[st
 # ------------------------------------------------------------------ tables for analysis
 
 
+def table_path(name: str | Path) -> Path:
+    """The CSV a path names: the file itself, or a report folder's runs.csv; a ValueError naming it otherwise."""
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "runs.csv").is_file():
+            raise ValueError(f"{name}: a folder without runs.csv; give a report folder written by `jaxscale "
+                             "run` or `jaxscale plan`, or a CSV file")
+        path = path / "runs.csv"
+    elif not path.is_file():
+        raise ValueError(f"{name}: no such file or folder; give the path of a CSV (a runs.csv or any table) "
+                         "or of a report folder")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{name}: the file is empty; expected a CSV with a header line")
+    return path
+
+
+def read_table(path: Path, name: str | Path) -> pd.DataFrame:
+    """read_rows of a CSV that must hold rows; a ValueError naming ``name`` when it cannot be read or has none."""
+    try:
+        frame = read_rows(path)
+    except (UnicodeDecodeError, pd.errors.ParserError, csv.Error) as e:
+        raise ValueError(f"{name}: not a readable CSV ({str(e).splitlines()[0] if str(e) else e})") from None
+    if frame.empty:
+        raise ValueError(f"{name}: has a header but no rows")
+    return frame
+
+
 def load_tables(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, list[str]]:
     """Read and concatenate CSVs (or report folders' runs.csv) for analysis; a problem is a ValueError naming the file.
 
@@ -424,28 +451,13 @@ def load_tables(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, list[str]]:
     """
     frames, seen, notes = [], {}, []
     for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            if not (path / "runs.csv").is_file():
-                raise ValueError(f"{name}: a folder without runs.csv; give a report folder written by `jaxscale "
-                                 "run` or `jaxscale plan`, or a CSV file")
-            path = path / "runs.csv"
-        elif not path.is_file():
-            raise ValueError(f"{name}: no such file or folder; give the path of a CSV (a runs.csv or any table) "
-                             "or of a report folder")
-        if path.stat().st_size == 0:
-            raise ValueError(f"{name}: the file is empty; expected a CSV with a header line")
+        path = table_path(name)
         digest = file_digest(path)
         if digest in seen:
             notes.append(f"{name} holds the same rows as {seen[digest]}; read once")
             continue
         seen[digest] = name
-        try:
-            frame = read_rows(path)
-        except (UnicodeDecodeError, pd.errors.ParserError) as e:
-            raise ValueError(f"{name}: not a readable CSV ({e})") from None
-        if frame.empty:
-            raise ValueError(f"{name}: has a header but no rows")
+        frame = read_table(path, name)
         frames.append(frame.assign(_file=len(frames)))
     rows = pd.concat(frames, ignore_index=True)
     runs = run_labels(rows, "").where(run_labels(rows, "") != "", "file " + rows["_file"].astype(str))
