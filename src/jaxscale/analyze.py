@@ -18,9 +18,10 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+
 from jaxscale.families import (ACTIVATION_COLUMN, MEMORY_COLUMN, SHARED_HOST_NOTE, STATE_COLUMN,
                                family_frame, group_positions, grouped, numeric_column, prepare_rows, require_columns,
-                               shared_host, succeeded, unusable_values, usable_rows)
+                               shared_host, succeeded, unusable_values, usable_rows, xy_groups)
 from jaxscale.powerlaw import (DEFAULT_TOLERANCE, FIT_COLUMNS, IdealFn, check_confidence, check_tolerance,
                                direction_of, fit_power_law, fit_table, grade, join_notes, joint_fit, t_critical,
                                t_test)
@@ -287,58 +288,54 @@ def predict_table(df: pd.DataFrame, x: str, ys: str | Sequence[str], by: Sequenc
     ys = (ys,) if isinstance(ys, str) else tuple(ys)
     by = tuple(by)
     check_confidence(confidence)
-    require_columns(df, (x, *by, *ys))
     directions = directions or {}
     rows = []
-    for key, group in grouped(df, by):
-        for y in ys:
-            mask = usable_rows(group, (x, y))
-            xv, yv = numeric_column(group, x)[mask].to_numpy(), numeric_column(group, y)[mask].to_numpy()
-            if np.unique(xv).size < 3:
-                continue
-            base = {**key, "by": ",".join(by), "y": y, "x": x, "confidence": confidence}
-            note = SHARED_HOST_NOTE if shared_host(key) else ""
-            top = xv.max()
-            held = xv < top
-            measured = float(np.median(yv[~held]))
-            inverted = directions.get(y, direction_of(y)) == "lower"
-            # The USL needs 3 parameters; with fewer than 5 counts its intervals have 1 dof and say nothing.
-            models = [("power_law", 3)] + ([("usl", 5)] if usl else [])
-            for method, minimum in models:
-                def fit_and_predict(xs_, ys_, at):
-                    if method == "power_law":
-                        fit = fit_power_law(xs_, ys_, confidence)
-                        low, high = fit.prediction_interval(at)
-                        return fit.predict(at), low, high
-                    fit = fit_usl(xs_, 1 / ys_ if inverted else ys_, confidence, model="usl")
-                    value, (low, high) = fit.predict(at), fit.prediction_interval(at)
-                    return (1 / value, 1 / high, 1 / low) if inverted else (value, low, high)
+    for key, y, mask, xv, yv in xy_groups(df, x, ys, by):
+        if np.unique(xv).size < 3:
+            continue
+        base = {**key, "by": ",".join(by), "y": y, "x": x, "confidence": confidence}
+        note = SHARED_HOST_NOTE if shared_host(key) else ""
+        top = xv.max()
+        held = xv < top
+        measured = float(np.median(yv[~held]))
+        inverted = directions.get(y, direction_of(y)) == "lower"
+        # The USL needs 3 parameters; with fewer than 5 counts its intervals have 1 dof and say nothing.
+        models = [("power_law", 3)] + ([("usl", 5)] if usl else [])
+        for method, minimum in models:
+            def fit_and_predict(xs_, ys_, at):
+                if method == "power_law":
+                    fit = fit_power_law(xs_, ys_, confidence)
+                    low, high = fit.prediction_interval(at)
+                    return fit.predict(at), low, high
+                fit = fit_usl(xs_, 1 / ys_ if inverted else ys_, confidence, model="usl")
+                value, (low, high) = fit.predict(at), fit.prediction_interval(at)
+                return (1 / value, 1 / high, 1 / low) if inverted else (value, low, high)
 
-                if np.unique(xv).size < minimum:
-                    continue
-                try:
-                    at = np.array([f * top for f in factors], dtype=float)
-                    value, low, high = fit_and_predict(xv, yv, at)
-                except ValueError:
-                    continue
-                for i, xa in enumerate(at):
-                    if not np.isfinite(low[i]):
-                        continue  # the fitted USL is not positive there (it bends through zero)
-                    rows.append(_prediction_row(base, "extrapolate", method, float(xa), float(value[i]),
-                                                float(low[i]), float(high[i]), int(len(xv)), float(top), note))
-                if np.unique(xv[held]).size < minimum or held.sum() < minimum:
-                    continue
-                try:
-                    value, low, high = fit_and_predict(xv[held], yv[held], np.array([top]))
-                except ValueError:
-                    continue
-                if not np.isfinite(low[0]):
-                    continue
-                row = _prediction_row(base, "backtest", method, float(top), float(value[0]), float(low[0]),
-                                      float(high[0]), int(held.sum()), float(xv[held].max()), note)
-                row.update(measured=measured, error=float(value[0]) / measured - 1,
-                           within_interval=bool(low[0] <= measured <= high[0]))
-                rows.append(row)
+            if np.unique(xv).size < minimum:
+                continue
+            try:
+                at = np.array([f * top for f in factors], dtype=float)
+                value, low, high = fit_and_predict(xv, yv, at)
+            except ValueError:
+                continue
+            for i, xa in enumerate(at):
+                if not np.isfinite(low[i]):
+                    continue  # the fitted USL is not positive there (it bends through zero)
+                rows.append(_prediction_row(base, "extrapolate", method, float(xa), float(value[i]),
+                                            float(low[i]), float(high[i]), int(len(xv)), float(top), note))
+            if np.unique(xv[held]).size < minimum or held.sum() < minimum:
+                continue
+            try:
+                value, low, high = fit_and_predict(xv[held], yv[held], np.array([top]))
+            except ValueError:
+                continue
+            if not np.isfinite(low[0]):
+                continue
+            row = _prediction_row(base, "backtest", method, float(top), float(value[0]), float(low[0]),
+                                  float(high[0]), int(held.sum()), float(xv[held].max()), note)
+            row.update(measured=measured, error=float(value[0]) / measured - 1,
+                       within_interval=bool(low[0] <= measured <= high[0]))
+            rows.append(row)
     return pd.DataFrame(rows, columns=[*by, *PREDICTION_COLUMNS])
 
 

@@ -273,6 +273,16 @@ def require_numeric(frame: pd.DataFrame, column: str, source: str) -> None:
                          f"(row {bad.index[0] + 2}); fix or remove such rows")
 
 
+def xy_groups(df: pd.DataFrame, x: str, ys: Sequence[str], by: Sequence[str]):
+    """Each group of rows (by its ``by`` values) and each y: (the group's key, y, the mask of rows usable for
+    x and y, their x values, their y values). A ValueError names a column the rows lack."""
+    require_columns(df, (x, *by, *ys))
+    for key, group in grouped(df, by):
+        for y in ys:
+            mask = usable_rows(group, (x, y))
+            yield key, y, mask, numeric_column(group, x)[mask].to_numpy(), numeric_column(group, y)[mask].to_numpy()
+
+
 def check_columns(rows: pd.DataFrame, source: str, x: str | None = None, ys: Sequence[str] = (),
                   by: Sequence[str] = (), expectations: Sequence[tuple[str, str]] = (),
                   higher_is_better: Sequence[str] = (), lower_is_better: Sequence[str] = ()) -> None:

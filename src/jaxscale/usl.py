@@ -13,8 +13,9 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from jaxscale.families import (SHARED_HOST_NOTE, family_frame, grouped, numeric_column, prepare_rows,
-                               require_columns, shared_host, usable_rows)
+
+from jaxscale.families import (SHARED_HOST_NOTE, family_frame, numeric_column, prepare_rows, shared_host,
+                               usable_rows, xy_groups)
 from jaxscale.powerlaw import check_confidence, direction_of, join_notes, t_critical, validate_xy
 
 USL_COLUMNS = ("by", "x", "y", "model", "lambda_", "sigma", "sigma_ci_low", "sigma_ci_high", "kappa", "kappa_ci_low",
@@ -173,45 +174,41 @@ def usl_table(df: pd.DataFrame, x: str, ys: str | Sequence[str], by: Sequence[st
     """
     ys = (ys,) if isinstance(ys, str) else tuple(ys)
     by = tuple(by)
-    require_columns(df, (x, *by, *ys))
     directions = directions or {}
     rows = []
-    for key, group in grouped(df, by):
-        for y in ys:
-            mask = usable_rows(group, (x, y))
-            xv, yv = numeric_column(group, x)[mask].to_numpy(), numeric_column(group, y)[mask].to_numpy()
-            inverted = directions.get(y, direction_of(y)) == "lower"
-            row = {**key, "by": ",".join(by), "x": x, "y": y, "n_points": int(mask.sum()),
-                   "n_x_values": int(np.unique(xv).size), "confidence": confidence,
-                   "note": "fitted to 1/y, a rate" if inverted else ""}
-            if row["n_x_values"] < 4:
-                row["note"] = join_notes(f"too few {x} values for a USL fit: {row['n_x_values']} (need 4)",
-                                          row["note"])
-                rows.append(row)
-                continue
-            try:
-                fit = fit_usl(xv, 1 / yv if inverted else yv, confidence)
-            except ValueError as err:
-                row["note"] = join_notes(f"no fit: {err}", row["note"])
-                rows.append(row)
-                continue
-            row.update(model=fit.model, lambda_=fit.lambda_, sigma=fit.sigma, sigma_ci_low=fit.sigma_ci_low,
-                       sigma_ci_high=fit.sigma_ci_high, kappa=fit.kappa, kappa_ci_low=fit.kappa_ci_low,
-                       kappa_ci_high=fit.kappa_ci_high, residual_std=fit.residual_std, dof=fit.dof)
-            notes = []
-            if fit.model == "amdahl":
-                notes.append("κ not identifiable from these counts: Amdahl's law fitted (κ = 0)")
-            if math.isfinite(fit.peak_n):
-                row["peak_n"] = fit.peak_n
-                row["peak_y"] = float(fit.predict(fit.peak_n))
-                if fit.peak_n > xv.max():
-                    notes.append(f"peak at {fit.peak_n:.3g} lies beyond the largest measured {x} ({xv.max():g})")
-                if fit.kappa_ci_low <= 0:
-                    notes.append("κ's interval includes 0: the peak is not established")
-            if shared_host(key):
-                notes.append(SHARED_HOST_NOTE)
-            row["note"] = join_notes(*notes, row["note"])
+    for key, y, mask, xv, yv in xy_groups(df, x, ys, by):
+        inverted = directions.get(y, direction_of(y)) == "lower"
+        row = {**key, "by": ",".join(by), "x": x, "y": y, "n_points": int(mask.sum()),
+               "n_x_values": int(np.unique(xv).size), "confidence": confidence,
+               "note": "fitted to 1/y, a rate" if inverted else ""}
+        if row["n_x_values"] < 4:
+            row["note"] = join_notes(f"too few {x} values for a USL fit: {row['n_x_values']} (need 4)",
+                                      row["note"])
             rows.append(row)
+            continue
+        try:
+            fit = fit_usl(xv, 1 / yv if inverted else yv, confidence)
+        except ValueError as err:
+            row["note"] = join_notes(f"no fit: {err}", row["note"])
+            rows.append(row)
+            continue
+        row.update(model=fit.model, lambda_=fit.lambda_, sigma=fit.sigma, sigma_ci_low=fit.sigma_ci_low,
+                   sigma_ci_high=fit.sigma_ci_high, kappa=fit.kappa, kappa_ci_low=fit.kappa_ci_low,
+                   kappa_ci_high=fit.kappa_ci_high, residual_std=fit.residual_std, dof=fit.dof)
+        notes = []
+        if fit.model == "amdahl":
+            notes.append("κ not identifiable from these counts: Amdahl's law fitted (κ = 0)")
+        if math.isfinite(fit.peak_n):
+            row["peak_n"] = fit.peak_n
+            row["peak_y"] = float(fit.predict(fit.peak_n))
+            if fit.peak_n > xv.max():
+                notes.append(f"peak at {fit.peak_n:.3g} lies beyond the largest measured {x} ({xv.max():g})")
+            if fit.kappa_ci_low <= 0:
+                notes.append("κ's interval includes 0: the peak is not established")
+        if shared_host(key):
+            notes.append(SHARED_HOST_NOTE)
+        row["note"] = join_notes(*notes, row["note"])
+        rows.append(row)
     return pd.DataFrame(rows, columns=[*by, *USL_COLUMNS])
 
 
