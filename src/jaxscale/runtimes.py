@@ -18,7 +18,7 @@ from jaxscale import devices
 from jaxscale.config import Profile
 from jaxscale.grid import Point
 from jaxscale.measure import measure_point, planned_row
-from jaxscale.memory import MemoryBudget, allocator_for, allocator_in_process, memory_budget
+from jaxscale.memory import MemoryBudget, allocator_in_process, memory_budget
 from jaxscale.roofline import Efficiency
 from jaxscale.targets import Target, runtime_columns, slice_devices
 
@@ -92,7 +92,7 @@ class CompileOnly:
         hbm = self.peak.memory_bytes if self.peak else None
         self.memory = MemoryBudget(int(hbm * profile.run.max_memory_fraction) if hbm else None, hbm, None,
                                    "the chip's HBM (datasheet)")
-        self.allocator = allocator_for(profile.run.max_memory_fraction, environ={})
+        self.allocator = None  # nothing is allocated: there is no allocator to set up
         self.figures: dict[int, object] = {}
 
     def broadcast(self, values: list[int]) -> list[int]:
