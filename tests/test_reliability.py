@@ -345,9 +345,12 @@ def test_plan_counts_every_dropped_point():
 
 def test_ctrl_c_during_a_plan_keeps_its_rows_and_says_how_to_plan_again(tmp_path):
     env = cli_env(JAXSCALE_CACHE_DIR=tmp_path / "cache")
+    # Its second point is held up (hooks/jaxscale_faults.py): planned points take well under a second, and
+    # on a loaded machine the plan could otherwise end before the signal reaches it.
     cmd = [sys.executable, "-m", "jaxscale.cli", "plan", "smoke", "--topology", "v5e:2x2", "--out", str(tmp_path / "a"),
            "--no-analyze", *sets(*TINY_SETS, "model.d_model=[32,64]", "mesh.devices=[1,2,4]", "mesh.strategies=dp")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**env, "JAXSCALE_TEST_PAUSE": "1:120"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     report = _wait_for_rows(tmp_path / "a", 1, proc, timeout=240)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)

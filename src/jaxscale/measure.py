@@ -33,7 +33,7 @@ from jaxscale.timing import Timing, time_pipelined
 
 # Seams for the tests' fault injection (tests/hooks/jaxscale_faults.py), None in use:
 # before_step(point, i) runs before a measured step's i-th dispatch (it may raise, or end the process);
-# after_point(row) sees each measured row before it is recorded (it may change its memory columns).
+# after_point(row) sees each measured or planned row before it is recorded (it may change its columns).
 before_step: Callable[[Point, int], None] | None = None
 after_point: Callable[[dict], None] | None = None
 
@@ -463,4 +463,6 @@ def planned_row(point: Point, profile: Profile, target: Target, efficiency: roof
     row["comm_bandwidth_gbytes_per_s"] = local.gbytes_per_s if local else None
     row["comm_bandwidth_source"] = f"{local.name}: {local.source}" if local and local.gbytes_per_s else None
     row["flops_note"] = "; ".join(filter(None, notes)) or None
+    if after_point is not None:
+        after_point(row)
     return row, figures

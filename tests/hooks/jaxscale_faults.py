@@ -9,7 +9,10 @@ counts too:
 - ``JAXSCALE_TEST_CRASH=SELECTOR``: the process running a matching point kills itself (SIGKILL) there.
 - ``JAXSCALE_TEST_MEMORY_STATS=FILE``: allocator statistics for the CPU, which keeps none. FILE holds
   ``{"bytes_limit": N}``; ``peak_bytes_in_use`` behaves as a real allocator's: the high-water mark since
-  the process started, here of the compiled totals of the points it ran.
+  the process started, here of the compiled totals of the points it ran (measured rows only).
+- ``JAXSCALE_TEST_PAUSE=ROWS:SECONDS``: once a process has made ROWS rows (measured or planned), it sleeps
+  SECONDS before handing over each further one, so a test that signals the process once it sees
+  ROWS rows finds it still inside a point however fast the points are and however late the signal comes.
 
 SELECTOR is a point selector as ``--trace`` takes it (``strategy=fsdp,n_devices=2``).
 """
@@ -19,9 +22,12 @@ import json
 import os
 import signal
 import sys
+import time
 
 FAULT, CRASH, MEMORY = "JAXSCALE_TEST_FAULT", "JAXSCALE_TEST_CRASH", "JAXSCALE_TEST_MEMORY_STATS"
+PAUSE = "JAXSCALE_TEST_PAUSE"
 _peak = [0]
+_rows = [0]
 
 
 def before_step(point, i: int) -> None:
@@ -37,7 +43,12 @@ def before_step(point, i: int) -> None:
 
 
 def after_point(row: dict) -> None:
-    if not os.environ.get(MEMORY):
+    _rows[0] += 1
+    if os.environ.get(PAUSE):
+        after, seconds = os.environ[PAUSE].split(":")
+        if _rows[0] > int(after):
+            time.sleep(float(seconds))
+    if not os.environ.get(MEMORY) or row.get("status") == "planned":
         return
     with open(os.environ[MEMORY]) as f:
         limit = int(json.load(f)["bytes_limit"])
