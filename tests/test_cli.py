@@ -251,3 +251,27 @@ def test_analyze_output_path_problems_are_one_line(smoke_report, tmp_path, capsy
         assert cli.main(["analyze", str(report), "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("jaxscale: error: --out") and "is a file, not a folder" in err and "\n" not in err
+
+
+def test_every_command_the_parser_knows_runs_and_bad_input_is_one_kind():
+    import argparse
+
+    from jaxscale import cli
+    from jaxscale.comparison import CompareError
+    from jaxscale.config import BadInput, ProfileError
+    from jaxscale.folders import ReportDirError
+    from jaxscale.options import build_parser
+    from jaxscale.targets import TargetError
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert sorted(sub.choices) == sorted(cli.COMMANDS)
+    assert all(issubclass(e, BadInput) for e in (ProfileError, ReportDirError, TargetError, CompareError))
+
+
+def test_the_cli_loads_no_jax_before_a_command_sets_up_the_process():
+    import subprocess
+    import sys
+
+    code = "import sys, jaxscale.cli; print(sorted(m for m in ('jax', 'jaxlib', 'pandas') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr

@@ -90,3 +90,10 @@ def _mkdir_fails(parent: str) -> bool:
         return True
     os.rmdir(os.path.join(parent, "jaxscale-probe-test"))
     return False
+
+
+def test_default_outputs_go_beside_a_folder_or_a_csv(tmp_path):
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "runs.csv").write_text("")
+    assert folders.beside(tmp_path / "report", "analysis") == tmp_path / "report" / "analysis"
+    assert folders.beside(tmp_path / "report" / "runs.csv", "compare") == (tmp_path / "report" / "compare").resolve()

@@ -1,11 +1,12 @@
 """The sweep loop: trace selectors, the grid for a runtime, and rows recorded as they come."""
 
+import pandas as pd
 import pytest
 
 from helpers import TINY_SETS
 from jaxscale import sweep
 from jaxscale.config import ProfileError, load_profile
-from jaxscale.records import append_rows, point_key, read_rows
+from jaxscale.records import KEY_COLUMNS, append_rows, point_key, read_rows
 
 
 def test_a_selector_names_grid_columns_and_matches_their_values():
@@ -58,3 +59,24 @@ def test_a_point_key_is_the_same_built_here_and_read_back(tmp_path):
     assert len({point_key(r) for r in built}) == len(built)  # one key per point
     assert point_key({**built[0], "size_name": "renamed"}) == point_key(built[0])  # a label is not the program
     assert point_key({**built[0], "scan_layers": True}) != point_key(built[0])
+
+
+def test_checked_grid_refuses_a_trace_that_matches_nothing_and_rows_of_another_grid(tmp_path):
+    class OneHost:
+        device_count, process_count, lead = 8, 1, True
+
+    profile = load_profile("smoke", [*TINY_SETS, "mesh.devices=[1,2]", "mesh.strategies=dp"])
+    points, _ = sweep.checked_grid(profile, OneHost(), trace="n_devices=2")
+    assert sorted(p.n_devices for p in points) == [1, 2]
+    with pytest.raises(ProfileError, match="n_devices=4"):
+        sweep.checked_grid(profile, OneHost(), trace="n_devices=4")
+    # A folder without profile.toml whose rows are points of a wider grid: refused on process 0 only.
+    wider = load_profile("smoke", [*TINY_SETS, "mesh.devices=[1,2,4]", "mesh.strategies=dp"])
+    recorded = pd.DataFrame([dict(zip(KEY_COLUMNS, p.key)) for p in sweep.checked_grid(wider, OneHost())[0]])
+    with pytest.raises(ProfileError, match="1 of its 3 rows"):
+        sweep.checked_grid(profile, OneHost(), resume=tmp_path, recorded=recorded)
+
+    class OtherHost(OneHost):
+        lead = False
+
+    assert len(sweep.checked_grid(profile, OtherHost(), resume=tmp_path, recorded=recorded)[0]) == 2

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from jaxscale.config import BadInput
 from jaxscale.intervals import (MIN_POINTS_FOR_DRIFT, MIN_SAMPLES, RunDrift, estimate_run_drift, ratio_interval,
                                 run_ratio_interval)
 from jaxscale.records import (COLLECTIVE_COLUMNS, MATCH_COLUMNS, SUCCESS_STATUSES, drop_duplicates, file_digest,
@@ -58,7 +59,7 @@ TIMING_VERDICTS = ("faster", "slower", "same", "noisy")
 GATE_VERDICTS = ("slower", "failed")  # a CI gate fails on these
 
 
-class CompareError(ValueError):
+class CompareError(BadInput):
     """Input that cannot be compared; the message is one line naming the file or column."""
 
 
@@ -564,12 +565,29 @@ def _flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
+def sides(reports: list, base: list, new: list) -> tuple[list, list]:
+    """The base and new paths of a comparison given as BASE NEW (``reports``) or as ``--base``/``--new`` lists.
+
+    Raises:
+      CompareError: a mix of the two forms, or other than two reports.
+    """
+    if base or new:
+        if reports or not (base and new):
+            raise CompareError("give BASE NEW, or --base PATH [--base PATH ...] --new PATH [--new PATH ...], not a mix")
+        return list(base), list(new)
+    if len(reports) != 2:
+        raise CompareError(f"compare takes two reports, BASE NEW (got {len(reports)}); for several a side, "
+                           "--base PATH [--base PATH ...] --new PATH [--new PATH ...]")
+    return [reports[0]], [reports[1]]
+
+
 def compare_reports(base_paths, new_paths, threshold: float = 0.05, confidence: float = 0.95,
                     familywise: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, list[str], tuple]:
     """Compare the runs of two sides (report folders or runs.csv files) point by point.
 
     Returns:
-      (the compare table, the runtime diff, run ids both sides hold, (base sources, new sources)).
+      (the compare table, the runtime diff, run ids both sides hold, (base sources, new sources)). Run ids both
+      sides hold also come as a warning: those rows are compared with themselves.
 
     Raises:
       CompareError: a side that cannot be read, or no point of one side matching one of the other.
@@ -579,4 +597,8 @@ def compare_reports(base_paths, new_paths, threshold: float = 0.05, confidence: 
     if not matched(table):
         raise CompareError(f"no point of {', '.join(map(str, base_paths))} matches one of "
                            f"{', '.join(map(str, new_paths))} on {', '.join(table.attrs['key'])}")
-    return table, runtime_diff(base.runtimes, new.runtimes), shared_runs(base, new), (base.sources, new.sources)
+    shared = shared_runs(base, new)
+    if shared:
+        warnings.warn(f"base and new hold the same run ({', '.join(shared[:3])}): its rows are compared with "
+                      "themselves, so every ratio is 1 and says nothing about a change", stacklevel=2)
+    return table, runtime_diff(base.runtimes, new.runtimes), shared, (base.sources, new.sources)

@@ -87,7 +87,11 @@ _ALLOWED = {
 _SIZE_KEYS = set(MODEL_KEYS) | {"name"}
 
 
-class ProfileError(ValueError):
+class BadInput(ValueError):
+    """Input the user can fix (a profile, a path, a flag), said in one line: the CLI prints it and exits 2."""
+
+
+class ProfileError(BadInput):
     """A profile problem, phrased for the person who wrote the profile."""
 
 

@@ -19,14 +19,21 @@ import sys
 import warnings
 from pathlib import Path
 
+from jaxscale.config import BadInput
+
 
 RUN_ID_FILE = "run_id.txt"
 LOCK_FILE = ".lock"
 MIN_FREE_BYTES = 1 << 20  # below this a folder counts as full: a runs.csv row alone is a few kB
 
 
-class ReportDirError(ValueError):
+class ReportDirError(BadInput):
     """A report or output folder that cannot be used; one line naming it and what to do."""
+
+
+def beside(path: Path | str, name: str) -> Path:
+    """A default output folder beside a report folder or CSV: PATH/name for a folder, else the CSV's folder/name."""
+    return (Path(path) if Path(path).is_dir() else Path(path).resolve().parent) / name
 
 
 def stamped(stem: str) -> str:

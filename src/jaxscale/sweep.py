@@ -173,6 +173,22 @@ def grid_for(profile: Profile, runtime=None) -> tuple[list[Point], collections.C
     return build_grid(profile, runtime.device_count, runtime.process_count)
 
 
+def checked_grid(profile: Profile, runtime, trace: str | None = None, resume: Path | str | None = None,
+                 recorded: pd.DataFrame | None = None) -> tuple[list[Point], collections.Counter]:
+    """grid_for, refusing before any point runs a ``trace`` selector that matches no point and (process 0,
+    resuming a folder without profile.toml) ``recorded`` rows that are not points of this grid.
+
+    Raises:
+      ProfileError: either of those.
+    """
+    points, dropped = grid_for(profile, runtime)
+    if trace:
+        check_trace(trace, points)
+    if resume and runtime.lead:
+        check_recorded_points(resume, profile, points, recorded)
+    return points, dropped
+
+
 def run_profile(
     profile: Profile,
     report_dir: Path,

@@ -30,7 +30,7 @@ import importlib.metadata
 import os
 import re
 
-from jaxscale.config import ADDED_XLA_FLAGS_ENV
+from jaxscale.config import ADDED_XLA_FLAGS_ENV, BadInput
 
 # The standard slice shapes of each generation, smallest first (Cloud TPU docs:
 # v5e and v6e slices are 2-D, v5p and v4 3-D); the chip count is their product.
@@ -86,7 +86,7 @@ GPU_TARGETS: dict[str, str] = {
 }
 
 
-class TargetError(ValueError):
+class TargetError(BadInput):
     """A target that cannot be planned for, phrased for the person who named it."""
 
 
