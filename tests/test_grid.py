@@ -1,9 +1,9 @@
-"""The grid: product order, strategies' meshes, and points that cannot be formed."""
+"""The grid: product order, strategies' meshes, points that cannot be formed, and point selectors."""
 
 import pytest
 
 from jaxscale.config import ProfileError, build_profile
-from jaxscale.grid import build_grid
+from jaxscale.grid import build_grid, matches, parse_selector
 
 
 def _profile(**mesh):
@@ -79,3 +79,15 @@ def test_a_dropped_combination_counts_every_point_it_stands_for():
     assert grid_size(profile) == 2 * 2 * 2 * 2 * 2 == 32  # counts x strategies x batches x remat x flags
     assert len(points) == 3 * 8  # dp at 1 and 2, fsdp_tp at 2
     assert sum(dropped.values()) == 8 and len(points) + sum(dropped.values()) == grid_size(profile)
+
+
+def test_a_selector_names_grid_columns_and_matches_their_values():
+    assert parse_selector("strategy=fsdp, n_devices=8") == {"strategy": "fsdp", "n_devices": "8"}
+    with pytest.raises(ProfileError, match="unknown column 'step_time_s'"):
+        parse_selector("step_time_s=1")
+    with pytest.raises(ProfileError, match="column=value pairs"):
+        parse_selector("fsdp")
+    points, _ = build_grid(_profile(devices=[1, 2]), 8)
+    chosen = [p for p in points if matches(p, parse_selector("n_devices=2,strategy=dp"))]
+    assert [(p.strategy, p.n_devices) for p in chosen] == [("dp", 2)]
+    assert not any(matches(p, None) for p in points)  # no selector traces nothing

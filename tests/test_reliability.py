@@ -41,7 +41,8 @@ def test_bad_profile_is_refused_with_one_line(tmp_path):
     (["smoke", "--retry-failed"], ["--retry-failed", "--resume REPORT_DIR"]),
 ])
 def test_bad_command_line_is_refused(args, fragments, tmp_path):
-    proc = jaxscale("run", *args, "--out", tmp_path / "out", cwd=tmp_path)
+    """Before any backend starts: JAX_PLATFORMS=none would make starting one fail."""
+    proc = jaxscale("run", *args, "--out", tmp_path / "out", cwd=tmp_path, env=cli_env(JAX_PLATFORMS="none"))
     _assert_refused(proc, tmp_path, fragments)
 
 

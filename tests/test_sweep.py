@@ -1,4 +1,4 @@
-"""The sweep loop: trace selectors, the grid for a runtime, and rows recorded as they come."""
+"""The sweep loop: the grid for a runtime, and rows recorded as they come."""
 
 import pandas as pd
 import pytest
@@ -7,18 +7,6 @@ from helpers import TINY_SETS
 from jaxscale import sweep
 from jaxscale.config import ProfileError, load_profile
 from jaxscale.records import KEY_COLUMNS, append_rows, point_key, read_rows
-
-
-def test_a_selector_names_grid_columns_and_matches_their_values():
-    assert sweep.parse_selector("strategy=fsdp, n_devices=8") == {"strategy": "fsdp", "n_devices": "8"}
-    with pytest.raises(ProfileError, match="unknown column 'step_time_s'"):
-        sweep.parse_selector("step_time_s=1")
-    with pytest.raises(ProfileError, match="column=value pairs"):
-        sweep.parse_selector("fsdp")
-    points, _ = sweep.grid_for(load_profile("smoke", [*TINY_SETS, "mesh.devices=[1,2]"]))
-    chosen = [p for p in points if sweep.matches(p, sweep.parse_selector("n_devices=2,strategy=dp"))]
-    assert [(p.strategy, p.n_devices) for p in chosen] == [("dp", 2)]
-    assert not any(sweep.matches(p, None) for p in points)  # no selector traces nothing
 
 
 def test_the_grid_follows_the_runtimes_devices_not_this_process():

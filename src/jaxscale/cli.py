@@ -1,9 +1,8 @@
 """`jaxscale run | plan | analyze | compare | devices | calibrate | profiles`: parse, call the library, print.
 
 Exit codes: 0 all points ok, 1 some points failed (listed), 2 bad input (config.BadInput: a profile, a path, a
-folder in use), 130 interrupted (Ctrl-C; the command that continues is printed). Modules that load JAX, pandas or
-matplotlib are imported inside the commands: none of them loads JAX before startup.prepare_process has set XLA_FLAGS
-and JAX_PLATFORMS.
+folder in use), 130 interrupted (Ctrl-C; the command that continues is printed). Modules that load JAX or pandas
+are imported inside the commands; JAX only once startup.prepare_process has set XLA_FLAGS and JAX_PLATFORMS.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from pathlib import Path
 from jaxscale import distributed
 from jaxscale.config import BadInput, ProfileError, load_profile
 from jaxscale.folders import ReportDir, beside, check_output_dir, os_error_line, stamped
+from jaxscale.grid import parse_selector
 from jaxscale.options import build_parser
 from jaxscale.startup import choose_isolation, prepare_process
 from jaxscale.targets import target_of
@@ -53,9 +53,8 @@ def _claim_report(args, profile, recorded) -> ReportDir:
     """The report folder, held by this process: a new one (never reused) or the --resume one."""
     from jaxscale.records import last_run_id
 
-    if args.resume:
-        return ReportDir.reopen(args.resume, last_run_id(recorded))
-    return ReportDir.for_run(profile.run.name, args.out)
+    return ReportDir.reopen(args.resume, last_run_id(recorded)) if args.resume else ReportDir.for_run(
+        profile.run.name, args.out)
 
 
 def cmd_run(args) -> int:
@@ -77,6 +76,8 @@ def cmd_run(args) -> int:
         else:
             profile, recorded = load_profile(args.profile or "smoke", args.set or []), None
         choose_isolation(profile.run)  # refuses flag sets without worker processes before a folder is made
+        if args.trace:
+            parse_selector(args.trace)  # its form now; whether it matches a point once the grid is known
         if not dist.wanted:  # one process: the folder is its own before any backend starts
             held.append(_claim_report(args, profile, recorded))
         elif args.out and not args.resume:

@@ -130,3 +130,25 @@ def build_grid(profile: Profile, n_available: int, n_processes: int = 1) -> tupl
         reasons = "; ".join(f"{r} ({c}x)" for r, c in dropped.items())
         raise ProfileError(f"{profile.source}: the grid is empty after dropping points that cannot be formed: {reasons}")
     return points, dropped
+
+
+def parse_selector(text: str) -> dict[str, str]:
+    """``"strategy=fsdp,n_devices=8"`` → {"strategy": "fsdp", "n_devices": "8"}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise ProfileError(f"selector {text!r}: expected column=value pairs separated by commas, "
+                               "e.g. strategy=fsdp,n_devices=8")
+        key, value = (s.strip() for s in part.split("=", 1))
+        if key not in GRID_COLUMNS:
+            raise ProfileError(f"selector {text!r}: unknown column {key!r}; use one of {', '.join(GRID_COLUMNS)}")
+        out[key] = value
+    return out
+
+
+def matches(point: Point, selector: dict[str, str] | None) -> bool:
+    """Whether a point's grid columns hold every value of a selector (never, without one)."""
+    if not selector:
+        return False
+    columns = point.grid_columns()
+    return all(str(columns.get(k)) == v for k, v in selector.items())

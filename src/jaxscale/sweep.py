@@ -23,7 +23,7 @@ import pandas as pd
 
 from jaxscale.config import Profile, ProfileError, load_profile
 from jaxscale.distributed import init_distributed
-from jaxscale.grid import GRID_COLUMNS, Point, build_grid
+from jaxscale.grid import Point, build_grid, matches, parse_selector
 from jaxscale.folders import ReportDir
 from jaxscale.records import RowWriter, append_rows, read_rows, row_key
 from jaxscale.runtimes import InProcess
@@ -53,27 +53,6 @@ class SweepResult:
     @property
     def failed(self) -> pd.DataFrame:
         return self.rows[self.rows["status"] != "ok"] if len(self.rows) else self.rows
-
-
-def parse_selector(text: str) -> dict[str, str]:
-    """``"strategy=fsdp,n_devices=8"`` → {"strategy": "fsdp", "n_devices": "8"}."""
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        if "=" not in part:
-            raise ProfileError(f"selector {text!r}: expected column=value pairs separated by commas, "
-                               "e.g. strategy=fsdp,n_devices=8")
-        key, value = (s.strip() for s in part.split("=", 1))
-        if key not in GRID_COLUMNS:
-            raise ProfileError(f"selector {text!r}: unknown column {key!r}; use one of {', '.join(GRID_COLUMNS)}")
-        out[key] = value
-    return out
-
-
-def matches(point: Point, selector: dict[str, str] | None) -> bool:
-    if not selector:
-        return False
-    columns = point.grid_columns()
-    return all(str(columns.get(k)) == v for k, v in selector.items())
 
 
 def check_trace(selector_text: str, points: list[Point]) -> None:

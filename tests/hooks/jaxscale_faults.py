@@ -31,7 +31,7 @@ _rows = [0]
 
 
 def before_step(point, i: int) -> None:
-    from jaxscale.sweep import matches, parse_selector
+    from jaxscale.grid import matches, parse_selector
 
     if i < 1:
         return
