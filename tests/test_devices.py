@@ -183,3 +183,22 @@ def test_an_ici_axis_gets_each_torus_dimension_it_spans_and_wraparound_where_the
     grid = np.array(sorted(devices, key=lambda d: (tuple(d.coords), d.core_on_chip))).reshape(-1, 1)
     cube = mesh_axis_links(grid, ("data", "model"), "tpu", v5p.local_link, v5p.remote_link, (4, 4, 4))["data"]
     assert cube.gbytes_per_s == 3 * v5p.local_link.gbytes_per_s and "3 torus dims, wraparound" in cube.label
+
+
+def test_a_calibration_is_measured_saved_and_read_back_as_the_peak(tmp_path, monkeypatch):
+    """calibrate() on the 8 CPU devices at a small size, into a cache of its own: its figures are positive and
+    bounded by what a CPU core can do, and resolve_peak then reports them as the measured peak."""
+    import jax
+
+    from jaxscale import devices
+
+    monkeypatch.setenv("JAXSCALE_CACHE_DIR", str(tmp_path))
+    result = devices.calibrate("float32", size=128, repeats=2)
+    assert result["n_local_devices"] == jax.local_device_count() == 8 and result["size"] == 128
+    assert 0 < result["tflops"] < 10  # per virtual device: a share of a CPU, far below any accelerator
+    assert 0 < result["hbm_gbytes_per_s"] < 1000 and 0 < result["interconnect_gbytes_per_s"] < 1000
+    (saved,) = json.loads((tmp_path / "calibration.json").read_text()).values()
+    assert saved == result
+    peak = devices.resolve_peak("float32")
+    assert peak.source == "measured" and peak.tflops == result["tflops"]
+    assert peak.hbm_gbytes_per_s == result["hbm_gbytes_per_s"] and "128^3 float32 matmul on 8" in peak.reference
