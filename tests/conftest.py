@@ -19,7 +19,7 @@ jaxscale_faults.install_on_import()
 # Calibrations and the compilation cache of tests stay out of the user's cache. The CPU's peak is planted for
 # every device count the tests' processes have: measuring it takes each new count about 6 s, and no test reads
 # the figure itself (test_devices measures a calibration of its own).
-os.environ.setdefault("JAXSCALE_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".cache"))
+os.environ["JAXSCALE_CACHE_DIR"] = os.path.join(os.path.dirname(__file__), ".cache")
 from helpers import plant_calibration  # noqa: E402
 
 plant_calibration(os.environ["JAXSCALE_CACHE_DIR"], n_devices=(1, 2, 4, 8), dtypes=("float32", "bfloat16"))

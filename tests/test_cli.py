@@ -253,7 +253,7 @@ def test_analyze_output_path_problems_are_one_line(smoke_report, tmp_path, capsy
         assert err.startswith("jaxscale: error: --out") and "is a file, not a folder" in err and "\n" not in err
 
 
-def test_every_command_the_parser_knows_runs_and_bad_input_is_one_kind():
+def test_every_command_the_parser_knows_has_a_function_and_bad_input_is_one_kind():
     import argparse
 
     from jaxscale import cli

@@ -350,16 +350,3 @@ def test_cli_output_path_problems_are_one_line(tmp_path, capsys):
     assert cli.main(["compare", str(base), str(new), "--out", str(tmp_path / "file")]) == 2
     assert "is a file, not a folder" in _one_line_error(capsys)
     assert not (new / "compare").exists()
-
-
-def test_the_two_sides_come_as_base_new_or_as_repeated_flags_never_a_mix():
-    from jaxscale.comparison import sides
-
-    assert sides(["a", "b"], [], []) == (["a"], ["b"])
-    assert sides([], ["a", "c"], ["b"]) == (["a", "c"], ["b"])
-    with pytest.raises(CompareError, match="not a mix"):
-        sides(["a"], ["b"], ["c"])
-    with pytest.raises(CompareError, match="not a mix"):
-        sides([], ["a"], [])  # --base without --new
-    with pytest.raises(CompareError, match=r"two reports, BASE NEW \(got 3\)"):
-        sides(["a", "b", "c"], [], [])

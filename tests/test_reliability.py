@@ -143,14 +143,30 @@ def _expected_keys():
     return sorted(p.key for p in points)
 
 
-def _start(tmp_path, pause_after: int | None = None):
+@pytest.fixture
+def launch():
+    """Popen for a test; a process still running when the test ends (one that failed) is killed."""
+    procs = []
+
+    def start(cmd, **kwargs):
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _start(launch, tmp_path, pause_after: int | None = None, hold_s: float = 3):
     """`jaxscale run` of KILL_SETS' 4 points. With ``pause_after`` N, each point after the N-th holds its row for
-    3 s (hooks/jaxscale_faults.py): a test that signals on seeing N rows finds the sweep inside a point however
+    hold_s (hooks/jaxscale_faults.py): a test that signals on seeing N rows finds the sweep inside a point however
     late the signal comes, and the point it interrupts takes seconds, not the rest of the grid."""
     cmd = [sys.executable, "-m", "jaxscale.cli", "run", "smoke", "--out", str(tmp_path), "--no-analyze",
            *sets(*KILL_SETS)]
-    env = cli_env(**({"JAXSCALE_TEST_PAUSE": f"{pause_after}:3"} if pause_after else {}))
-    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return launch(cmd, cwd=tmp_path, env=cli_env(**({"JAXSCALE_TEST_PAUSE": f"{pause_after}:{hold_s}"}
+                                                     if pause_after else {})))
 
 
 def _wait_for_rows(tmp_path, n, proc, timeout=120):
@@ -165,8 +181,8 @@ def _wait_for_rows(tmp_path, n, proc, timeout=120):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_interrupted_sweep_resumes_to_the_full_grid(sig, tmp_path):
-    proc = _start(tmp_path, pause_after=2)
+def test_interrupted_sweep_resumes_to_the_full_grid(sig, tmp_path, launch):
+    proc = _start(launch, tmp_path, pause_after=2)
     report = _wait_for_rows(tmp_path, 2, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
@@ -199,23 +215,42 @@ def test_resume_retry_failed_reruns_only_failures(tmp_path):
     assert sorted(rows["n_devices"]) == [1, 2] and (rows["status"] == "ok").all()
 
 
-def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(tmp_path):
-    proc = _start(tmp_path, pause_after=1)
+def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(tmp_path, launch):
+    """The second point holds its row for 60 s: a first Ctrl-C alone would let it finish and record it, so only
+    the second, sent once the first has been acknowledged, can leave the folder with one row. Both are sent while
+    the point holds (after the hook says so), where Python runs the handler at once."""
+    import threading
+
+    proc = _start(launch, tmp_path, pause_after=1, hold_s=60)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+
+    def wait_for(text):
+        deadline = time.time() + 120
+        while not any(text in line for line in lines):
+            assert time.time() < deadline and proc.poll() is None, "".join(lines)
+            time.sleep(0.05)
+
+    wait_for("JAXSCALE_TEST_PAUSE: holding row 2")
     report = _wait_for_rows(tmp_path, 1, proc)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.3)
+    wait_for("stopping after the current point")
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out = proc.stdout.read()
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    err = "".join(lines)
     assert proc.returncode == 130, out + err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert f"jaxscale run --resume {report}" in out.splitlines()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no torn or malformed line
-        assert 1 <= len(read_rows(report / "runs.csv")) < len(_expected_keys())
+        assert len(read_rows(report / "runs.csv")) == 1
 
 
-def test_ctrl_c_before_any_point_leaves_nothing_behind(tmp_path):
-    proc = _start(tmp_path)
+def test_ctrl_c_before_any_point_leaves_nothing_behind(tmp_path, launch):
+    proc = _start(launch, tmp_path)
     deadline = time.time() + 60
     while not list(tmp_path.iterdir()) and time.time() < deadline:  # the folder is claimed before JAX starts
         time.sleep(0.01)
@@ -347,18 +382,18 @@ def test_plan_counts_every_dropped_point():
     assert dropped["8 chips exceed the 4 of v5e:2x2"] == 12
 
 
-def test_ctrl_c_during_a_plan_keeps_its_rows_and_says_how_to_plan_again(tmp_path):
+def test_ctrl_c_during_a_plan_keeps_its_rows_and_says_how_to_plan_again(tmp_path, launch):
     env = cli_env(JAXSCALE_CACHE_DIR=tmp_path / "cache")
     # Its second point is held up (hooks/jaxscale_faults.py): planned points take well under a second, and
     # on a loaded machine the plan could otherwise end before the signal reaches it.
     cmd = [sys.executable, "-m", "jaxscale.cli", "plan", "smoke", "--topology", "v5e:2x2", "--out", str(tmp_path / "a"),
            "--no-analyze", *sets(*TINY_SETS, "model.d_model=[32,64]", "mesh.devices=[1,2,4]", "mesh.strategies=dp")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**env, "JAXSCALE_TEST_PAUSE": "1:120"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = launch(cmd, cwd=tmp_path, env={**env, "JAXSCALE_TEST_PAUSE": "1:3"})
     report = _wait_for_rows(tmp_path / "a", 1, proc, timeout=240)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out + err
+    assert "stopping after the current point" in err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "plan again" in out and "jaxscale plan smoke --topology v5e:2x2" in out
     assert 1 <= len(read_rows(report / "runs.csv")) < 6

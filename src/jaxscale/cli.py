@@ -7,18 +7,16 @@ are imported inside the commands; JAX only once startup.prepare_process has set 
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
-import warnings
 from pathlib import Path
 
 from jaxscale import distributed
 from jaxscale.config import BadInput, ProfileError, load_profile
 from jaxscale.folders import ReportDir, beside, check_output_dir, os_error_line, stamped
 from jaxscale.grid import parse_selector
-from jaxscale.options import build_parser
-from jaxscale.startup import choose_isolation, prepare_process
+from jaxscale.options import build_parser, compare_sides
+from jaxscale.startup import choose_isolation, ctrl_c_held, prepare_process
 from jaxscale.targets import target_of
 
 
@@ -28,33 +26,23 @@ def _fail(message, code: int = 2) -> int:
     return code
 
 
-@contextlib.contextmanager
-def _warnings_as_lines():
-    """The library's warnings (a torn last line, a malformed row) as one line each, every time."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:  # also those caught before an error
-            for w in caught:
-                print(f"jaxscale: warning: {w.message}", file=sys.stderr)
-
-
-def _interrupted(console, report, command: list[str], then: str = "continue with") -> int:
+def _interrupted(console, folder: Path | None, command: list[str], then: str = "continue with") -> int:
     """After Ctrl-C: where the rows are and the command that continues, never a traceback; exit 130."""
     from jaxscale.console import print_interrupted
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C must not cut this short
-    print_interrupted(console, report.path / "runs.csv" if report is not None else None, command, then)
+    print_interrupted(console, folder / "runs.csv" if folder is not None else None, command, then)
     return 130
 
 
-def _claim_report(args, profile, recorded) -> ReportDir:
-    """The report folder, held by this process: a new one (never reused) or the --resume one."""
+def _claim_report(args, profile, recorded, held: list) -> None:
+    """Claim the report folder into ``held``, whose owner releases it: a new one (never reused) or the --resume
+    one. A Ctrl-C meanwhile is raised once it is there, so the folder is never left claimed by nobody."""
     from jaxscale.records import last_run_id
 
-    return ReportDir.reopen(args.resume, last_run_id(recorded)) if args.resume else ReportDir.for_run(
-        profile.run.name, args.out)
+    with ctrl_c_held():
+        held.append(ReportDir.reopen(args.resume, last_run_id(recorded)) if args.resume else ReportDir.for_run(
+            profile.run.name, args.out))
 
 
 def cmd_run(args) -> int:
@@ -69,9 +57,10 @@ def cmd_run(args) -> int:
             raise ProfileError("--retry-failed reruns the failed points of a recorded sweep: give it with "
                                "--resume REPORT_DIR")
         if args.resume:
+            from jaxscale.console import warnings_as_lines
             from jaxscale.records import profile_to_resume
 
-            with _warnings_as_lines():
+            with warnings_as_lines():
                 profile, recorded = profile_to_resume(args.resume, args.profile, args.set or [], dist.wanted)
         else:
             profile, recorded = load_profile(args.profile or "smoke", args.set or []), None
@@ -79,13 +68,13 @@ def cmd_run(args) -> int:
         if args.trace:
             parse_selector(args.trace)  # its form now; whether it matches a point once the grid is known
         if not dist.wanted:  # one process: the folder is its own before any backend starts
-            held.append(_claim_report(args, profile, recorded))
+            _claim_report(args, profile, recorded, held)
         elif args.out and not args.resume:
             check_output_dir(args.out)
         return _run(args, dist, profile, recorded, held, console)
     except KeyboardInterrupt:
         folder = held[0].path if held else args.resume
-        return _interrupted(console, held[0] if held else None, ["jaxscale", "run", "--resume", str(folder)])
+        return _interrupted(console, held[0].path if held else None, ["jaxscale", "run", "--resume", str(folder)])
     finally:
         for report in held:
             report.discard()  # releases it; removes a folder this run created and recorded nothing in
@@ -105,7 +94,7 @@ def _run(args, dist, profile, recorded, held, console) -> int:
         console.quiet = not runtime.lead
         points, dropped = sweep.checked_grid(profile, runtime, args.trace, args.resume, recorded)
         if runtime.lead and not held:  # several hosts: process 0 holds the folder
-            held.append(_claim_report(args, profile, recorded))
+            _claim_report(args, profile, recorded, held)
         # another host's process records nothing, and names traces as process 0 would
         report_dir = held[0].path if held else Path(args.resume or Path(args.out or "reports")
                                                     / stamped(profile.run.name))
@@ -130,7 +119,7 @@ def _run(args, dist, profile, recorded, held, console) -> int:
     if not args.no_analyze and len(result.rows):
         _analyze_into(console, result.rows, report_dir, quiet_errors=True)
     if result.interrupted:
-        return _interrupted(console, held[0], ["jaxscale", "run", "--resume", str(report_dir)])
+        return _interrupted(console, report_dir, ["jaxscale", "run", "--resume", str(report_dir)])
     return 1 if print_failures(console, result.failed) else 0
 
 
@@ -156,6 +145,7 @@ def cmd_analyze(args) -> int:
     from rich.console import Console
 
     from jaxscale.analyze import parse_expectation
+    from jaxscale.console import warnings_as_lines
     from jaxscale.families import check_columns
     from jaxscale.records import load_tables
 
@@ -168,7 +158,7 @@ def cmd_analyze(args) -> int:
         if not (args.tolerance >= 0 and args.tolerance < float("inf")):
             raise ValueError(f"--tolerance {args.tolerance}: expected a finite number >= 0, e.g. 0.05")
         claims = [parse_expectation(text) for text in args.expect]
-        with _warnings_as_lines():
+        with warnings_as_lines():
             rows, notes = load_tables(args.csv)
         for note in notes:
             print(f"jaxscale: note: {note}", file=sys.stderr)
@@ -212,14 +202,14 @@ def cmd_calibrate(args) -> int:
 
 def cmd_compare(args) -> int:
     """Exit 0: nothing slower beyond the threshold; 1: something is (or fails now); 2: bad input."""
-    from jaxscale.comparison import compare_reports, gate_fails, sides
-    from jaxscale.console import print_comparison
+    base_paths, new_paths = compare_sides(args.reports, args.base, args.new)
+    from jaxscale.comparison import compare_reports, gate_fails
+    from jaxscale.console import print_comparison, warnings_as_lines
     from jaxscale.report import write_compare
 
-    base_paths, new_paths = sides(args.reports, args.base, args.new)
     out = Path(args.out) if args.out else beside(new_paths[0], "compare")
     check_output_dir(out)
-    with _warnings_as_lines():
+    with warnings_as_lines():
         table, diff, _, sources = compare_reports(base_paths, new_paths, threshold=args.threshold,
                                                   confidence=args.confidence, familywise=not args.per_point)
     try:
@@ -230,6 +220,9 @@ def cmd_compare(args) -> int:
     return 1 if gate_fails(table) else 0
 
 
+AGAIN = "plan again (a new folder) with"  # a plan is never resumed
+
+
 def cmd_plan(args) -> int:
     from rich.console import Console
 
@@ -237,11 +230,11 @@ def cmd_plan(args) -> int:
     try:
         profile = load_profile(args.profile or "smoke", args.set or [])
         target = target_of(args.topology, profile.mesh.topology, profile.source)
-        held.append(ReportDir.for_plan(profile.run.name, target.name, args.out))
+        with ctrl_c_held():
+            held.append(ReportDir.for_plan(profile.run.name, target.name, args.out))
         return _plan(args, profile, target, held[0].path, console)
     except KeyboardInterrupt:
-        return _interrupted(console, held[0] if held else None, ["jaxscale", *args.argv],
-                            "plan again (a new folder) with")
+        return _interrupted(console, held[0].path if held else None, ["jaxscale", *args.argv], AGAIN)
     finally:
         for report in held:
             report.discard()  # releases it; removes the folder when no point was planned
@@ -265,6 +258,8 @@ def _plan(args, profile, target, report_dir: Path, console) -> int:
     console.print(f"rows: {report_dir / 'runs.csv'}", soft_wrap=True)
     if not args.no_analyze and result.fittable:
         _analyze_into(console, result.rows, report_dir, quiet_errors=True)
+    if result.interrupted:
+        return _interrupted(console, report_dir, ["jaxscale", *args.argv], AGAIN)
     return 1 if print_failures(console, result.failed) else 0
 
 

@@ -565,22 +565,6 @@ def _flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def sides(reports: list, base: list, new: list) -> tuple[list, list]:
-    """The base and new paths of a comparison given as BASE NEW (``reports``) or as ``--base``/``--new`` lists.
-
-    Raises:
-      CompareError: a mix of the two forms, or other than two reports.
-    """
-    if base or new:
-        if reports or not (base and new):
-            raise CompareError("give BASE NEW, or --base PATH [--base PATH ...] --new PATH [--new PATH ...], not a mix")
-        return list(base), list(new)
-    if len(reports) != 2:
-        raise CompareError(f"compare takes two reports, BASE NEW (got {len(reports)}); for several a side, "
-                           "--base PATH [--base PATH ...] --new PATH [--new PATH ...]")
-    return [reports[0]], [reports[1]]
-
-
 def compare_reports(base_paths, new_paths, threshold: float = 0.05, confidence: float = 0.95,
                     familywise: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, list[str], tuple]:
     """Compare the runs of two sides (report folders or runs.csv files) point by point.

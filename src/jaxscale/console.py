@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -484,6 +485,18 @@ def point_progress(console, label, enabled: bool = True):
 
         yield on_point, lambda row: progress.advance(task)
         progress.update(task, description="done")
+
+
+@contextlib.contextmanager
+def warnings_as_lines():
+    """The library's warnings (a torn last line, a malformed row) as one line each, every time."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:  # also those caught before an error
+            for w in caught:
+                print(f"jaxscale: warning: {w.message}", file=sys.stderr)
 
 
 def print_interrupted(console, csv_path: Path | None, command: list[str], then: str = "continue with") -> None:

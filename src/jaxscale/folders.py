@@ -76,13 +76,15 @@ def check_output_dir(path: Path | str, flag: str = "--out") -> None:
     if not where.is_dir():
         raise ReportDirError(f"{flag} {path}: {where} is a file, not a folder; give a folder path "
                              "(it is created if missing)")
+    probe = Path(os.path.join(where, f".jaxscale-probe-{os.getpid()}-{secrets.token_hex(3)}"))
     try:
-        probe = Path(os.path.join(where, f".jaxscale-probe-{os.getpid()}-{secrets.token_hex(3)}"))
         probe.mkdir()
-        probe.rmdir()
     except OSError as e:
         raise ReportDirError(f"{flag} {path}: cannot write in {where} ({e.strerror or e}); give a folder "
                              "you can write to") from None
+    finally:  # also after a Ctrl-C that lands just after the mkdir
+        with contextlib.suppress(OSError):
+            probe.rmdir()
     try:
         stats = os.statvfs(where)
     except OSError:

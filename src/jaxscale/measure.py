@@ -33,7 +33,7 @@ from jaxscale.timing import Timing, time_pipelined
 
 # Seams for the tests' fault injection (tests/hooks/jaxscale_faults.py), None in use:
 # before_step(point, i) runs before a measured step's i-th dispatch (it may raise, or end the process);
-# after_point(row) sees each measured or planned row before it is recorded (it may change its columns).
+# after_point(row) sees each row that compiled (and, measured, ran) before it is recorded (it may change it).
 before_step: Callable[[Point, int], None] | None = None
 after_point: Callable[[dict], None] | None = None
 

@@ -1,11 +1,14 @@
 """The command line's words: each command, its options, their defaults and help (argparse).
 
 cli.py runs the command the parser names in ``args.command``; ``jaxscale COMMAND --help`` prints what is here.
+Checks of how options combine that argparse cannot express live here too (compare_sides).
 """
 
 from __future__ import annotations
 
 import argparse
+
+from jaxscale.config import BadInput
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,3 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
                           "and calls some point of an unchanged grid slower or faster more often")
     cmp.add_argument("--out", help="output folder (default: NEW/compare)")
     return parser
+
+
+def compare_sides(reports: list, base: list, new: list) -> tuple[list, list]:
+    """`jaxscale compare`'s base and new paths, given as BASE NEW (``reports``) or as ``--base``/``--new`` lists.
+
+    Raises:
+      BadInput: a mix of the two forms, or other than two reports.
+    """
+    if base or new:
+        if reports or not (base and new):
+            raise BadInput("give BASE NEW, or --base PATH [--base PATH ...] --new PATH [--new PATH ...], not a mix")
+        return list(base), list(new)
+    if len(reports) != 2:
+        raise BadInput(f"compare takes two reports, BASE NEW (got {len(reports)}); for several a side, "
+                       "--base PATH [--base PATH ...] --new PATH [--new PATH ...]")
+    return [reports[0]], [reports[1]]

@@ -43,6 +43,7 @@ from jaxscale.config import Profile, ProfileError, build_profile
 from jaxscale.grid import Point, build_grid, grid_size
 from jaxscale.records import SCHEMA_VERSION, append_rows, point_key, read_rows
 from jaxscale.runtimes import CompileOnly
+from jaxscale.startup import StopFlag
 from jaxscale.targets import Target, TargetError, cuda_plugin_version, slice_devices
 
 
@@ -92,11 +93,13 @@ def _row_sample(r) -> roofline.Sample | None:
 
 @dataclasses.dataclass(frozen=True)
 class PlanResult:
-    """What a plan wrote: its rows, its folder, and the points left out of the grid with their reasons."""
+    """What a plan wrote: its rows, its folder, the points left out of the grid with their reasons, and whether
+    Ctrl-C stopped it early."""
 
     rows: pd.DataFrame
     report_dir: Path
     dropped: collections.Counter
+    interrupted: bool = False  # Ctrl-C stopped it before its last point
 
     @property
     def failed(self) -> pd.DataFrame:
@@ -138,6 +141,9 @@ def run_plan(profile: Profile, target: Target, report_dir: Path,
     their predicted steps match the measured ones (roofline.fit_efficiency), and every
     row is predicted with them. Without matching points, measured rows that carry
     their own predicted terms (runs of this version) are fitted instead.
+
+    A first Ctrl-C (startup.StopFlag) stops the plan after the point it is compiling
+    (``PlanResult.interrupted``); a second raises KeyboardInterrupt.
     """
     points, dropped = plan_grid(profile, target)
     for n in sorted({p.n_devices for p in points}):
@@ -145,6 +151,11 @@ def run_plan(profile: Profile, target: Target, report_dir: Path,
             target.devices_for(n)
         except TargetError as e:
             raise ProfileError(f"{profile.source}: [mesh] devices: {e}") from None
+    with StopFlag() as flag:
+        return _plan_points(profile, target, report_dir, points, dropped, on_point, on_row, calibrate, flag)
+
+
+def _plan_points(profile, target, report_dir, points, dropped, on_point, on_row, calibrate, flag) -> PlanResult:
     kind = slice_devices(target.name)[0].device_kind
     measured = measured_steps(calibrate, kind) if calibrate is not None else None
     runtime = CompileOnly(profile, target)
@@ -157,6 +168,8 @@ def run_plan(profile: Profile, target: Target, report_dir: Path,
                              "attention": profile.run.attention, "scan_layers": profile.run.scan_layers})
             if key not in by_key:
                 continue
+            if flag.stop:  # no row is written before the calibration ends: nothing to keep
+                raise KeyboardInterrupt
             if on_point:
                 on_point(point, i, len(points))
             early[i] = runtime.measure(point, i, None)
@@ -194,5 +207,11 @@ def run_plan(profile: Profile, target: Target, report_dir: Path,
         if on_point and i not in early:
             on_point(point, i, total)
 
-    append_rows(points, row_of, csv_path, on_point=on_later_point, on_row=on_row)
-    return PlanResult(rows=read_rows(csv_path), report_dir=report_dir, dropped=dropped)
+    def should_stop(i: int) -> bool:
+        if flag.abort:  # a second Ctrl-C that could not be raised where it arrived
+            raise KeyboardInterrupt
+        return flag.stop
+
+    interrupted = append_rows(points, row_of, csv_path, on_point=on_later_point, on_row=on_row,
+                              should_stop=should_stop)
+    return PlanResult(rows=read_rows(csv_path), report_dir=report_dir, dropped=dropped, interrupted=interrupted)

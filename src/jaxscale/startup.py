@@ -1,5 +1,5 @@
-"""This process's set-up before JAX starts: virtual host devices, quiet plugins, the compilation cache, and
-whether a sweep's points run in worker processes or here.
+"""This process's set-up before JAX starts: virtual host devices, quiet plugins, the compilation cache,
+whether a sweep's points run in worker processes or here, and what Ctrl-C does (ctrl_c_held, StopFlag).
 
 Everything here runs before any JAX backend exists (XLA reads its flags, and
 the TPU and CUDA plugins their settings, once per process), so this module
@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -105,15 +106,16 @@ def prepare_process(compile_cache: bool = True, compile_only: bool = False) -> N
         flag = f"--xla_force_host_platform_device_count={HOST_DEVICES}"
         os.environ["XLA_FLAGS"] = f"{user} {flag}".strip()
         os.environ[ADDED_XLA_FLAGS_ENV] = flag
-    with _ctrl_c_after_jax_loads():
+    with ctrl_c_held():
         quiet_plugins()  # first: it sets JAX_PLATFORMS, which JAX reads when imported
         importlib.import_module("jax")
     configure_compile_cache(compile_cache)
 
 
 @contextlib.contextmanager
-def _ctrl_c_after_jax_loads():
-    """A Ctrl-C while JAX loads is raised once it has loaded (in the main thread; elsewhere as it comes)."""
+def ctrl_c_held():
+    """A Ctrl-C inside the block is raised once it ends (in the main thread; elsewhere as it comes): for steps
+    that must not stop halfway (JAX loading; a report folder claimed but not yet in the hands that remove it)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -125,3 +127,43 @@ def _ctrl_c_after_jax_loads():
         signal.signal(signal.SIGINT, previous)
     if pending:
         raise KeyboardInterrupt
+
+
+class StopFlag:
+    """Ctrl-C in a loop over points (a sweep, a plan). First: finish the current point, then stop. Second: abort.
+
+    The second raises KeyboardInterrupt wherever Python is; where it cannot be
+    raised (a garbage-collection callback, a finalizer) Python would print it
+    and go on, so that is kept quiet here and ``abort`` makes the loop raise it
+    once the point returns. The first only sets ``stop``, which no callback can
+    swallow: a KeyboardInterrupt at once would be lost the same way (XLA's
+    garbage-collection callback runs often while a point compiles).
+    """
+
+    def __init__(self):
+        self.stop = False
+        self.abort = False
+        self._previous = None
+        self._hook = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:
+            self.abort = True
+            raise KeyboardInterrupt
+        self.stop = True
+        print("\nCtrl-C: stopping after the current point (again to abort now)", file=sys.stderr)
+
+    def _unraisable(self, info):
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            self._hook(info)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            sys.unraisablehook = self._hook

@@ -13,8 +13,6 @@ import collections
 import dataclasses
 import json
 import os
-import signal
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +25,7 @@ from jaxscale.grid import Point, build_grid, matches, parse_selector
 from jaxscale.folders import ReportDir
 from jaxscale.records import RowWriter, append_rows, read_rows, row_key
 from jaxscale.runtimes import InProcess
-from jaxscale.startup import choose_isolation
+from jaxscale.startup import StopFlag, choose_isolation
 from jaxscale.targets import toolchain_versions
 from jaxscale.workers import WorkerRuntime
 
@@ -83,50 +81,6 @@ def check_recorded_points(resume: Path | str, profile: Profile, points: list[Poi
         raise ProfileError(f"--resume {resume}: {foreign} of its {len(recorded)} rows are points that "
                            f"{profile.source} does not define; give the profile (and --set options) that "
                            "recorded them")
-
-
-class _StopFlag:
-    """First Ctrl-C: finish the current point, then stop. Second: abort now.
-
-    The second raises KeyboardInterrupt wherever Python is; where it cannot be
-    raised (a garbage-collection callback, a finalizer) Python would print it
-    and go on, so that is kept quiet here and ``abort`` makes the sweep raise it
-    once the point returns.
-    """
-
-    def __init__(self):
-        self.stop = False
-        self.abort = False
-        self._previous = None
-        self._hook = None
-
-    def __enter__(self):
-        if _is_main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
-        return self
-
-    def _handle(self, signum, frame):
-        if self.stop:
-            self.abort = True
-            raise KeyboardInterrupt
-        self.stop = True
-        print("\nCtrl-C: stopping after the current point (again to abort now)", file=sys.stderr)
-
-    def _unraisable(self, info):
-        if not isinstance(info.exc_value, KeyboardInterrupt):
-            self._hook(info)
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            sys.unraisablehook = self._hook
-
-
-def _is_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def open_runtime(profile: Profile, dist=None, compile_cache: bool = True):
@@ -239,7 +193,7 @@ def _run_points(profile, report_dir, runtime, *, resume, retry_failed, trace, on
             return None
         return report_dir / "traces" / f"{point.model.size_name}-{point.strategy}-n{point.n_devices}"
 
-    with _StopFlag() as flag:
+    with StopFlag() as flag:
         def should_stop(i: int) -> bool:
             if flag.abort:  # a second Ctrl-C that could not be raised where it arrived
                 raise KeyboardInterrupt

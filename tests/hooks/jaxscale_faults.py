@@ -10,9 +10,10 @@ counts too:
 - ``JAXSCALE_TEST_MEMORY_STATS=FILE``: allocator statistics for the CPU, which keeps none. FILE holds
   ``{"bytes_limit": N}``; ``peak_bytes_in_use`` behaves as a real allocator's: the high-water mark since
   the process started, here of the compiled totals of the points it ran (measured rows only).
-- ``JAXSCALE_TEST_PAUSE=ROWS:SECONDS``: once a process has made ROWS rows (measured or planned), it sleeps
+- ``JAXSCALE_TEST_PAUSE=ROWS:SECONDS``: once a process has made ROWS rows (of points that compiled), it sleeps
   SECONDS before handing over each further one, so a test that signals the process once it sees
-  ROWS rows finds it still inside a point however fast the points are and however late the signal comes.
+  ROWS rows finds it still inside a point however fast the points are and however late the signal comes. It
+  says so on stderr first: a signal sent after that line lands in the sleep, never in a callback of XLA's.
 
 SELECTOR is a point selector as ``--trace`` takes it (``strategy=fsdp,n_devices=2``).
 """
@@ -47,8 +48,9 @@ def after_point(row: dict) -> None:
     if os.environ.get(PAUSE):
         after, seconds = os.environ[PAUSE].split(":")
         if _rows[0] > int(after):
+            print(f"{PAUSE}: holding row {_rows[0]} for {seconds} s", file=sys.stderr, flush=True)
             time.sleep(float(seconds))
-    if not os.environ.get(MEMORY) or row.get("status") == "planned":
+    if not os.environ.get(MEMORY) or str(row.get("row_source", "")).startswith("planned"):
         return
     with open(os.environ[MEMORY]) as f:
         limit = int(json.load(f)["bytes_limit"])
