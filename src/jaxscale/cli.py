@@ -73,8 +73,8 @@ def cmd_run(args) -> int:
             check_output_dir(args.out)
         return _run(args, dist, profile, recorded, held, console)
     except KeyboardInterrupt:
-        folder = held[0].path if held else args.resume
-        return _interrupted(console, held[0].path if held else None, ["jaxscale", "run", "--resume", str(folder)])
+        folder = held[0].path if held else None
+        return _interrupted(console, folder, ["jaxscale", "run", "--resume", str(folder or args.resume)])
     finally:
         for report in held:
             report.discard()  # releases it; removes a folder this run created and recorded nothing in

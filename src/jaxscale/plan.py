@@ -207,11 +207,6 @@ def _plan_points(profile, target, report_dir, points, dropped, on_point, on_row,
         if on_point and i not in early:
             on_point(point, i, total)
 
-    def should_stop(i: int) -> bool:
-        if flag.abort:  # a second Ctrl-C that could not be raised where it arrived
-            raise KeyboardInterrupt
-        return flag.stop
-
     interrupted = append_rows(points, row_of, csv_path, on_point=on_later_point, on_row=on_row,
-                              should_stop=should_stop)
+                              should_stop=lambda i: runtime.should_stop(i, flag.stopped()))
     return PlanResult(rows=read_rows(csv_path), report_dir=report_dir, dropped=dropped, interrupted=interrupted)

@@ -159,6 +159,13 @@ class StopFlag:
         self.stop = True
         print("\nCtrl-C: stopping after the current point (again to abort now)", file=sys.stderr)
 
+    def stopped(self) -> bool:
+        """Whether to stop before the next point; raises KeyboardInterrupt for a second Ctrl-C that could not be
+        raised where it arrived."""
+        if self.abort:
+            raise KeyboardInterrupt
+        return self.stop
+
     def _unraisable(self, info):
         if not isinstance(info.exc_value, KeyboardInterrupt):
             self._hook(info)

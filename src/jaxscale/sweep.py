@@ -195,9 +195,7 @@ def _run_points(profile, report_dir, runtime, *, resume, retry_failed, trace, on
 
     with StopFlag() as flag:
         def should_stop(i: int) -> bool:
-            if flag.abort:  # a second Ctrl-C that could not be raised where it arrived
-                raise KeyboardInterrupt
-            return runtime.should_stop(i, flag.stop)
+            return runtime.should_stop(i, flag.stopped())
 
         interrupted = append_rows(todo, lambda point, i: runtime.measure(point, i, trace_dir(point)),
                                   csv_path if lead else None, on_point=on_point, on_row=on_row,
